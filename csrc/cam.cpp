@@ -1,0 +1,169 @@
+// CPU kernels of the fused CAM op (SPEC section 1), parallel over images
+// with at::parallel_for (OpenMP in PyTorch's CPU builds).
+//
+// Per architecture k, with A (B, C, H, W) in any floating dtype, weights Wt viewed
+// as (R, C, Qw) in the accumulation dtype (Qw = H*W for a flatten head, 1 for a
+// linear head or per-sample weights) and rows (B,) int64 selecting each image's
+// weight row (its label, or the image index for per-sample weights):
+//   forward : A read once; writes U_k (B, Sh*Sw) and the rectified map R_k (B, H*W).
+//   backward: from dU_k and R_k writes dA once; reads A only for the weight gradient.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ATen.h>
+
+#include "cam_common.h"
+
+namespace metadd {
+namespace {
+
+template <typename scalar_t>
+void cam_map_forward_impl(const at::Tensor& A, const at::Tensor& Wt, const at::Tensor& rows,
+                          int64_t Sh, int64_t Sw, bool relu, int64_t norm, double eps,
+                          at::Tensor& U, at::Tensor& R) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = A.size(0), C = A.size(1), H = A.size(2), W = A.size(3);
+  const int64_t Q = H * W, P = Sh * Sw, Qw = Wt.size(2);
+  const bool identity = (H == Sh && W == Sw);
+  const auto th = bilinear_taps<acc_t>(H, Sh);
+  const auto tw = bilinear_taps<acc_t>(W, Sw);
+  const scalar_t* a_ptr = A.data_ptr<scalar_t>();
+  const acc_t* w_ptr = Wt.data_ptr<acc_t>();
+  const int64_t* row_ptr = rows.data_ptr<int64_t>();
+  acc_t* u_ptr = U.data_ptr<acc_t>();
+  acc_t* r_ptr = R.data_ptr<acc_t>();
+  const acc_t eps_t = static_cast<acc_t>(eps);
+
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> n(Q);
+    for (int64_t b = b0; b < b1; ++b) {
+      acc_t* r = r_ptr + b * Q;
+      std::fill(r, r + Q, acc_t(0));
+      const scalar_t* a = a_ptr + b * C * Q;
+      const acc_t* w = w_ptr + row_ptr[b] * C * Qw;
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* ac = a + c * Q;
+        if (Qw == 1) {
+          const acc_t wc = w[c];
+          for (int64_t q = 0; q < Q; ++q) r[q] += wc * static_cast<acc_t>(ac[q]);
+        } else {
+          const acc_t* wc = w + c * Q;
+          for (int64_t q = 0; q < Q; ++q) r[q] += wc[q] * static_cast<acc_t>(ac[q]);
+        }
+      }
+      if (relu) {
+        for (int64_t q = 0; q < Q; ++q) r[q] = r[q] < 0 ? acc_t(0) : r[q];  // keeps NaN
+      }
+      const MapStats<acc_t> s = map_stats(r, Q, norm, eps_t);
+      acc_t* u = u_ptr + b * P;
+      acc_t* dst = identity ? u : n.data();
+      for (int64_t q = 0; q < Q; ++q) dst[q] = (r[q] - s.lo) / s.denom;
+      if (!identity) resize_map(n.data(), W, th, tw, u);
+    }
+  });
+}
+
+template <typename scalar_t>
+void cam_map_backward_impl(const at::Tensor& dU, const at::Tensor& A, const at::Tensor& Wt,
+                           const at::Tensor& rows, const at::Tensor& R, int64_t Sh, int64_t Sw,
+                           bool relu, int64_t norm, double eps, at::Tensor& dA, at::Tensor& dW) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = A.size(0), C = A.size(1), H = A.size(2), W = A.size(3);
+  const int64_t Q = H * W, P = Sh * Sw, Qw = Wt.size(2);
+  const bool identity = (H == Sh && W == Sw);
+  const auto th = bilinear_taps<acc_t>(H, Sh);
+  const auto tw = bilinear_taps<acc_t>(W, Sw);
+  const acc_t* w_ptr = Wt.data_ptr<acc_t>();
+  const int64_t* row_ptr = rows.data_ptr<int64_t>();
+  const acc_t* du_ptr = dU.data_ptr<acc_t>();
+  const acc_t* r_ptr = R.data_ptr<acc_t>();
+  const acc_t eps_t = static_cast<acc_t>(eps);
+  at::Tensor dZ = at::empty({B, Q}, R.options());  // d loss / d raw map, 1/C of the features
+  acc_t* dz_ptr = dZ.data_ptr<acc_t>();
+
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      acc_t* g = dz_ptr + b * Q;
+      const acc_t* r = r_ptr + b * Q;
+      if (identity) {
+        std::copy(du_ptr + b * P, du_ptr + (b + 1) * P, g);
+      } else {
+        std::fill(g, g + Q, acc_t(0));
+        resize_map_adjoint(du_ptr + b * P, W, th, tw, g);
+      }
+      normalize_relu_backward(g, r, Q, norm, relu, map_stats(r, Q, norm, eps_t));
+      if (!dA.defined()) continue;
+      scalar_t* da = dA.data_ptr<scalar_t>() + b * C * Q;
+      const acc_t* w = w_ptr + row_ptr[b] * C * Qw;
+      for (int64_t c = 0; c < C; ++c) {
+        scalar_t* dac = da + c * Q;
+        if (Qw == 1) {
+          const acc_t wc = w[c];
+          for (int64_t q = 0; q < Q; ++q) dac[q] = static_cast<scalar_t>(wc * g[q]);
+        } else {
+          const acc_t* wc = w + c * Q;
+          for (int64_t q = 0; q < Q; ++q) dac[q] = static_cast<scalar_t>(wc[q] * g[q]);
+        }
+      }
+    }
+  });
+  if (!dW.defined()) return;
+  // dW[row_b, c, :] += dZ[b] * A[b, c]: parallel over channels, images in order (deterministic).
+  const scalar_t* a_ptr = A.data_ptr<scalar_t>();
+  acc_t* dw_ptr = dW.data_ptr<acc_t>();
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t b = 0; b < B; ++b) {
+        const scalar_t* ac = a_ptr + (b * C + c) * Q;
+        const acc_t* g = dz_ptr + b * Q;
+        acc_t* dwc = dw_ptr + (row_ptr[b] * C + c) * Qw;
+        if (Qw == 1) {
+          acc_t s = 0;
+          for (int64_t q = 0; q < Q; ++q) s += g[q] * static_cast<acc_t>(ac[q]);
+          dwc[0] += s;
+        } else {
+          for (int64_t q = 0; q < Q; ++q) dwc[q] += g[q] * static_cast<acc_t>(ac[q]);
+        }
+      }
+    }
+  });
+}
+
+void check_map_args(const at::Tensor& A, const at::Tensor& Wt, const at::Tensor& rows) {
+  TORCH_CHECK(A.device().is_cpu() && A.dim() == 4 && A.is_contiguous(), "features: contiguous 4-D CPU tensor expected");
+  TORCH_CHECK(Wt.dim() == 3 && Wt.is_contiguous() && Wt.size(1) == A.size(1), "weights: contiguous (R, C, Qw) expected");
+  TORCH_CHECK(Wt.scalar_type() == at::toOpMathType(A.scalar_type()), "weights: must be in the accumulation dtype");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.numel() == A.size(0), "rows: (B,) int64 expected");
+}
+
+}  // namespace
+
+// Returns (U_k (B, Sh*Sw), R_k (B, H*W)), both in the accumulation dtype.
+std::vector<at::Tensor> cam_map_forward(const at::Tensor& A, const at::Tensor& Wt, const at::Tensor& rows,
+                                        int64_t Sh, int64_t Sw, bool relu, int64_t norm, double eps) {
+  check_map_args(A, Wt, rows);
+  const auto acc = at::toOpMathType(A.scalar_type());
+  at::Tensor U = at::empty({A.size(0), Sh * Sw}, A.options().dtype(acc));
+  at::Tensor R = at::empty({A.size(0), A.size(2) * A.size(3)}, A.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "cam_map_forward", [&] {
+    cam_map_forward_impl<scalar_t>(A, Wt, rows, Sh, Sw, relu, norm, eps, U, R);
+  });
+  return {U, R};
+}
+
+// Returns (dA or an empty tensor, dW (num_rows, C, Qw) in the accumulation dtype or an empty tensor).
+std::vector<at::Tensor> cam_map_backward(const at::Tensor& dU, const at::Tensor& A, const at::Tensor& Wt,
+                                         const at::Tensor& rows, const at::Tensor& R, int64_t Sh, int64_t Sw,
+                                         bool relu, int64_t norm, double eps, bool need_feature_grad,
+                                         bool need_weight_grad, int64_t num_rows) {
+  check_map_args(A, Wt, rows);
+  TORCH_CHECK(dU.is_contiguous() && dU.scalar_type() == R.scalar_type(), "grad: contiguous, accumulation dtype");
+  at::Tensor dA = need_feature_grad ? at::empty_like(A) : at::Tensor();
+  at::Tensor dW = need_weight_grad ? at::zeros({num_rows, Wt.size(1), Wt.size(2)}, Wt.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "cam_map_backward", [&] {
+    cam_map_backward_impl<scalar_t>(dU, A, Wt, rows, R, Sh, Sw, relu, norm, eps, dA, dW);
+  });
+  return {dA.defined() ? dA : at::empty({0}, A.options()), dW.defined() ? dW : at::empty({0}, Wt.options())};
+}
+
+}  // namespace metadd

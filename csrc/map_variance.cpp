@@ -1,0 +1,79 @@
+// CPU kernels of the cross-architecture variance (SPEC section 1, steps 5-6).
+//
+// U (K, B, P) in float32 or float64: v[b] = (1/P) sum_p (1/K) sum_k (U[k,b,p] - m[b,p])^2,
+// m the mean over k. Two passes over k per pixel (mean, then squared deviations).
+#include <ATen/Parallel.h>
+#include <ATen/ATen.h>
+
+namespace metadd {
+namespace {
+
+template <typename acc_t>
+void map_variance_forward_impl(const at::Tensor& U, at::Tensor& v) {
+  const int64_t K = U.size(0), B = U.size(1), P = U.size(2);
+  const acc_t* u = U.data_ptr<acc_t>();
+  acc_t* out = v.data_ptr<acc_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      acc_t total = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        acc_t m = 0, s = 0;
+        for (int64_t k = 0; k < K; ++k) m += u[(k * B + b) * P + p];
+        m /= static_cast<acc_t>(K);
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t d = u[(k * B + b) * P + p] - m;
+          s += d * d;
+        }
+        total += s;
+      }
+      out[b] = total / static_cast<acc_t>(K * P);
+    }
+  });
+}
+
+template <typename acc_t>
+void map_variance_backward_impl(const at::Tensor& gv, const at::Tensor& U, at::Tensor& gU) {
+  const int64_t K = U.size(0), B = U.size(1), P = U.size(2);
+  const acc_t* u = U.data_ptr<acc_t>();
+  const acc_t* g = gv.data_ptr<acc_t>();
+  acc_t* gu = gU.data_ptr<acc_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const acc_t coef = g[b] * acc_t(2) / static_cast<acc_t>(K * P);
+      for (int64_t p = 0; p < P; ++p) {
+        acc_t m = 0;
+        for (int64_t k = 0; k < K; ++k) m += u[(k * B + b) * P + p];
+        m /= static_cast<acc_t>(K);
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t i = (k * B + b) * P + p;
+          gu[i] = coef * (u[i] - m);
+        }
+      }
+    }
+  });
+}
+
+void check_maps(const at::Tensor& U) {
+  TORCH_CHECK(U.device().is_cpu() && U.dim() == 3 && U.is_contiguous(), "maps: contiguous (K, B, P) CPU tensor expected");
+  TORCH_CHECK(U.scalar_type() == at::kFloat || U.scalar_type() == at::kDouble, "maps: float32 or float64 expected");
+}
+
+}  // namespace
+
+at::Tensor map_variance_forward(const at::Tensor& U) {
+  check_maps(U);
+  at::Tensor v = at::empty({U.size(1)}, U.options());
+  AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "map_variance_forward", [&] { map_variance_forward_impl<scalar_t>(U, v); });
+  return v;
+}
+
+at::Tensor map_variance_backward(const at::Tensor& grad, const at::Tensor& U) {
+  check_maps(U);
+  TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == U.scalar_type() && grad.numel() == U.size(1),
+              "grad: contiguous (B,) in the maps' dtype expected");
+  at::Tensor gU = at::empty_like(U);
+  AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "map_variance_backward", [&] { map_variance_backward_impl<scalar_t>(grad, U, gU); });
+  return gU;
+}
+
+}  // namespace metadd

@@ -1,0 +1,255 @@
+"""Triton kernels of the fused CAM op, one architecture per launch (SPEC section 1, steps 1-4).
+
+Shapes, for one architecture with B images:
+  A     (B, C, H, W)  features, float16/bfloat16/float32/float64, contiguous
+  Wt    (R, C, QW)    weights in the accumulation dtype; QW = H*W for a flatten
+                      head, 1 for a linear head or per-sample weights
+  rows  (B,) int64    weight row of each image (its label, or the image index)
+  U     (B, SH*SW)    resized normalized map, accumulation dtype (float32, or float64)
+  Rm    (B, H*W)      rectified raw map, saved for the backward (1/C of the features)
+
+The forward reads A once; the backward writes dA once and reads A only for
+the weight gradient. The weight rows W[rows] are gathered in the kernels,
+never materialized. One program handles one image's whole map, so maps are
+limited to MAX_MAP_PIXELS pixels (64x64); larger ones use the reference.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .utils import acc_dtype, device_guard, tl_dtype
+
+MAX_MAP_PIXELS = 4096
+_TILE = 4096  # elements of one 2-D register tile
+
+
+def supports(H: int, W: int, out_h: int, out_w: int) -> bool:
+    """Whether these kernels handle an H x W map resized to out_h x out_w."""
+    return H * W <= MAX_MAP_PIXELS
+
+
+@triton.jit
+def _tap_weight(o_out, o_in, N_IN: tl.constexpr, N_OUT: tl.constexpr, ACC: tl.constexpr):
+    """Weight of input index o_in in output index o_out of a 1-D bilinear resize
+    (align_corners=False, antialias=False), computed as ATen does."""
+    scale = tl.full((), N_IN, ACC) / tl.full((), N_OUT, ACC)
+    src = tl.maximum(scale * (o_out.to(ACC) + 0.5) - 0.5, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), N_IN - 1)  # floor, as src >= 0
+    l1 = tl.minimum(tl.maximum(src - i0.to(ACC), 0.0), 1.0)
+    i1 = i0 + (i0 < N_IN - 1).to(tl.int32)
+    return tl.where(o_in == i0, 1.0 - l1, 0.0) + tl.where(o_in == i1, l1, 0.0)
+
+
+@triton.jit
+def _resize_matrix(o_p, o_q, H: tl.constexpr, W: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                   ACC: tl.constexpr):
+    """(BLOCK_P, BLOCK_Q) block of the bilinear resize matrix: u[p] = sum_q M[p, q] n[q]."""
+    b_wh = _tap_weight((o_p // SW)[:, None], (o_q // W)[None, :], H, SH, ACC)
+    b_ww = _tap_weight((o_p % SW)[:, None], (o_q % W)[None, :], W, SW, ACC)
+    return b_wh * b_ww
+
+
+@triton.jit
+def _map_stats(b_r, m_q, eps, NORM: tl.constexpr, ACC: tl.constexpr):
+    """(lo, hi, denom, n_lo, n_hi) of a rectified map, n = (r - lo) / denom.
+
+    NORM: 0 none (lo=0, denom=1), 1 max (lo=0), 2 minmax. NaN propagates as in
+    torch.amin/amax; n_lo/n_hi count the pixels tied at lo/hi.
+    """
+    has_nan = tl.sum(((b_r != b_r) & m_q).to(tl.int32), axis=0) > 0
+    lo = tl.min(tl.where(m_q, b_r, float("inf")), axis=0)
+    hi = tl.max(tl.where(m_q, b_r, float("-inf")), axis=0)
+    lo = tl.where(has_nan, float("nan"), lo)
+    hi = tl.where(has_nan, float("nan"), hi)
+    n_lo = tl.sum(((b_r == lo) & m_q).to(ACC), axis=0)
+    n_hi = tl.sum(((b_r == hi) & m_q).to(ACC), axis=0)
+    zero = tl.zeros_like(hi)
+    if NORM == 2:
+        denom = hi - lo + eps
+    elif NORM == 1:
+        lo = zero
+        denom = hi + eps
+    else:
+        lo = zero
+        denom = zero + 1.0
+    return lo, hi, denom, n_lo, n_hi
+
+
+@triton.jit
+def _cam_map_fwd_kernel(
+    p_a, p_w, p_rows, p_u, p_rm, C, eps,
+    H: tl.constexpr, W: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, QW: tl.constexpr,
+    RELU: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # Moves: reads B*C*H*W*sizeof(A) once, plus the weight rows C*QW per image
+    # (L2-resident across the images of a class); writes B*(SH*SW + H*W)*sizeof(ACC).
+    i_b = tl.program_id(0).to(tl.int64)
+    o_q = tl.arange(0, BLOCK_Q)
+    m_q = o_q < H * W
+    o_c = tl.arange(0, BLOCK_C)
+    i_row = tl.load(p_rows + i_b)
+    p_a_b = p_a + i_b * C * (H * W)
+    p_w_b = p_w + i_row * C * QW
+    b_z = tl.zeros([BLOCK_Q], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        m_c = c0 + o_c < C
+        m_cq = m_c[:, None] & m_q[None, :]
+        b_a = tl.load(p_a_b + (c0 + o_c)[:, None] * (H * W) + o_q[None, :], mask=m_cq, other=0.0).to(ACC)
+        if QW == 1:
+            b_w = tl.load(p_w_b + c0 + o_c, mask=m_c, other=0.0).to(ACC)
+            b_z += tl.sum(b_a * b_w[:, None], axis=0)
+        else:
+            b_w = tl.load(p_w_b + (c0 + o_c)[:, None] * QW + o_q[None, :], mask=m_cq, other=0.0).to(ACC)
+            b_z += tl.sum(b_a * b_w, axis=0)
+    if RELU:
+        b_z = tl.where(b_z < 0, 0.0, b_z)  # keeps NaN, as torch.relu
+    tl.store(p_rm + i_b * (H * W) + o_q, b_z, mask=m_q)
+    lo, hi, denom, n_lo, n_hi = _map_stats(b_z, m_q, eps, NORM, ACC)
+    b_n = tl.where(m_q, (b_z - lo) / denom, 0.0)
+    p_u_b = p_u + i_b * (SH * SW)
+    if SH == H and SW == W:
+        tl.store(p_u_b + o_q, b_n, mask=m_q)
+    else:
+        for p0 in range(0, SH * SW, BLOCK_P):
+            o_p = p0 + tl.arange(0, BLOCK_P)
+            b_u = tl.sum(_resize_matrix(o_p, o_q, H, W, SH, SW, ACC) * b_n[None, :], axis=1)
+            tl.store(p_u_b + o_p, b_u, mask=o_p < SH * SW)
+
+
+@triton.jit
+def _cam_map_bwd_kernel(
+    p_du, p_rm, p_dz, eps,
+    H: tl.constexpr, W: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    RELU: tl.constexpr, NORM: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # dU (B, SH*SW) -> dZ (B, H*W), the gradient wrt the raw map.
+    # Moves: reads B*(SH*SW + H*W)*sizeof(ACC), writes B*H*W*sizeof(ACC).
+    i_b = tl.program_id(0).to(tl.int64)
+    o_q = tl.arange(0, BLOCK_Q)
+    m_q = o_q < H * W
+    b_r = tl.load(p_rm + i_b * (H * W) + o_q, mask=m_q, other=0.0)
+    p_du_b = p_du + i_b * (SH * SW)
+    if SH == H and SW == W:
+        b_g = tl.load(p_du_b + o_q, mask=m_q, other=0.0)
+    else:
+        b_g = tl.zeros([BLOCK_Q], dtype=ACC)
+        for p0 in range(0, SH * SW, BLOCK_P):
+            o_p = p0 + tl.arange(0, BLOCK_P)
+            b_du = tl.load(p_du_b + o_p, mask=o_p < SH * SW, other=0.0)
+            b_g += tl.sum(_resize_matrix(o_p, o_q, H, W, SH, SW, ACC) * b_du[:, None], axis=0)
+    if NORM != 0:
+        lo, hi, denom, n_lo, n_hi = _map_stats(b_r, m_q, eps, NORM, ACC)
+        b_n = (b_r - lo) / denom
+        g_lo = tl.sum(tl.where(m_q, b_g * (b_n - 1.0), 0.0), axis=0) / denom
+        g_hi = -tl.sum(tl.where(m_q, b_g * b_n, 0.0), axis=0) / denom
+        b_g = b_g / denom + tl.where(b_r == hi, g_hi / n_hi, 0.0)
+        if NORM == 2:
+            b_g += tl.where(b_r == lo, g_lo / n_lo, 0.0)
+    if RELU:
+        b_g = tl.where(b_r > 0, b_g, 0.0)
+    tl.store(p_dz + i_b * (H * W) + o_q, b_g, mask=m_q)
+
+
+@triton.jit
+def _cam_feature_grad_kernel(
+    p_dz, p_w, p_rows, p_da, C,
+    Q: tl.constexpr, QW: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    # dA[b, c, q] = dZ[b, q] * W[rows[b], c, q or 0]; grid (B, cdiv(C, BLOCK_C)).
+    # Moves: writes B*C*Q*sizeof(A) once, reads B*Q*sizeof(ACC) and the weight rows.
+    i_b = tl.program_id(0).to(tl.int64)
+    o_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    o_q = tl.arange(0, BLOCK_Q)
+    m_c = o_c < C
+    m_q = o_q < Q
+    m_cq = m_c[:, None] & m_q[None, :]
+    i_row = tl.load(p_rows + i_b)
+    b_dz = tl.load(p_dz + i_b * Q + o_q, mask=m_q, other=0.0)
+    if QW == 1:
+        b_w = tl.load(p_w + i_row * C + o_c, mask=m_c, other=0.0)
+        b_da = b_w[:, None] * b_dz[None, :]
+    else:
+        b_w = tl.load(p_w + i_row * C * QW + o_c[:, None] * QW + o_q[None, :], mask=m_cq, other=0.0)
+        b_da = b_w * b_dz[None, :]
+    tl.store(p_da + i_b * C * Q + o_c[:, None] * Q + o_q[None, :], b_da.to(p_da.dtype.element_ty), mask=m_cq)
+
+
+@triton.jit
+def _cam_weight_grad_kernel(
+    p_dz, p_a, p_order, p_start, p_dw, C,
+    Q: tl.constexpr, QW: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    # dW[r, c, q] = sum over images b of row r of dZ[b, q] * A[b, c, q] (summed over q when QW == 1).
+    # Grid (R, cdiv(C, BLOCK_C)); the images of row r are order[start[r]:start[r+1]],
+    # in increasing index: deterministic, no atomics.
+    # Moves: reads B*C*Q*sizeof(A) + B*Q*sizeof(ACC), writes R*C*QW*sizeof(ACC).
+    i_r = tl.program_id(0).to(tl.int64)
+    o_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    o_q = tl.arange(0, BLOCK_Q)
+    m_c = o_c < C
+    m_q = o_q < Q
+    m_cq = m_c[:, None] & m_q[None, :]
+    b_acc = tl.zeros([BLOCK_C, BLOCK_Q], dtype=ACC)
+    for i in range(tl.load(p_start + i_r), tl.load(p_start + i_r + 1)):
+        i_b = tl.load(p_order + i).to(tl.int64)
+        b_dz = tl.load(p_dz + i_b * Q + o_q, mask=m_q, other=0.0)
+        b_a = tl.load(p_a + i_b * C * Q + o_c[:, None] * Q + o_q[None, :], mask=m_cq, other=0.0).to(ACC)
+        b_acc += b_a * b_dz[None, :]
+    if QW == 1:
+        tl.store(p_dw + i_r * C + o_c, tl.sum(b_acc, axis=1), mask=m_c)
+    else:
+        tl.store(p_dw + i_r * C * QW + o_c[:, None] * QW + o_q[None, :], b_acc, mask=m_cq)
+
+
+def _blocks(C: int, Q: int) -> tuple[int, int]:
+    block_q = triton.next_power_of_2(Q)
+    return min(triton.next_power_of_2(C), max(1, _TILE // block_q)), block_q
+
+
+def cam_map_forward(A, Wt, rows, out_h: int, out_w: int, relu: bool, norm: int, eps: float):
+    """(U (B, out_h*out_w), Rm (B, H*W)) of one architecture, in the accumulation dtype."""
+    B, C, H, W = A.shape
+    acc = acc_dtype(A.dtype)
+    U = torch.empty(B, out_h * out_w, device=A.device, dtype=acc)
+    Rm = torch.empty(B, H * W, device=A.device, dtype=acc)
+    block_c, block_q = _blocks(C, H * W)
+    block_p = min(triton.next_power_of_2(out_h * out_w), max(1, 2 * _TILE // block_q))
+    with device_guard(A):
+        _cam_map_fwd_kernel[(B,)](
+            A, Wt, rows, U, Rm, C, eps, H=H, W=W, SH=out_h, SW=out_w, QW=Wt.shape[2],
+            RELU=relu, NORM=norm, ACC=tl_dtype(acc), BLOCK_C=block_c, BLOCK_Q=block_q, BLOCK_P=block_p,
+        )
+    return [U, Rm]
+
+
+def cam_map_backward(dU, A, Wt, rows, Rm, out_h: int, out_w: int, relu: bool, norm: int, eps: float,
+                     need_feature_grad: bool, need_weight_grad: bool, num_rows: int):
+    """(dA or an empty tensor, dW (num_rows, C, QW) in the accumulation dtype or an empty tensor)."""
+    B, C, H, W = A.shape
+    Q, QW = H * W, Wt.shape[2]
+    acc = tl_dtype(Rm.dtype)
+    block_c, block_q = _blocks(C, Q)
+    block_p = min(triton.next_power_of_2(out_h * out_w), max(1, 2 * _TILE // block_q))
+    dZ = torch.empty_like(Rm)
+    dA = torch.empty_like(A) if need_feature_grad else A.new_empty(0)
+    dW = torch.empty(num_rows, C, QW, device=A.device, dtype=Rm.dtype) if need_weight_grad else Wt.new_empty(0)
+    with device_guard(A):
+        _cam_map_bwd_kernel[(B,)](
+            dU, Rm, dZ, eps, H=H, W=W, SH=out_h, SW=out_w, RELU=relu, NORM=norm, ACC=acc,
+            BLOCK_Q=block_q, BLOCK_P=block_p,
+        )
+        grid_c = triton.cdiv(C, block_c)
+        if need_feature_grad:
+            _cam_feature_grad_kernel[(B, grid_c)](
+                dZ, Wt, rows, dA, C, Q=Q, QW=QW, ACC=acc, BLOCK_C=block_c, BLOCK_Q=block_q)
+        if need_weight_grad:
+            order = torch.argsort(rows, stable=True)
+            start = torch.zeros(num_rows + 1, device=A.device, dtype=torch.int64)
+            start[1:] = torch.cumsum(torch.bincount(rows, minlength=num_rows), 0)
+            _cam_weight_grad_kernel[(num_rows, grid_c)](
+                dZ, A, order, start, dW, C, Q=Q, QW=QW, ACC=acc, BLOCK_C=block_c, BLOCK_Q=block_q)
+    return [dA, dW]

@@ -1,0 +1,232 @@
+"""Fused class activation maps and their cross-architecture variance (SPEC section 1).
+
+Two custom ops, each with a fake (meta) implementation and an autograd formula
+that is itself a custom op, so ``torch.compile(fullgraph=True)`` traces them:
+
+- ``metadd_fast::cam_maps``: K feature maps and heads -> U (K, B, S_h*S_w), the
+  normalized resized maps, plus the rectified raw maps R_k (B, H_k*W_k) that the
+  backward needs (each 1/C_k of its features). Features are read once.
+- ``metadd_fast::map_variance``: U -> v (B,), the per-image pixel mean of the
+  variance across architectures.
+
+U and v are in the accumulation dtype (float32, or float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import backends, reference
+from .cam_args import NORM_CODES, REDUCTIONS, CamArgs, parse_cam_args
+from .checks import choice
+
+__all__ = ["class_activation_maps", "cam_variance", "CAMVariance"]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("metadd_fast::cam_maps", mutates_args=())
+def _cam_maps(features: list[Tensor], heads: list[Tensor], rows: Tensor, out_h: int, out_w: int, relu: bool,
+              norm: int, eps: float, backend: str) -> tuple[Tensor, list[Tensor]]:
+    impl = backends.kernels(backend)
+    out = [impl.cam_map_forward(f, h, rows, out_h, out_w, relu, norm, eps) for f, h in zip(features, heads)]
+    return torch.stack([u for u, _ in out]), [r for _, r in out]
+
+
+@_cam_maps.register_fake
+def _(features, heads, rows, out_h, out_w, relu, norm, eps, backend):
+    f0 = features[0]
+    acc = _acc(f0.dtype)
+    maps = f0.new_empty((len(features), f0.shape[0], out_h * out_w), dtype=acc)
+    return maps, [f.new_empty((f.shape[0], f.shape[2] * f.shape[3]), dtype=acc) for f in features]
+
+
+@torch.library.custom_op("metadd_fast::cam_maps_backward", mutates_args=())
+def _cam_maps_backward(grad_maps: Tensor, features: list[Tensor], heads: list[Tensor], rows: Tensor,
+                       rects: list[Tensor], out_h: int, out_w: int, relu: bool, norm: int, eps: float,
+                       feature_grad: list[bool], head_grad: list[bool], backend: str) -> tuple[list[Tensor], list[Tensor]]:
+    impl = backends.kernels(backend)
+    d_features, d_heads = [], []
+    for k, (f, h, r) in enumerate(zip(features, heads, rects)):
+        da, dh = impl.cam_map_backward(grad_maps[k], f, h, rows, r, out_h, out_w, relu, norm, eps,
+                                       feature_grad[k], head_grad[k], h.shape[0])
+        d_features.append(da)
+        d_heads.append(dh)
+    return d_features, d_heads
+
+
+@_cam_maps_backward.register_fake
+def _(grad_maps, features, heads, rows, rects, out_h, out_w, relu, norm, eps, feature_grad, head_grad, backend):
+    d_features = [torch.empty_like(f) if need else f.new_empty(0) for f, need in zip(features, feature_grad)]
+    d_heads = [torch.empty_like(h) if need else h.new_empty(0) for h, need in zip(heads, head_grad)]
+    return d_features, d_heads
+
+
+def _cam_maps_setup(ctx, inputs, output):
+    features, heads, rows, out_h, out_w, relu, norm, eps, backend = inputs
+    ctx.save_for_backward(rows, *features, *heads, *output[1])
+    ctx.k = len(features)
+    ctx.args = (out_h, out_w, relu, norm, eps)
+    ctx.backend = backend
+    ctx.feature_grad = [f.requires_grad for f in features]
+    ctx.head_grad = [h.requires_grad for h in heads]
+
+
+def _cam_maps_grad(ctx, grad_maps, grad_rects):
+    rows, *saved = ctx.saved_tensors
+    k = ctx.k
+    features, heads, rects = saved[:k], saved[k:2 * k], saved[2 * k:]
+    d_features, d_heads = _cam_maps_backward(grad_maps.contiguous(), features, heads, rows, rects, *ctx.args,
+                                             ctx.feature_grad, ctx.head_grad, ctx.backend)
+    d_features = [d if need else None for d, need in zip(d_features, ctx.feature_grad)]
+    d_heads = [d if need else None for d, need in zip(d_heads, ctx.head_grad)]
+    return d_features, d_heads, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("metadd_fast::cam_maps", _cam_maps_grad, setup_context=_cam_maps_setup)
+
+
+@torch.library.custom_op("metadd_fast::map_variance", mutates_args=())
+def _map_variance(maps: Tensor, backend: str) -> Tensor:
+    return backends.kernels(backend).map_variance_forward(maps)
+
+
+@_map_variance.register_fake
+def _(maps, backend):
+    return maps.new_empty(maps.shape[1])
+
+
+@torch.library.custom_op("metadd_fast::map_variance_backward", mutates_args=())
+def _map_variance_backward(grad: Tensor, maps: Tensor, backend: str) -> Tensor:
+    return backends.kernels(backend).map_variance_backward(grad, maps)
+
+
+@_map_variance_backward.register_fake
+def _(grad, maps, backend):
+    return torch.empty_like(maps)
+
+
+def _map_variance_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+    ctx.backend = inputs[1]
+
+
+def _map_variance_grad(ctx, grad):
+    (maps,) = ctx.saved_tensors
+    return _map_variance_backward(grad.contiguous(), maps, ctx.backend), None
+
+
+torch.library.register_autograd("metadd_fast::map_variance", _map_variance_grad, setup_context=_map_variance_setup)
+
+
+def _backend_for(args: CamArgs, backend: Optional[str]) -> str:
+    name = backends.resolve(backend, args.device)
+    if name != "triton":
+        return name
+    from metadd_fast.kernels.cam_maps import MAX_MAP_PIXELS, supports
+
+    if all(supports(f.shape[2], f.shape[3], *args.out_size) for f in args.features):
+        return name
+    msg = f"the triton CAM kernels handle maps of at most {MAX_MAP_PIXELS} pixels"
+    if backend == "triton":
+        raise ValueError(f"features: {msg}, got {[tuple(f.shape[2:]) for f in args.features]}")
+    warnings.warn(f"metadd_fast: {msg}; falling back to the reference implementation", RuntimeWarning)
+    return "reference"
+
+
+def _fused_maps(args: CamArgs, backend: str) -> Tensor:
+    """U (K, B, S_h*S_w) through the ``cam_maps`` op."""
+    acc = torch.float64 if any(f.dtype == torch.float64 for f in args.features) else torch.float32
+    features = [f.contiguous() if acc != torch.float64 else f.to(acc).contiguous() for f in args.features]
+    heads = [w.reshape(shape).to(acc).contiguous() for w, shape in zip(args.weights, args.heads)]
+    B = features[0].shape[0]
+    rows = args.labels.long() if args.labels is not None else torch.arange(B, device=args.device)
+    maps, _ = torch.ops.metadd_fast.cam_maps(features, heads, rows, *args.out_size, args.relu,
+                                             NORM_CODES[args.norm], args.eps, backend)
+    return maps
+
+
+def class_activation_maps(
+    features: Sequence[Tensor],
+    weights: Sequence[Tensor],
+    labels: Optional[Tensor] = None,
+    *,
+    out_size=None,
+    relu: bool = True,
+    norm: str = "minmax",
+    eps: float = 1e-8,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Normalized class activation maps of K architectures, resized to one grid.
+
+    features: K tensors (B, C_k, H_k, W_k), float16/bfloat16/float32/float64.
+    weights: K tensors, each a linear head (N, C_k), a flatten head (N, C_k, H_k, W_k)
+        or (N, C_k*H_k*W_k) (both with ``labels`` (B,) int), or per-sample channel
+        weights (B, C_k) with ``labels=None``.
+    Returns (K, B, S_h, S_w) in the features' dtype; ``out_size`` defaults to
+    (max H_k, max W_k). ``backend``: None (CUDA -> "triton", CPU -> "cpp"),
+    "triton", "cpp" or "reference".
+    """
+    args = parse_cam_args(features, weights, labels, out_size, relu, norm, eps)
+    name = _backend_for(args, backend)
+    if name == "reference":
+        return reference.class_activation_maps(args.features, args.weights, args.labels, out_size=args.out_size,
+                                               relu=relu, norm=norm, eps=args.eps)
+    maps = _fused_maps(args, name)
+    dtype = functools.reduce(torch.promote_types, [f.dtype for f in args.features])
+    return maps.view(maps.shape[0], maps.shape[1], *args.out_size).to(dtype)
+
+
+def cam_variance(
+    features: Sequence[Tensor],
+    weights: Sequence[Tensor],
+    labels: Optional[Tensor] = None,
+    *,
+    out_size=None,
+    relu: bool = True,
+    norm: str = "minmax",
+    eps: float = 1e-8,
+    reduction: str = "mean",
+    backend: Optional[str] = None,
+) -> Tensor:
+    """MetaDD loss: per-pixel variance of the K normalized CAMs, averaged over pixels.
+
+    Same arguments as :func:`class_activation_maps`. ``reduction``: "mean" or "sum"
+    over images (a scalar), or "none" for the per-image values (B,). The result is
+    float32 (float64 for float64 inputs).
+    """
+    choice("reduction", reduction, REDUCTIONS)
+    args = parse_cam_args(features, weights, labels, out_size, relu, norm, eps)
+    name = _backend_for(args, backend)
+    if name == "reference":
+        return reference.cam_variance(args.features, args.weights, args.labels, out_size=args.out_size, relu=relu,
+                                      norm=norm, eps=args.eps, reduction=reduction)
+    v = torch.ops.metadd_fast.map_variance(_fused_maps(args, name), name)
+    if reduction == "mean":
+        return v.mean()
+    if reduction == "sum":
+        return v.sum()
+    return v
+
+
+class CAMVariance(nn.Module):
+    """``nn.Module`` form of :func:`cam_variance`: ``loss = CAMVariance()(features, weights, labels)``."""
+
+    def __init__(self, *, out_size=None, relu: bool = True, norm: str = "minmax", eps: float = 1e-8,
+                 reduction: str = "mean", backend: Optional[str] = None):
+        super().__init__()
+        choice("norm", norm, tuple(NORM_CODES))
+        choice("reduction", reduction, REDUCTIONS)
+        self.options = dict(out_size=out_size, relu=relu, norm=norm, eps=eps, reduction=reduction, backend=backend)
+
+    def forward(self, features: Sequence[Tensor], weights: Sequence[Tensor], labels: Optional[Tensor] = None) -> Tensor:
+        return cam_variance(features, weights, labels, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,100 @@
+"""Validation of the CAM ops' arguments and the weight kinds of SPEC section 1."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import checks
+
+NORMS = ("minmax", "max", "none")
+NORM_CODES = {"none": 0, "max": 1, "minmax": 2}
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass(frozen=True)
+class CamArgs:
+    """Checked arguments. ``heads[k]`` is ``(R_k, C_k, QW_k)``: the weight viewed as
+    R rows of C channels by QW pixels (QW = H*W for a flatten head, else 1)."""
+
+    features: list
+    weights: list
+    heads: list
+    labels: Optional[torch.Tensor]
+    out_size: tuple
+    relu: bool
+    norm: str
+    eps: float
+    device: torch.device
+
+
+def _head(k: int, feature: torch.Tensor, weight: torch.Tensor, labelled: bool) -> tuple:
+    B, C, H, W = feature.shape
+    name = f"weights[{k}]"
+    shape = tuple(weight.shape)
+    if not labelled:
+        if shape == (B, C):
+            return (B, C, 1)
+        raise ValueError(
+            f"{name}: without labels, expected per-sample channel weights of shape ({B}, {C}); got {shape} "
+            f"(pass labels= for a linear or flatten classifier head)")
+    if weight.dim() == 2 and shape[1] == C:
+        return (shape[0], C, 1)
+    if (weight.dim() == 2 and shape[1] == C * H * W) or (weight.dim() == 4 and shape[1:] == (C, H, W)):
+        return (shape[0], C, H * W)
+    raise ValueError(
+        f"{name}: expected a linear head (N, {C}) or a flatten head (N, {C}, {H}, {W}) / (N, {C * H * W}) "
+        f"for features[{k}] of shape {tuple(feature.shape)}; got {shape}")
+
+
+def _out_size(out_size, features) -> tuple:
+    if out_size is None:
+        return (max(f.shape[2] for f in features), max(f.shape[3] for f in features))
+    if isinstance(out_size, bool) or not isinstance(out_size, (int, tuple, list, torch.Size)):
+        raise TypeError(f"out_size: expected None, an int or a pair of ints, got {type(out_size).__name__}")
+    size = (out_size, out_size) if isinstance(out_size, int) else tuple(out_size)
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size):
+        raise TypeError(f"out_size: expected a pair of ints, got {out_size!r}")
+    if min(size) <= 0:
+        raise ValueError(f"out_size: expected positive sizes, got {size}")
+    return size
+
+
+def parse_cam_args(features, weights, labels, out_size, relu, norm, eps) -> CamArgs:
+    """Check every argument of ``class_activation_maps``/``cam_variance`` (SPEC section 4)."""
+    features = checks.tensor_list("features", features)
+    weights = checks.tensor_list("weights", weights)
+    if len(features) < 2:
+        raise ValueError(f"features: expected K >= 2 architectures, got {len(features)}")
+    if len(weights) != len(features):
+        raise ValueError(f"weights: expected one per architecture ({len(features)} features), got {len(weights)}")
+    for k, f in enumerate(features):
+        checks.floating(f"features[{k}]", f)
+        if f.dim() != 4:
+            raise ValueError(f"features[{k}]: expected a 4-D (B, C, H, W) tensor, got shape {tuple(f.shape)}")
+        checks.nonempty(f"features[{k}]", f)
+        if f.shape[0] != features[0].shape[0]:
+            raise ValueError(
+                f"features[{k}]: batch size {f.shape[0]} differs from features[0]'s {features[0].shape[0]}")
+    for k, w in enumerate(weights):
+        checks.floating(f"weights[{k}]", w)
+    named = [(f"features[{k}]", f) for k, f in enumerate(features)] + [(f"weights[{k}]", w) for k, w in enumerate(weights)]
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels: expected None or an integer tensor, got {type(labels).__name__}")
+        checks.integer("labels", labels)
+        B = features[0].shape[0]
+        if tuple(labels.shape) != (B,):
+            raise ValueError(f"labels: expected shape ({B},), got {tuple(labels.shape)}")
+        named.append(("labels", labels))
+    device = checks.same_device(named)
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu: expected a bool, got {type(relu).__name__}")
+    checks.choice("norm", norm, NORMS)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+    heads = [_head(k, f, w, labels is not None) for k, (f, w) in enumerate(zip(features, weights))]
+    if labels is not None:
+        checks.index_range("labels", labels, min(h[0] for h in heads))
+    return CamArgs(features, weights, heads, labels, _out_size(out_size, features), relu, norm, float(eps), device)

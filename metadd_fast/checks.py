@@ -1,0 +1,61 @@
+"""Argument checks shared by the public ops (SPEC section 4).
+
+Every check raises ``TypeError`` or ``ValueError`` naming the argument, what was
+expected and what was given, before any kernel runs.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor_list(name: str, value) -> list[torch.Tensor]:
+    """``value`` as a list of tensors; TypeError unless it is a list or tuple of tensors."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name}: expected a list or tuple of tensors, got {type(value).__name__}")
+    for i, t in enumerate(value):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
+    return list(value)
+
+
+def floating(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in _FLOATING:
+        raise TypeError(f"{name}: expected a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}")
+
+
+def integer(name: str, t: torch.Tensor) -> None:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")
+
+
+def nonempty(name: str, t: torch.Tensor) -> None:
+    if t.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(t.shape)}")
+
+
+def same_device(named: Iterable[tuple[str, torch.Tensor]]) -> torch.device:
+    """The one device of all named tensors; ValueError naming the first that differs."""
+    named = list(named)
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name}: expected a tensor on {first.device} (like {first_name}), got {t.device}")
+    return first.device
+
+
+def choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def index_range(name: str, t: torch.Tensor, upper: int) -> None:
+    """Values of the integer tensor ``t`` lie in [0, upper). Skipped while tracing for torch.compile."""
+    if torch.compiler.is_compiling() or t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"{name}: expected values in [0, {upper}), got values in [{lo}, {hi}]")

@@ -1,0 +1,82 @@
+"""Plain PyTorch versions of the public ops: what a researcher writes today.
+
+This is the "naive autograd" baseline of the benchmarks and, run in float64,
+the oracle of the tests. It follows ``SPEC.md`` step by step, builds the full
+autograd graph (one CAM per architecture, resize, stack, variance) and does no
+argument checking beyond what PyTorch itself does.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["raw_cam", "class_activation_maps", "cam_variance"]
+
+
+def raw_cam(feature: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    """Raw class activation map z (B, H, W) of one architecture.
+
+    feature: (B, C, H, W). weight: (N, C) linear head, (N, C, H, W) or (N, C*H*W)
+    flatten head (both with ``labels`` (B,)), or (B, C) per-sample weights
+    (``labels=None``).
+    """
+    B, C, H, W = feature.shape
+    if labels is None:
+        return torch.einsum("bc,bchw->bhw", weight, feature)
+    if weight.dim() == 2 and weight.shape[1] == C:
+        return torch.einsum("bc,bchw->bhw", weight[labels], feature)
+    return torch.einsum("bchw,bchw->bhw", weight.reshape(-1, C, H, W)[labels], feature)
+
+
+def class_activation_maps(
+    features: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    labels: Optional[torch.Tensor] = None,
+    *,
+    out_size=None,
+    relu: bool = True,
+    norm: str = "minmax",
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Stack of the K normalized, resized CAMs: (K, B, S_h, S_w)."""
+    if out_size is None:
+        out_size = (max(f.shape[2] for f in features), max(f.shape[3] for f in features))
+    elif isinstance(out_size, int):
+        out_size = (out_size, out_size)
+    maps = []
+    for feature, weight in zip(features, weights):
+        r = raw_cam(feature, weight, labels)
+        if relu:
+            r = torch.relu(r)
+        if norm == "minmax":
+            lo = r.amin(dim=(1, 2), keepdim=True)
+            hi = r.amax(dim=(1, 2), keepdim=True)
+            r = (r - lo) / (hi - lo + eps)
+        elif norm == "max":
+            r = r / (r.amax(dim=(1, 2), keepdim=True) + eps)
+        u = F.interpolate(r[:, None], size=tuple(out_size), mode="bilinear", align_corners=False)
+        maps.append(u[:, 0])
+    return torch.stack(maps)
+
+
+def cam_variance(
+    features: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    labels: Optional[torch.Tensor] = None,
+    *,
+    out_size=None,
+    relu: bool = True,
+    norm: str = "minmax",
+    eps: float = 1e-8,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Mean over pixels of the population variance across architectures, per image, then reduced."""
+    maps = class_activation_maps(features, weights, labels, out_size=out_size, relu=relu, norm=norm, eps=eps)
+    v = maps.var(dim=0, unbiased=False).mean(dim=(1, 2))
+    if reduction == "mean":
+        return v.mean()
+    if reduction == "sum":
+        return v.sum()
+    return v

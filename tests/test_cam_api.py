@@ -1,0 +1,135 @@
+"""CAM ops: bad inputs (SPEC section 4), backend dispatch, custom-op registration, torch.compile."""
+import re
+
+import pytest
+import torch
+from helpers import as_float64, make_case, rel_err
+
+import metadd_fast as mf
+from metadd_fast import backends, reference
+
+
+@pytest.fixture
+def case():
+    return make_case(3, [(4, 3, 3), (5, 2, 2)], ("flatten", "linear"))
+
+
+def _call(features, weights, labels, **kw):
+    return mf.cam_variance(features, weights, labels, **kw)
+
+
+@pytest.mark.parametrize("mutate, exc, words", [
+    (lambda f, w, y: (f[0], w, y), TypeError, "features"),
+    (lambda f, w, y: (f, w[0], y), TypeError, "weights"),
+    (lambda f, w, y: (f[:1], w[:1], y), ValueError, "K >= 2"),
+    (lambda f, w, y: (f, w[:1], y), ValueError, "weights"),
+    (lambda f, w, y: ([f[0], f[1][:2]], w, y), ValueError, "features[1]: batch size"),
+    (lambda f, w, y: ([f[0].long(), f[1]], w, y), TypeError, "features[0]"),
+    (lambda f, w, y: ([f[0][0], f[1]], w, y), ValueError, "features[0]: expected a 4-D"),
+    (lambda f, w, y: ([f[0][:, :0], f[1]], w, y), ValueError, "features[0]"),
+    (lambda f, w, y: (f, [w[0].int(), w[1]], y), TypeError, "weights[0]"),
+    (lambda f, w, y: (f, [w[0][:, :2], w[1]], y), ValueError, "weights[0]"),
+    (lambda f, w, y: (f, w, y.float()), TypeError, "labels"),
+    (lambda f, w, y: (f, w, y[:2]), ValueError, "labels"),
+    (lambda f, w, y: (f, w, y + 100), ValueError, "labels: expected values in [0, 5)"),
+    (lambda f, w, y: (f, w, y - 10), ValueError, "labels"),
+    (lambda f, w, y: (f, w, None), ValueError, "weights[0]: without labels"),
+    (lambda f, w, y: (f, w, [0, 1, 2]), TypeError, "labels"),
+    (lambda f, w, y: (f, [w[0], w[1].to("meta")], y), ValueError, "weights[1]: expected a tensor on cpu"),
+])
+def test_bad_inputs_name_the_argument(case, mutate, exc, words):
+    with pytest.raises(exc, match=re.escape(words)):
+        _call(*mutate(*case))
+
+
+@pytest.mark.parametrize("kw, exc, name", [
+    (dict(norm="l2"), ValueError, "norm"),
+    (dict(reduction="max"), ValueError, "reduction"),
+    (dict(out_size=0), ValueError, "out_size"),
+    (dict(out_size=(4, -1)), ValueError, "out_size"),
+    (dict(out_size=(4, 4, 4)), TypeError, "out_size"),
+    (dict(out_size=2.5), TypeError, "out_size"),
+    (dict(eps=-1.0), ValueError, "eps"),
+    (dict(relu="yes"), TypeError, "relu"),
+    (dict(backend="cuda"), ValueError, "backend"),
+])
+def test_bad_options_name_the_argument(case, kw, exc, name):
+    with pytest.raises(exc, match=name):
+        _call(*case, **kw)
+
+
+def test_errors_raised_before_any_kernel_for_every_backend(case):
+    f, w, y = case
+    for backend in ("cpp", "triton", "reference"):
+        with pytest.raises(ValueError, match="labels"):
+            _call(f, w, y + 100, backend=backend)
+
+
+def test_missing_backend_warns_and_falls_back(case, monkeypatch):
+    monkeypatch.setitem(backends._loaded, "cpp", ImportError("not built"))
+    with pytest.warns(RuntimeWarning, match="falling back to the reference"):
+        out = _call(*case)
+    ref = reference.cam_variance(as_float64(case[0]), as_float64(case[1]), case[2])
+    assert rel_err(out, ref) <= 1e-5
+    with pytest.raises(RuntimeError, match="backend='cpp' is not available"):
+        _call(*case, backend="cpp")
+
+
+def test_triton_on_cpu_needs_the_interpreter(case, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend: 'triton' runs on CUDA tensors"):
+        _call(*case, backend="triton")
+
+
+def test_default_backend_on_cpu_is_cpp(case, monkeypatch):
+    calls = []
+    real = backends.kernels
+
+    def spy(name):
+        calls.append(name)
+        return real(name)
+
+    monkeypatch.setattr(backends, "kernels", spy)
+    _call(*case).backward()
+    assert calls and set(calls) == {"cpp"}
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_opcheck(fused_backend, labelled):
+    kinds = ("flatten", "linear") if labelled else ("sample", "sample")
+    features, weights, labels = make_case(3, [(4, 3, 3), (5, 2, 2)], kinds)
+    rows = labels if labelled else torch.arange(3)
+    heads = [w.detach().reshape(w.shape[0], w.shape[1], -1 if w.dim() > 2 else 1).requires_grad_() for w in weights]
+    for args in [
+        (features, heads, rows, 3, 3, True, 2, 1e-8, fused_backend),
+        (features, heads, rows, 5, 4, False, 1, 1e-6, fused_backend),
+    ]:
+        torch.library.opcheck(torch.ops.metadd_fast.cam_maps.default, args)
+    maps = torch.rand(3, 4, 6, requires_grad=True)
+    torch.library.opcheck(torch.ops.metadd_fast.map_variance.default, (maps, fused_backend))
+
+
+def test_torch_compile_fullgraph(case):
+    features, weights, labels = case
+
+    def loss_fn(f0, f1, w0, w1, y):
+        return mf.cam_variance([f0, f1], [w0, w1], y) * 2.0 + f0.sum() * 0.0
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    out = compiled(*features, *weights, labels)
+    got = torch.autograd.grad(out, features + weights)
+    f64, w64 = as_float64(features), as_float64(weights)
+    ref = loss_fn(*f64, *w64, labels)
+    want = torch.autograd.grad(ref, f64 + w64)
+    assert rel_err(out, ref) <= 1e-5
+    for g, r in zip(got, want):
+        assert rel_err(g, r) <= 1e-5
+
+
+def test_module_matches_function(case):
+    module = mf.CAMVariance(out_size=(4, 4), norm="max", reduction="sum")
+    assert "norm='max'" in repr(module)
+    out = module(*case)
+    assert torch.equal(out, mf.cam_variance(*case, out_size=(4, 4), norm="max", reduction="sum"))
+    with pytest.raises(ValueError, match="norm"):
+        mf.CAMVariance(norm="bad")
