@@ -20,7 +20,9 @@ setup(
         CppExtension(
             "metadd_fast._C",
             SOURCES,
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+            # -fopenmp: at::parallel_for's OpenMP loop is in a header, compiled here.
+            extra_compile_args={"cxx": ["-O3", "-std=c++17", "-fopenmp"]},
+            extra_link_args=["-fopenmp"],
         )
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -1,0 +1,66 @@
+"""Benchmark workloads and providers of the CAM-variance op, shared by the pytest-benchmark
+file and the CSV runner.
+
+Providers: "eager" (the reference, plain PyTorch autograd), "compile"
+(torch.compile of the reference), "fused" (Triton on CUDA, C++ on CPU).
+"""
+from __future__ import annotations
+
+import torch
+
+import metadd_fast as mf
+from metadd_fast import reference
+
+# name -> (B, [(C, H, W, head kind)], out_size, num_classes)
+WORKLOADS = {
+    # DC CIFAR-10 IPC 50: ConvNet 128x4x4 flatten, ResNet18 512x4x4 linear,
+    # AlexNet 192x4x4 flatten, VGG11 512x2x2 flatten.
+    "dc_cifar10_ipc50": (500, [(128, 4, 4, "flatten"), (512, 4, 4, "linear"), (192, 4, 4, "flatten"),
+                              (512, 2, 2, "flatten")], (4, 4), 10),
+    # ImageNet-1k, B=4096 at 7x7 maps (GPU only).
+    "imagenet_b4096": (4096, [(512, 7, 7, "linear"), (2048, 7, 7, "linear"), (512, 7, 7, "flatten"),
+                             (1024, 7, 7, "linear")], (7, 7), 1000),
+}
+PROVIDERS = ("eager", "compile", "fused")
+
+
+def make_inputs(name: str, device: str = "cpu", dtype=torch.float32, seed: int = 0):
+    """(features, weights, labels, out_size) of a workload; features require grad, weights do not."""
+    B, archs, out_size, n = WORKLOADS[name]
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, n, (B,), generator=g).to(device)
+    features, weights = [], []
+    for C, H, W, kind in archs:
+        features.append(torch.randn(B, C, H, W, generator=g).to(device, dtype).requires_grad_())
+        shape = (n, C) if kind == "linear" else (n, C, H, W)
+        weights.append((torch.randn(shape, generator=g) * 0.05).to(device, dtype))
+    return features, weights, labels, out_size
+
+
+def _reference_loss(features, weights, labels, out_size):
+    return reference.cam_variance(features, weights, labels, out_size=out_size)
+
+
+_compiled = {}
+
+
+def loss_fn(provider: str):
+    """f(features, weights, labels, out_size) -> scalar loss, for one provider."""
+    if provider == "eager":
+        return _reference_loss
+    if provider == "compile":
+        if "fn" not in _compiled:
+            _compiled["fn"] = torch.compile(_reference_loss)
+        return _compiled["fn"]
+    return lambda f, w, y, s: mf.cam_variance(f, w, y, out_size=s)
+
+
+def step(provider: str, mode: str, inputs):
+    """One call: mode "forward" (no graph kept) or "full" (forward + backward to the features)."""
+    features, weights, labels, out_size = inputs
+    fn = loss_fn(provider)
+    if mode == "forward":
+        with torch.no_grad():
+            return fn(features, weights, labels, out_size)
+    loss = fn(features, weights, labels, out_size)
+    return torch.autograd.grad(loss, features)

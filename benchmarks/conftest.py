@@ -1,0 +1,5 @@
+"""pytest-benchmark suite (not part of `make test`): `pytest benchmarks/`."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
