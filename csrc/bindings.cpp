@@ -1,6 +1,7 @@
 // Python bindings of the CPU kernels: metadd_fast._C
 #include <torch/extension.h>
 
+#include <optional>
 #include <vector>
 
 namespace metadd {
@@ -11,6 +12,13 @@ std::vector<at::Tensor> cam_map_backward(const at::Tensor&, const at::Tensor&, c
                                          int64_t);
 at::Tensor map_variance_forward(const at::Tensor&);
 at::Tensor map_variance_backward(const at::Tensor&, const at::Tensor&);
+std::vector<at::Tensor> cvar_group_stats(const at::Tensor&, const at::Tensor&, int64_t);
+std::vector<at::Tensor> cvar_tail(const at::Tensor&, const std::optional<at::Tensor>&, double);
+at::Tensor cvar_values_grad(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, const at::Tensor&);
+std::vector<at::Tensor> cvar_dual_forward(const at::Tensor&, const at::Tensor&, double);
+std::vector<at::Tensor> cvar_dual_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                           const at::Tensor&);
 }  // namespace metadd
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -19,4 +27,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cam_map_backward", &metadd::cam_map_backward, "CAM backward of one architecture: (dA, dW)");
   m.def("map_variance_forward", &metadd::map_variance_forward, "per-image mean cross-architecture variance");
   m.def("map_variance_backward", &metadd::map_variance_backward, "gradient of map_variance_forward");
+  m.def("cvar_group_stats", &metadd::cvar_group_stats, "float64 group sums and int64 counts");
+  m.def("cvar_tail", &metadd::cvar_tail, "CVaR of L and its weights dCVaR/dL");
+  m.def("cvar_values_grad", &metadd::cvar_values_grad, "gradient of the CVaR wrt the values");
+  m.def("cvar_dual_forward", &metadd::cvar_dual_forward, "Rockafellar-Uryasev CVaR and the count above eta");
+  m.def("cvar_dual_backward", &metadd::cvar_dual_backward, "gradient of cvar_dual_forward");
 }

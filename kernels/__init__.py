@@ -3,6 +3,8 @@
 One module per op, each with its kernels and their launchers. The launchers
 share their signatures with the C++ functions of ``metadd_fast._C``.
 """
-from . import cam_maps, map_variance
+from . import cam_maps, cvar, map_variance
 
-__all__ = ["cam_maps", "map_variance"]
+LAUNCHER_MODULES = (cam_maps, map_variance, cvar)
+
+__all__ = ["cam_maps", "map_variance", "cvar", "LAUNCHER_MODULES"]

@@ -1,12 +1,15 @@
 """metadd_fast: fused GPU (Triton) and CPU (C++) kernels for dataset distillation.
 
 Public ops follow ``SPEC.md``: :func:`class_activation_maps` and :func:`cam_variance`
-(MetaDD). Every op takes ``backend=None|"triton"|"cpp"|"reference"``.
+(MetaDD), :func:`cvar`, :func:`cvar_dual` and :func:`metacam_cvar` (robust DD).
+Every op takes ``backend=None|"triton"|"cpp"|"reference"``.
 """
 from . import reference
 from .backends import BACKENDS, available
 from .cam import CAMVariance, cam_variance, class_activation_maps
+from .cvar import CVaR, cvar, cvar_dual, metacam_cvar
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "available", "reference", "class_activation_maps", "cam_variance", "CAMVariance"]
+__all__ = ["BACKENDS", "available", "reference", "class_activation_maps", "cam_variance", "CAMVariance", "cvar",
+           "cvar_dual", "metacam_cvar", "CVaR"]

@@ -1,7 +1,7 @@
 """Which kernels run: CUDA tensors -> Triton, CPU tensors -> C++, ``backend=`` to force one.
 
 Both fused backends expose the same launcher functions (``cam_map_forward``,
-``cam_map_backward``, ``map_variance_forward``, ``map_variance_backward``);
+``map_variance_forward``, ``cvar_tail``, ... and their backwards);
 ``kernels(name)`` returns the namespace that holds them.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _load(name: str):
             if name == "cpp":
                 _loaded[name] = importlib.import_module("metadd_fast._C")
             else:
-                mods = [importlib.import_module(f"metadd_fast.kernels.{m}") for m in ("cam_maps", "map_variance")]
+                mods = importlib.import_module("metadd_fast.kernels").LAUNCHER_MODULES
                 ns = types.SimpleNamespace(**{k: getattr(m, k) for m in mods for k in dir(m) if not k.startswith("_")})
                 _loaded[name] = ns
         except ImportError as err:  # not built / triton not installed

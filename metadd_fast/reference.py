@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["raw_cam", "class_activation_maps", "cam_variance"]
+__all__ = ["raw_cam", "class_activation_maps", "cam_variance", "group_means", "cvar", "cvar_dual", "metacam_cvar"]
 
 
 def raw_cam(feature: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
@@ -80,3 +82,42 @@ def cam_variance(
     if reduction == "sum":
         return v.sum()
     return v
+
+
+def group_means(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Means L_j (n,) of the non-empty groups, in increasing group id."""
+    sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, groups, values)
+    counts = torch.bincount(groups, minlength=num_groups)
+    nonempty = counts > 0
+    return sums[nonempty] / counts[nonempty].to(values.dtype)
+
+
+def cvar(values: torch.Tensor, alpha: float, groups: Optional[torch.Tensor] = None,
+         num_groups: Optional[int] = None) -> torch.Tensor:
+    """Upper-tail CVaR: (1/a) (sum_{r<=f} L_(r) + (a - f) L_(f+1)), a = alpha n, f = floor(a),
+    L sorted descending with ties by lower index (SPEC section 2)."""
+    if groups is None:
+        L = values
+    else:
+        L = group_means(values, groups, num_groups if num_groups is not None else int(groups.max()) + 1)
+    n = L.numel()
+    a = alpha * n
+    if abs(a - round(a)) < 1e-9:
+        a = float(round(a))
+    f = math.floor(a)
+    top = torch.sort(L, descending=True, stable=True).values
+    out = top[:f].sum() / a
+    if f < n and a > f:
+        out = out + (a - f) / a * top[f]
+    return out
+
+
+def cvar_dual(values: torch.Tensor, eta, alpha: float) -> torch.Tensor:
+    """Rockafellar-Uryasev form: eta + (1/(alpha N)) sum_i max(values_i - eta, 0)."""
+    return eta + torch.relu(values - eta).sum() / (alpha * values.numel())
+
+
+def metacam_cvar(features, weights, labels, alpha: float, groups=None, num_groups=None, **cam_options):
+    """CVaR over images (or groups) of the per-image CAM variance."""
+    v = cam_variance(features, weights, labels, reduction="none", **cam_options)
+    return cvar(v, alpha, groups, num_groups)

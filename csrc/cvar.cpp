@@ -1,0 +1,203 @@
+// CPU kernels of the CVaR tail loss (SPEC section 2).
+//
+//   cvar_group_stats: one pass over values -> float64 group sums and int64 counts.
+//   cvar_tail: L (n,) float32/float64, optional valid mask (non-empty groups) ->
+//              (CVaR, weights w (n,)): w = dCVaR/dL. The tail is found with an O(n)
+//              selection (std::nth_element) of the boundary value, then one pass in
+//              index order gives tied entries their ranks (ties: lower index first).
+//              NaN ranks above everything, as in torch.sort(descending=True).
+//   cvar_values_grad: one pass over values: grad_i = g * w[group_i] / count[group_i].
+//   cvar_dual_forward/backward: eta + sum_i max(v_i - eta, 0) / (alpha N) and its gradient.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace metadd {
+namespace {
+
+// Descending order with NaN first: a strict weak order for nth_element.
+template <typename T>
+inline bool ranks_above(T x, T y) {
+  if (std::isnan(x)) return !std::isnan(y);
+  return !std::isnan(y) && x > y;
+}
+
+template <typename T>
+inline bool same_rank_value(T x, T y) {
+  return (std::isnan(x) && std::isnan(y)) || x == y;
+}
+
+// a = alpha * n, snapped to an integer within 1e-9; f = floor(a).
+inline void tail_size(double alpha, int64_t n, double& a, double& f) {
+  a = alpha * static_cast<double>(n);
+  const double r = std::round(a);
+  if (std::abs(a - r) < 1e-9) a = r;
+  f = std::floor(a);
+}
+
+template <typename acc_t>
+void cvar_tail_impl(const at::Tensor& L, const at::Tensor& valid, double alpha, at::Tensor& loss, at::Tensor& w) {
+  const int64_t n_all = L.numel();
+  const acc_t* l = L.data_ptr<acc_t>();
+  const bool* ok = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+  acc_t* wp = w.data_ptr<acc_t>();
+  std::vector<int64_t> idx;
+  idx.reserve(n_all);
+  for (int64_t j = 0; j < n_all; ++j) {
+    if (!ok || ok[j]) idx.push_back(j);
+  }
+  const int64_t n = static_cast<int64_t>(idx.size());
+  double a, f;
+  tail_size(alpha, n, a, f);
+  const int64_t fi = static_cast<int64_t>(f);
+  std::fill(wp, wp + n_all, acc_t(0));
+  double total = 0;
+  if (fi >= n) {  // alpha = 1: the plain mean
+    for (int64_t j : idx) {
+      wp[j] = static_cast<acc_t>(1.0 / a);
+      total += static_cast<double>(l[j]);
+    }
+    loss.fill_(total / a);
+    return;
+  }
+  // Boundary value t = L_(f+1), the (f+1)-th in the descending order.
+  std::vector<acc_t> buf(n);
+  for (int64_t r = 0; r < n; ++r) buf[r] = l[idx[r]];
+  std::nth_element(buf.begin(), buf.begin() + fi, buf.end(), ranks_above<acc_t>);
+  const acc_t t = buf[fi];
+  int64_t rank = 0;  // entries ranked strictly above t come first
+  for (int64_t j : idx) rank += ranks_above(l[j], t);
+  const double w_tail = 1.0 / a, w_edge = (a - f) / a;
+  for (int64_t j : idx) {
+    double wj = 0;
+    if (ranks_above(l[j], t)) {
+      wj = w_tail;
+    } else if (same_rank_value(l[j], t)) {
+      ++rank;  // 1-based rank of this tied entry
+      wj = rank <= fi ? w_tail : (rank == fi + 1 ? w_edge : 0.0);
+    }
+    if (wj != 0) {
+      wp[j] = static_cast<acc_t>(wj);
+      total += wj * static_cast<double>(l[j]);
+    }
+  }
+  loss.fill_(total);
+}
+
+}  // namespace
+
+std::vector<at::Tensor> cvar_group_stats(const at::Tensor& values, const at::Tensor& groups, int64_t num_groups) {
+  TORCH_CHECK(values.is_contiguous() && groups.is_contiguous() && groups.scalar_type() == at::kLong,
+              "cvar_group_stats: contiguous values and int64 groups expected");
+  at::Tensor sums = at::zeros({num_groups}, values.options().dtype(at::kDouble));
+  at::Tensor counts = at::zeros({num_groups}, values.options().dtype(at::kLong));
+  const int64_t N = values.numel();
+  const int64_t* g = groups.data_ptr<int64_t>();
+  double* s = sums.data_ptr<double>();
+  int64_t* c = counts.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "cvar_group_stats", [&] {
+    const scalar_t* v = values.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < N; ++i) {  // one pass, in index order: deterministic
+      s[g[i]] += static_cast<double>(v[i]);
+      c[g[i]] += 1;
+    }
+  });
+  return {sums, counts};
+}
+
+std::vector<at::Tensor> cvar_tail(const at::Tensor& L, const std::optional<at::Tensor>& valid, double alpha) {
+  TORCH_CHECK(L.dim() == 1 && L.is_contiguous() && L.numel() > 0, "cvar_tail: non-empty contiguous (n,) expected");
+  at::Tensor valid_t = valid.has_value() ? valid->contiguous() : at::Tensor();
+  at::Tensor loss = at::empty({}, L.options());
+  at::Tensor w = at::empty_like(L);
+  AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "cvar_tail", [&] { cvar_tail_impl<scalar_t>(L, valid_t, alpha, loss, w); });
+  return {loss, w};
+}
+
+at::Tensor cvar_values_grad(const at::Tensor& grad, const at::Tensor& w, const std::optional<at::Tensor>& counts,
+                            const std::optional<at::Tensor>& groups, const at::Tensor& like) {
+  at::Tensor out = at::empty_like(like);
+  const int64_t N = like.numel();
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "cvar_values_grad", [&] {
+    using acc_t = scalar_t;
+    const acc_t g = grad.item<acc_t>();
+    const acc_t* wp = w.data_ptr<acc_t>();
+    const int64_t* gp = groups.has_value() ? groups->data_ptr<int64_t>() : nullptr;
+    const int64_t* cp = counts.has_value() ? counts->data_ptr<int64_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "cvar_values_grad_out", [&] {
+      scalar_t* o = out.data_ptr<scalar_t>();
+      at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const acc_t v = gp ? g * wp[gp[i]] / static_cast<acc_t>(cp[gp[i]]) : g * wp[i];
+          o[i] = static_cast<scalar_t>(v);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+// (loss, count of values above eta), both in the accumulation dtype.
+std::vector<at::Tensor> cvar_dual_forward(const at::Tensor& values, const at::Tensor& eta, double alpha) {
+  TORCH_CHECK(values.is_contiguous(), "cvar_dual_forward: contiguous values expected");
+  const auto acc = at::toOpMathType(values.scalar_type());
+  at::Tensor loss = at::empty({}, values.options().dtype(acc));
+  at::Tensor above = at::empty({}, values.options().dtype(acc));
+  const int64_t N = values.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "cvar_dual_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* v = values.data_ptr<scalar_t>();
+    const acc_t e = eta.item<acc_t>();
+    // Per-chunk partial sums in double, combined in chunk order.
+    const int64_t chunk = 1 << 16, n_chunks = (N + chunk - 1) / chunk;
+    std::vector<double> part(n_chunks), cnt(n_chunks);
+    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double s = 0, k = 0;
+        for (int64_t i = c * chunk; i < std::min(N, (c + 1) * chunk); ++i) {
+          const acc_t d = static_cast<acc_t>(v[i]) - e;
+          if (d > 0 || std::isnan(d)) s += static_cast<double>(d);
+          k += d > 0;
+        }
+        part[c] = s;
+        cnt[c] = k;
+      }
+    });
+    double s = 0, k = 0;
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      s += part[c];
+      k += cnt[c];
+    }
+    loss.fill_(static_cast<double>(e) + s / (alpha * static_cast<double>(N)));
+    above.fill_(k);
+  });
+  return {loss, above};
+}
+
+// (d values, d eta) of cvar_dual_forward for an upstream gradient grad (0-d).
+std::vector<at::Tensor> cvar_dual_backward(const at::Tensor& grad, const at::Tensor& values, const at::Tensor& eta,
+                                           double alpha, const at::Tensor& above) {
+  at::Tensor gv = at::empty_like(values);
+  const int64_t N = values.numel();
+  const double scale = 1.0 / (alpha * static_cast<double>(N));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "cvar_dual_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* v = values.data_ptr<scalar_t>();
+    scalar_t* o = gv.data_ptr<scalar_t>();
+    const acc_t e = eta.item<acc_t>();
+    const acc_t g = static_cast<acc_t>(grad.item<double>() * scale);
+    at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<scalar_t>(static_cast<acc_t>(v[i]) > e ? g : acc_t(0));
+    });
+  });
+  at::Tensor geta = grad.to(at::kDouble) * (1.0 - above.to(at::kDouble) * scale);
+  return {gv, geta.to(eta.scalar_type())};
+}
+
+}  // namespace metadd

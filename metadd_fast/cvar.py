@@ -1,0 +1,268 @@
+"""CVaR tail loss over samples or groups, its dual form, and MetaCAM+CVaR (SPEC section 2).
+
+Custom ops (fake + autograd registered, so torch.compile traces them):
+
+- ``metadd_fast::cvar``: values (N,) [+ groups (N,)] -> (CVaR, w, counts) where w = dCVaR/dL
+  per entry or per group (accumulation dtype) and counts the group sizes. One pass
+  over the values for the group statistics, then the tail selection over the n
+  group means (or the N values).
+- ``metadd_fast::cvar_backward``: one pass over the values: d values_i = g * w[g_i] / |g_i|.
+- ``metadd_fast::cvar_dual`` / ``cvar_dual_backward``: the Rockafellar-Uryasev form.
+
+With ``process_group=``, ranks all-reduce their group sums and counts (or
+all-gather their values when there are no groups) before the tail selection, so
+every rank gets the CVaR of the union and the gradient of its own values.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import backends, checks, reference
+from .cam import cam_variance
+
+__all__ = ["cvar", "cvar_dual", "metacam_cvar", "CVaR"]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha: expected a float in (0, 1], got {type(alpha).__name__}")
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha: expected a float in (0, 1], got {alpha!r}")
+    return float(alpha)
+
+
+def check_cvar_args(values, alpha, groups, num_groups) -> tuple:
+    """(alpha, groups as int64 or None, num_groups) after SPEC section 4's checks."""
+    if not isinstance(values, Tensor):
+        raise TypeError(f"values: expected a tensor, got {type(values).__name__}")
+    checks.floating("values", values)
+    if values.dim() != 1:
+        raise ValueError(f"values: expected a 1-D (N,) tensor, got shape {tuple(values.shape)}")
+    checks.nonempty("values", values)
+    alpha = check_alpha(alpha)
+    if groups is None:
+        if num_groups is not None:
+            raise ValueError("num_groups: given without groups")
+        return alpha, None, 0
+    if not isinstance(groups, Tensor):
+        raise TypeError(f"groups: expected None or an integer tensor, got {type(groups).__name__}")
+    checks.integer("groups", groups)
+    if tuple(groups.shape) != tuple(values.shape):
+        raise ValueError(f"groups: expected shape {tuple(values.shape)} like values, got {tuple(groups.shape)}")
+    checks.same_device([("values", values), ("groups", groups)])
+    if num_groups is None:
+        num_groups = int(groups.max()) + 1
+        if num_groups <= 0:
+            raise ValueError(f"groups: expected ids in [0, num_groups), got a largest id of {num_groups - 1}")
+    elif isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
+    checks.index_range("groups", groups, num_groups)
+    return alpha, groups.long().contiguous(), num_groups
+
+
+def _cvar_forward(impl, values: Tensor, groups: Optional[Tensor], num_groups: int, alpha: float, all_reduce=None):
+    """(CVaR, w, counts) with the backend ``impl``; ``all_reduce`` sums group statistics across ranks."""
+    acc = _acc(values.dtype)
+    if groups is None:
+        loss, w = impl.cvar_tail(values.to(acc).contiguous(), None, alpha)
+        return loss, w, values.new_empty(0, dtype=torch.int64)
+    sums, counts = impl.cvar_group_stats(values.contiguous(), groups, num_groups)
+    if all_reduce is not None:
+        all_reduce(sums)
+        all_reduce(counts)
+    L = (sums / counts.clamp(min=1)).to(acc)
+    loss, w = impl.cvar_tail(L, counts > 0, alpha)
+    return loss, w, counts
+
+
+@torch.library.custom_op("metadd_fast::cvar", mutates_args=())
+def _cvar(values: Tensor, groups: Optional[Tensor], num_groups: int, alpha: float,
+          backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(_cvar_forward(backends.kernels(backend), values, groups, num_groups, alpha))
+
+
+@_cvar.register_fake
+def _(values, groups, num_groups, alpha, backend):
+    acc = _acc(values.dtype)
+    slots = values.shape[0] if groups is None else num_groups
+    counts = values.new_empty(0 if groups is None else num_groups, dtype=torch.int64)
+    return values.new_empty((), dtype=acc), values.new_empty(slots, dtype=acc), counts
+
+
+@torch.library.custom_op("metadd_fast::cvar_backward", mutates_args=())
+def _cvar_backward(grad: Tensor, weights: Tensor, counts: Tensor, groups: Optional[Tensor], values: Tensor,
+                   backend: str) -> Tensor:
+    impl = backends.kernels(backend)
+    return impl.cvar_values_grad(grad, weights, counts if groups is not None else None, groups, values)
+
+
+@_cvar_backward.register_fake
+def _(grad, weights, counts, groups, values, backend):
+    return torch.empty_like(values)
+
+
+def _cvar_setup(ctx, inputs, output):
+    values, groups, _, _, backend = inputs
+    ctx.save_for_backward(values, groups, output[1], output[2])
+    ctx.backend = backend
+
+
+def _cvar_grad(ctx, grad, grad_w, grad_counts):
+    values, groups, w, counts = ctx.saved_tensors
+    return _cvar_backward(grad.contiguous(), w, counts, groups, values, ctx.backend), None, None, None, None
+
+
+torch.library.register_autograd("metadd_fast::cvar", _cvar_grad, setup_context=_cvar_setup)
+
+
+class _DistributedCVaR(torch.autograd.Function):
+    """CVaR of the values of all ranks of ``group``; each rank gets the gradient of its own values."""
+
+    @staticmethod
+    def forward(ctx, values, groups, num_groups, alpha, backend, group):
+        impl = backends.kernels(backend)
+        if groups is None:
+            acc = _acc(values.dtype)
+            sizes = [torch.zeros(1, dtype=torch.int64, device=values.device) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(sizes, torch.tensor([values.numel()], device=values.device), group=group)
+            sizes = [int(s) for s in sizes]
+            padded = values.new_zeros(max(sizes), dtype=acc)
+            padded[: values.numel()] = values
+            gathered = [torch.empty_like(padded) for _ in sizes]
+            dist.all_gather(gathered, padded, group=group)
+            loss, w_all = impl.cvar_tail(torch.cat([g[:s] for g, s in zip(gathered, sizes)]), None, alpha)
+            start = sum(sizes[: dist.get_rank(group)])
+            w, counts = w_all[start: start + values.numel()].contiguous(), None
+        else:
+            loss, w, counts = _cvar_forward(impl, values, groups, num_groups, alpha,
+                                            all_reduce=lambda t: dist.all_reduce(t, group=group))
+        ctx.save_for_backward(values, groups, w, counts)
+        ctx.impl = impl
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        values, groups, w, counts = ctx.saved_tensors
+        return ctx.impl.cvar_values_grad(grad.contiguous(), w, counts, groups, values), None, None, None, None, None
+
+
+def cvar(values: Tensor, alpha: float, groups: Optional[Tensor] = None, num_groups: Optional[int] = None, *,
+         process_group=None, backend: Optional[str] = None) -> Tensor:
+    """Upper-tail CVaR: the mean of the worst ``alpha`` share of the values, or of the group means.
+
+    values: (N,) floating. alpha in (0, 1] (1 is the plain mean). groups: (N,) integer ids in
+    [0, num_groups) (num_groups defaults to max id + 1, which reads the ids on the host);
+    empty groups are ignored. Exact fractional boundary term, ties by lower index.
+    process_group: a ``torch.distributed`` group: the CVaR of the values of all its ranks.
+    Returns a 0-d float32 tensor (float64 for float64 values).
+    """
+    alpha, groups, num_groups = check_cvar_args(values, alpha, groups, num_groups)
+    name = backends.resolve(backend, values.device)
+    if process_group is not None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError("process_group: torch.distributed is not initialized")
+        if name == "reference":
+            raise ValueError("process_group: needs a fused backend ('cpp' or 'triton'), got 'reference'")
+        return _DistributedCVaR.apply(values, groups, num_groups, alpha, name, process_group)
+    if name == "reference":
+        return reference.cvar(values, alpha, groups, num_groups)
+    loss, _, _ = torch.ops.metadd_fast.cvar(values, groups, num_groups, alpha, name)
+    return loss
+
+
+@torch.library.custom_op("metadd_fast::cvar_dual", mutates_args=())
+def _cvar_dual(values: Tensor, eta: Tensor, alpha: float, backend: str) -> tuple[Tensor, Tensor]:
+    return tuple(backends.kernels(backend).cvar_dual_forward(values, eta, alpha))
+
+
+@_cvar_dual.register_fake
+def _(values, eta, alpha, backend):
+    acc = _acc(values.dtype)
+    return values.new_empty((), dtype=acc), values.new_empty((), dtype=acc)
+
+
+@torch.library.custom_op("metadd_fast::cvar_dual_backward", mutates_args=())
+def _cvar_dual_backward(grad: Tensor, values: Tensor, eta: Tensor, alpha: float, above: Tensor,
+                        backend: str) -> tuple[Tensor, Tensor]:
+    return tuple(backends.kernels(backend).cvar_dual_backward(grad, values, eta, alpha, above))
+
+
+@_cvar_dual_backward.register_fake
+def _(grad, values, eta, alpha, above, backend):
+    return torch.empty_like(values), torch.empty_like(eta)
+
+
+def _cvar_dual_setup(ctx, inputs, output):
+    values, eta, alpha, backend = inputs
+    ctx.save_for_backward(values, eta, output[1])
+    ctx.alpha, ctx.backend = alpha, backend
+
+
+def _cvar_dual_grad(ctx, grad, grad_above):
+    values, eta, above = ctx.saved_tensors
+    d_values, d_eta = _cvar_dual_backward(grad.contiguous(), values, eta, ctx.alpha, above, ctx.backend)
+    return d_values, d_eta, None, None
+
+
+torch.library.register_autograd("metadd_fast::cvar_dual", _cvar_dual_grad, setup_context=_cvar_dual_setup)
+
+
+def cvar_dual(values: Tensor, eta, alpha: float, *, backend: Optional[str] = None) -> Tensor:
+    """Rockafellar-Uryasev CVaR: eta + (1/(alpha N)) sum_i max(values_i - eta, 0).
+
+    Minimized over eta it equals :func:`cvar`; differentiable in values and in eta
+    (a float, or a 0-d tensor that may require grad). For chunked or streaming use.
+    """
+    alpha = check_cvar_args(values, alpha, None, None)[0]
+    if isinstance(eta, Tensor):
+        checks.floating("eta", eta)
+        if eta.numel() != 1:
+            raise ValueError(f"eta: expected a scalar, got shape {tuple(eta.shape)}")
+        checks.same_device([("values", values), ("eta", eta)])
+    elif isinstance(eta, bool) or not isinstance(eta, (int, float)):
+        raise TypeError(f"eta: expected a float or a 0-d tensor, got {type(eta).__name__}")
+    else:
+        eta = torch.tensor(float(eta), dtype=_acc(values.dtype), device=values.device)
+    name = backends.resolve(backend, values.device)
+    if name == "reference":
+        return reference.cvar_dual(values, eta.reshape(()), alpha)
+    loss, _ = torch.ops.metadd_fast.cvar_dual(values.contiguous(), eta.reshape(()), alpha, name)
+    return loss
+
+
+def metacam_cvar(features, weights, labels, alpha: float, groups: Optional[Tensor] = None,
+                 num_groups: Optional[int] = None, *, process_group=None, backend: Optional[str] = None,
+                 **cam_options) -> Tensor:
+    """CVaR of the per-image CAM variance: the architecture disagreement of the worst-off
+    images (or of the worst groups of images, with ``groups`` (B,)).
+
+    Images outside the tail get an exactly zero feature gradient. ``cam_options`` are
+    those of :func:`cam_variance` (out_size, relu, norm, eps).
+    """
+    check_alpha(alpha)
+    v = cam_variance(features, weights, labels, reduction="none", backend=backend, **cam_options)
+    return cvar(v, alpha, groups, num_groups, process_group=process_group, backend=backend)
+
+
+class CVaR(nn.Module):
+    """``nn.Module`` form of :func:`cvar`: ``CVaR(alpha)(values, groups=None)``."""
+
+    def __init__(self, alpha: float, num_groups: Optional[int] = None, *, backend: Optional[str] = None):
+        super().__init__()
+        self.alpha = check_alpha(alpha)
+        self.num_groups, self.backend = num_groups, backend
+
+    def forward(self, values: Tensor, groups: Optional[Tensor] = None) -> Tensor:
+        num_groups = self.num_groups if groups is not None else None
+        return cvar(values, self.alpha, groups, num_groups, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, num_groups={self.num_groups}"
