@@ -47,19 +47,20 @@ void cvar_tail_impl(const at::Tensor& L, const at::Tensor& valid, double alpha, 
   const acc_t* l = L.data_ptr<acc_t>();
   const bool* ok = valid.defined() ? valid.data_ptr<bool>() : nullptr;
   acc_t* wp = w.data_ptr<acc_t>();
-  std::vector<int64_t> idx;
-  idx.reserve(n_all);
+  std::vector<acc_t> buf;  // the valid entries, for the selection
+  buf.reserve(n_all);
   for (int64_t j = 0; j < n_all; ++j) {
-    if (!ok || ok[j]) idx.push_back(j);
+    if (!ok || ok[j]) buf.push_back(l[j]);
   }
-  const int64_t n = static_cast<int64_t>(idx.size());
+  const int64_t n = static_cast<int64_t>(buf.size());
   double a, f;
   tail_size(alpha, n, a, f);
   const int64_t fi = static_cast<int64_t>(f);
   std::fill(wp, wp + n_all, acc_t(0));
   double total = 0;
   if (fi >= n) {  // alpha = 1: the plain mean
-    for (int64_t j : idx) {
+    for (int64_t j = 0; j < n_all; ++j) {
+      if (ok && !ok[j]) continue;
       wp[j] = static_cast<acc_t>(1.0 / a);
       total += static_cast<double>(l[j]);
     }
@@ -67,19 +68,18 @@ void cvar_tail_impl(const at::Tensor& L, const at::Tensor& valid, double alpha, 
     return;
   }
   // Boundary value t = L_(f+1), the (f+1)-th in the descending order.
-  std::vector<acc_t> buf(n);
-  for (int64_t r = 0; r < n; ++r) buf[r] = l[idx[r]];
   std::nth_element(buf.begin(), buf.begin() + fi, buf.end(), ranks_above<acc_t>);
   const acc_t t = buf[fi];
   int64_t rank = 0;  // entries ranked strictly above t come first
-  for (int64_t j : idx) rank += ranks_above(l[j], t);
+  for (int64_t j = 0; j < n_all; ++j) rank += (!ok || ok[j]) && ranks_above(l[j], t);
   const double w_tail = 1.0 / a, w_edge = (a - f) / a;
-  for (int64_t j : idx) {
+  for (int64_t j = 0; j < n_all; ++j) {
+    if (ok && !ok[j]) continue;
     double wj = 0;
     if (ranks_above(l[j], t)) {
       wj = w_tail;
     } else if (same_rank_value(l[j], t)) {
-      ++rank;  // 1-based rank of this tied entry
+      ++rank;  // 1-based rank of this tied entry: ties go by lower index
       wj = rank <= fi ? w_tail : (rank == fi + 1 ? w_edge : 0.0);
     }
     if (wj != 0) {
@@ -101,13 +101,30 @@ std::vector<at::Tensor> cvar_group_stats(const at::Tensor& values, const at::Ten
   const int64_t* g = groups.data_ptr<int64_t>();
   double* s = sums.data_ptr<double>();
   int64_t* c = counts.data_ptr<int64_t>();
+  // One slice of the values per thread, each into its own partial sums, then the
+  // partials are added in slice order: deterministic for a given thread count.
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 65536));
+  std::vector<double> part_s(slices * num_groups, 0.0);
+  std::vector<int64_t> part_c(slices * num_groups, 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "cvar_group_stats", [&] {
     const scalar_t* v = values.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < N; ++i) {  // one pass, in index order: deterministic
-      s[g[i]] += static_cast<double>(v[i]);
-      c[g[i]] += 1;
-    }
+    at::parallel_for(0, slices, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        double* ps = part_s.data() + k * num_groups;
+        int64_t* pc = part_c.data() + k * num_groups;
+        for (int64_t i = N * k / slices; i < N * (k + 1) / slices; ++i) {
+          ps[g[i]] += static_cast<double>(v[i]);
+          pc[g[i]] += 1;
+        }
+      }
+    });
   });
+  for (int64_t k = 0; k < slices; ++k) {
+    for (int64_t j = 0; j < num_groups; ++j) {
+      s[j] += part_s[k * num_groups + j];
+      c[j] += part_c[k * num_groups + j];
+    }
+  }
   return {sums, counts};
 }
 
