@@ -28,7 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-columns=min,median,max,rounds \
-		--benchmark-json=benchmarks/results/cam_variance_cpu.json
+		--benchmark-json=benchmarks/results/pytest_benchmark_cpu.json
 
 clean:
 	rm -rf build *.egg-info metadd_fast/_C*.so $(VENV)

@@ -1,13 +1,12 @@
-"""Plot benchmark CSVs: one PNG per op with time (p50, p20-p80 bars) and speed-up per provider.
+"""Plot the benchmark CSV: one PNG per op and device, time per provider (p50, p20-p80 bars).
 
-    python benchmarks/plot.py [benchmarks/results/cam_variance.csv ...]
+    python benchmarks/plot.py [benchmarks/results/results.csv]
 
-Uses the latest commit's rows of each CSV; writes <csv stem>_<device>.png beside it.
+Uses each op's latest commit rows; writes <op>_<device>.png beside the CSV.
 """
 from __future__ import annotations
 
 import csv
-import glob
 import os
 import re
 import sys
@@ -22,13 +21,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def plot(path: str) -> list[str]:
     with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if r["metric"] == "time"]
+        rows = [r for r in csv.DictReader(f) if r["metric"] == "time" and r["op"] != "copy"]
     written = []
-    for device in sorted({r["device"] for r in rows}):
-        rows_d = [r for r in rows if r["device"] == device]
+    for op, device in sorted({(r["op"], r["device"]) for r in rows}):
+        rows_d = [r for r in rows if r["op"] == op and r["device"] == device]
         latest = rows_d[-1]["commit"]
         rows_d = [r for r in rows_d if r["commit"] == latest]
-        groups = sorted({(r["workload"], r["mode"]) for r in rows_d})
+        groups = list(dict.fromkeys((r["workload"], r["mode"]) for r in rows_d))
         providers = list(dict.fromkeys(r["provider"] for r in rows_d))
         fig, ax = plt.subplots(figsize=(2.2 + 2.0 * len(groups), 3.6))
         width = 0.8 / len(providers)
@@ -44,13 +43,14 @@ def plot(path: str) -> list[str]:
             bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=p)
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.set_xticks([j + width * (len(providers) - 1) / 2 for j in range(len(groups))])
-        ax.set_xticklabels([f"{w}\n{m}" for w, m in groups], fontsize=8)
+        ax.set_xticklabels([f"{w}\n{m}" for w, m in groups], fontsize=7)
+        ax.set_yscale("log")
         ax.set_ylabel("time per call, ms (p50, p20-p80)")
-        op = rows_d[0]["op"]
         ax.set_title(f"{op} on {device}\n(commit {latest})", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        out = os.path.splitext(path)[0] + "_" + re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_") + ".png"
+        name = f"{op}_" + re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_") + ".png"
+        out = os.path.join(os.path.dirname(path), name)
         fig.savefig(out, dpi=110)
         plt.close(fig)
         written.append(out)
@@ -58,7 +58,7 @@ def plot(path: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    paths = sys.argv[1:] or sorted(glob.glob(os.path.join(HERE, "results", "*.csv")))
+    paths = sys.argv[1:] or [os.path.join(HERE, "results", "results.csv")]
     for p in paths:
         for out in plot(p):
             print("wrote", os.path.relpath(out))

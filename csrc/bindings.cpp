@@ -19,6 +19,8 @@ at::Tensor cvar_values_grad(const at::Tensor&, const at::Tensor&, const std::opt
 std::vector<at::Tensor> cvar_dual_forward(const at::Tensor&, const at::Tensor&, double);
 std::vector<at::Tensor> cvar_dual_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                            const at::Tensor&);
+std::vector<at::Tensor> nearest_centroid_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&);
 }  // namespace metadd
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -32,4 +34,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cvar_values_grad", &metadd::cvar_values_grad, "gradient of the CVaR wrt the values");
   m.def("cvar_dual_forward", &metadd::cvar_dual_forward, "Rockafellar-Uryasev CVaR and the count above eta");
   m.def("cvar_dual_backward", &metadd::cvar_dual_backward, "gradient of cvar_dual_forward");
+  m.def("nearest_centroid_forward", &metadd::nearest_centroid_forward, "blocked nearest centroid: (index, sqdist, refine)");
 }

@@ -14,7 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["raw_cam", "class_activation_maps", "cam_variance", "group_means", "cvar", "cvar_dual", "metacam_cvar"]
+__all__ = ["raw_cam", "class_activation_maps", "cam_variance", "group_means", "cvar", "cvar_dual", "metacam_cvar",
+           "nearest_centroid", "kmeans"]
 
 
 def raw_cam(feature: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
@@ -121,3 +122,29 @@ def metacam_cvar(features, weights, labels, alpha: float, groups=None, num_group
     """CVaR over images (or groups) of the per-image CAM variance."""
     v = cam_variance(features, weights, labels, reduction="none", **cam_options)
     return cvar(v, alpha, groups, num_groups)
+
+
+def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 4096):
+    """(index, sqdist) by torch.cdist + argmin, in row chunks so the (chunk, M) block fits."""
+    index, sqdist = [], []
+    for start in range(0, x.shape[0], chunk):
+        d = torch.cdist(x[start:start + chunk], centroids) ** 2
+        i = d.argmin(dim=1)
+        index.append(i)
+        sqdist.append(d.gather(1, i[:, None])[:, 0])
+    return torch.cat(index), torch.cat(sqdist)
+
+
+def kmeans(x: torch.Tensor, init: torch.Tensor, iters: int = 50, tol: float = 1e-4):
+    """Lloyd's algorithm as a plain loop, one cluster at a time, from the centroids ``init``
+    (an empty cluster keeps its centroid). Returns (centroids, index)."""
+    C = init.clone()
+    threshold = tol * float(x.var(dim=0, unbiased=False).mean())
+    for _ in range(iters):
+        index = torch.cdist(x, C).argmin(dim=1)
+        new = torch.stack([x[index == j].mean(dim=0) if (index == j).any() else C[j] for j in range(C.shape[0])])
+        shift = float(((new - C) ** 2).sum())
+        C = new
+        if shift <= threshold:
+            break
+    return C, torch.cdist(x, C).argmin(dim=1)

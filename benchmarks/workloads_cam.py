@@ -1,14 +1,17 @@
-"""Benchmark workloads and providers of the CAM-variance op, shared by the pytest-benchmark
-file and the CSV runner.
+"""Benchmark workloads of the CAM-variance and MetaCAM+CVaR ops.
 
-Providers: "eager" (the reference, plain PyTorch autograd), "compile"
-(torch.compile of the reference), "fused" (Triton on CUDA, C++ on CPU).
+Every workloads module gives OPS (op name -> loss function per provider), WORKLOADS,
+CPU_WORKLOADS, make_inputs, step and min_bytes; benchmarks/run.py and the
+pytest-benchmark file use them. Providers: "eager" (the reference, plain PyTorch
+autograd), "compile" (torch.compile of the reference), "fused" (Triton on CUDA,
+C++ on CPU).
 """
 from __future__ import annotations
 
 import torch
 
 import metadd_fast as mf
+from providers import pick
 from metadd_fast import reference
 
 # name -> (B, [(C, H, W, head kind)], out_size, num_classes)
@@ -21,7 +24,8 @@ WORKLOADS = {
     "imagenet_b4096": (4096, [(512, 7, 7, "linear"), (2048, 7, 7, "linear"), (512, 7, 7, "flatten"),
                              (1024, 7, 7, "linear")], (7, 7), 1000),
 }
-PROVIDERS = ("eager", "compile", "fused")
+CPU_WORKLOADS = ["dc_cifar10_ipc50"]
+TAIL = 0.1  # metacam_cvar: the worst 10% of the images
 
 
 def make_inputs(name: str, device: str = "cpu", dtype=torch.float32, seed: int = 0):
@@ -37,30 +41,40 @@ def make_inputs(name: str, device: str = "cpu", dtype=torch.float32, seed: int =
     return features, weights, labels, out_size
 
 
-def _reference_loss(features, weights, labels, out_size):
+def _reference_cam(features, weights, labels, out_size):
     return reference.cam_variance(features, weights, labels, out_size=out_size)
 
 
-_compiled = {}
+def _fused_cam(features, weights, labels, out_size):
+    return mf.cam_variance(features, weights, labels, out_size=out_size)
 
 
-def loss_fn(provider: str):
-    """f(features, weights, labels, out_size) -> scalar loss, for one provider."""
-    if provider == "eager":
-        return _reference_loss
-    if provider == "compile":
-        if "fn" not in _compiled:
-            _compiled["fn"] = torch.compile(_reference_loss)
-        return _compiled["fn"]
-    return lambda f, w, y, s: mf.cam_variance(f, w, y, out_size=s)
+def _reference_metacam_cvar(features, weights, labels, out_size):
+    return reference.metacam_cvar(features, weights, labels, TAIL, out_size=out_size)
 
 
-def step(provider: str, mode: str, inputs):
+def _fused_metacam_cvar(features, weights, labels, out_size):
+    return mf.metacam_cvar(features, weights, labels, TAIL, out_size=out_size)
+
+
+OPS = {"cam_variance": (_reference_cam, _fused_cam), "metacam_cvar": (_reference_metacam_cvar, _fused_metacam_cvar)}
+
+
+
+def step(op: str, provider: str, mode: str, inputs):
     """One call: mode "forward" (no graph kept) or "full" (forward + backward to the features)."""
     features, weights, labels, out_size = inputs
-    fn = loss_fn(provider)
+    fn = pick(OPS, op, provider)
     if mode == "forward":
         with torch.no_grad():
             return fn(features, weights, labels, out_size)
     loss = fn(features, weights, labels, out_size)
     return torch.autograd.grad(loss, features)
+
+
+def min_bytes(inputs, mode: str) -> int:
+    """Fewest bytes a fused op must move: features read once (+ weights), and dA written once."""
+    features, weights, _, _ = inputs
+    feat = sum(f.numel() * f.element_size() for f in features)
+    weight = sum(w.numel() * w.element_size() for w in weights)
+    return feat + weight + (feat if mode == "full" else 0)

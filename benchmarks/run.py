@@ -1,0 +1,140 @@
+"""Benchmark runner: eager reference vs torch.compile(reference) vs fused, side by side in one run.
+
+    python benchmarks/run.py [--device cpu|cuda] [--ops cam_variance cvar ...] [--workloads NAME ...]
+
+For each op, workload and mode (forward; full = forward + backward), the three
+providers are timed round-robin in one child process, so they see the same
+background load; the peak extra memory of each is measured in a child of its own.
+A table is printed and rows are appended to benchmarks/results/results.csv:
+op, provider, mode, workload, metric, unit, p50, p20, p80, device, torch, triton, commit.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import measure  # noqa: E402
+from providers import PROVIDERS  # noqa: E402
+
+MODULES = ("workloads_cam", "workloads_cvar")
+RESULTS = os.path.join(HERE, "results", "results.csv")
+FIELDS = ["op", "provider", "mode", "workload", "metric", "unit", "p50", "p20", "p80", "device", "torch",
+          "triton", "commit"]
+MODES = ("forward", "full")
+
+
+def op_modules() -> dict:
+    """op name -> its workloads module."""
+    out = {}
+    for name in MODULES:
+        mod = importlib.import_module(name)
+        out.update({op: mod for op in mod.OPS})
+    return out
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes/s of a large device copy, counting bytes read and written."""
+    x = torch.randn(64 * 2**20, device=device)  # 256 MiB
+    y = torch.empty_like(x)
+    timer = measure.time_cuda if device == "cuda" else measure.time_cpu
+    p50, _, _ = timer({"copy": lambda: y.copy_(x)})["copy"]
+    return 2 * x.numel() * x.element_size() / p50
+
+
+def child(op: str, workload: str, mode: str, device: str, what: str) -> dict:
+    """Times of all providers, interleaved (what="time"), or the peak extra memory of one
+    provider (what=<provider>), in this process."""
+    mod = op_modules()[op]
+    inputs = mod.make_inputs(workload, device)
+    fns = {p: (lambda p=p: mod.step(op, p, mode, inputs)) for p in PROVIDERS}
+    if what == "time":
+        return {"time": (measure.time_cuda if device == "cuda" else measure.time_cpu)(fns),
+                "bytes": mod.min_bytes(inputs, mode)}
+    return {"memory": (measure.peak_extra_cuda if device == "cuda" else measure.peak_extra_rss)(fns[what])}
+
+
+def run_child(op: str, workload: str, mode: str, device: str, what: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", op, workload, mode, what, "--device", device]
+    # For memory only: a fixed mmap threshold keeps glibc from caching freed large
+    # blocks, so RSS follows live memory (it also makes every allocation fault, so
+    # timings are taken without it).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if what != "time" else None
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ops", nargs="+", default=None, help="ops to run (default: all)")
+    ap.add_argument("--workloads", nargs="+", default=None, help="workload names (default: the device's set)")
+    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--child", nargs=4, metavar=("OP", "WORKLOAD", "MODE", "WHAT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        op, workload, mode, what = args.child
+        print(json.dumps(child(op, workload, mode, args.device, what)))
+        return
+    mods = op_modules()
+    ops = args.ops or list(mods)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    meta = {"device": measure.device_name(args.device), "torch": torch.__version__, "triton": triton_version,
+            "commit": measure.git_commit()}
+    bandwidth = copy_bandwidth(args.device)
+    rows = [dict(op="copy", provider="torch", mode="copy", workload="256MiB", metric="bandwidth", unit="GB/s",
+                 p50=f"{bandwidth / 1e9:.2f}", p20="", p80="", **meta)]
+    print(f"device: {meta['device']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'op':13} {'workload':24} {'mode':8} {'provider':8} {'p50 ms':>9} {'vs eager':>9} {'vs compile':>10} "
+          f"{'extra MB':>9} {'GB/s':>7} {'of copy':>8}")
+    for op in ops:
+        mod = mods[op]
+        default = list(mod.WORKLOADS) if args.device == "cuda" else mod.CPU_WORKLOADS
+        for workload in [w for w in (args.workloads or default) if w in mod.WORKLOADS]:
+            for mode in MODES:
+                timed = run_child(op, workload, mode, args.device, "time")
+                times = timed["time"]
+                for p in PROVIDERS:
+                    memory = run_child(op, workload, mode, args.device, p)["memory"]
+                    p50, p20, p80 = times[p]
+                    vs_eager, vs_compile = times["eager"][0] / p50, times["compile"][0] / p50
+                    gbs = timed["bytes"] / p50
+                    row = dict(op=op, provider=p, mode=mode, workload=workload, **meta)
+                    metrics = [("time", "ms", p50 * 1e3, p20 * 1e3, p80 * 1e3),
+                               ("peak_extra_memory", "MB", memory / 1e6, None, None),
+                               ("speedup_vs_eager", "x", vs_eager, None, None),
+                               ("speedup_vs_compile", "x", vs_compile, None, None)]
+                    if p == "fused":
+                        metrics += [("achieved_bandwidth", "GB/s", gbs / 1e9, None, None),
+                                    ("copy_bandwidth_fraction", "1", gbs / bandwidth, None, None)]
+                    for metric, unit, v50, v20, v80 in metrics:
+                        rows.append(dict(row, metric=metric, unit=unit, p50=f"{v50:.4f}",
+                                         p20="" if v20 is None else f"{v20:.4f}",
+                                         p80="" if v80 is None else f"{v80:.4f}"))
+                    print(f"{op:13} {workload:24} {mode:8} {p:8} {p50 * 1e3:9.2f} {vs_eager:9.2f} "
+                          f"{vs_compile:10.2f} {memory / 1e6:9.1f} {gbs / 1e9:7.2f} {gbs / bandwidth:8.1%}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    new = not os.path.exists(args.out)
+    with open(args.out, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+    print(f"appended {len(rows)} rows to {os.path.relpath(args.out)}")
+
+
+if __name__ == "__main__":
+    main()

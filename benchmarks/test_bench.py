@@ -1,0 +1,35 @@
+"""pytest-benchmark cases of every op: eager reference, torch.compile(reference), fused.
+
+    pytest benchmarks/ --benchmark-columns=min,median,max
+
+The CSV of record (ratios in one run, peak memory, bandwidth) comes from
+benchmarks/run.py; this file gives the same cases to pytest-benchmark.
+"""
+import pytest
+import torch
+from providers import PROVIDERS
+from run import op_modules
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CASES = [(op, w) for op, mod in op_modules().items()
+         for w in (mod.WORKLOADS if DEVICE == "cuda" else mod.CPU_WORKLOADS)]
+_inputs = {}
+
+
+def _sync(out):
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["forward", "full"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("op, workload", CASES)
+def test_op(benchmark, op, workload, provider, mode):
+    mod = op_modules()[op]
+    if workload not in _inputs:
+        _inputs[workload] = mod.make_inputs(workload, DEVICE)
+    inputs = _inputs[workload]
+    benchmark.group = f"{op}-{workload}-{mode}"
+    mod.step(op, provider, mode, inputs)  # warm-up (compilation)
+    benchmark(lambda: _sync(mod.step(op, provider, mode, inputs)))

@@ -1,0 +1,89 @@
+"""Robust-DD grouping: embed real images with a network and give each its group id.
+
+Groups feed :func:`metadd_fast.cvar` (``groups=``, ``num_groups=``): either the
+nearest synthetic image in embedding space (robust DD's default) or k-means
+clusters of the real embeddings.
+
+``embed`` accepts anything that maps a batch of images to (B, ...) features: a
+model, ``model.features`` or a lambda. It runs under ``torch.no_grad`` in eval
+mode (the model's mode is restored) and in chunks, so memory depends on the
+chunk, not on N.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from .kmeans import kmeans, nearest_centroid
+
+__all__ = ["embed", "nearest_groups", "kmeans_groups"]
+
+Images = Union[Tensor, Iterable]
+
+
+def _batches(images: Images, batch_size: int) -> Iterator[Tensor]:
+    """Batches of a tensor (N, ...) or of an iterable of tensors / (images, labels, ...) tuples."""
+    if isinstance(images, Tensor):
+        yield from images.split(batch_size)
+        return
+    for batch in images:
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+class _eval_mode:
+    """Eval mode for an nn.Module inside the block, its previous mode restored after."""
+
+    def __init__(self, net):
+        self.net = net if isinstance(net, nn.Module) else None
+
+    def __enter__(self):
+        self.was_training = self.net.training if self.net is not None else False
+        if self.net is not None:
+            self.net.eval()
+
+    def __exit__(self, *exc):
+        if self.net is not None:
+            self.net.train(self.was_training)
+
+
+def _embedded(net: Callable, images: Images, batch_size: int, device) -> Iterator[Tensor]:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+    if not callable(net):
+        raise TypeError(f"net: expected a callable (a model or a feature function), got {type(net).__name__}")
+    with torch.no_grad(), _eval_mode(net):
+        for batch in _batches(images, batch_size):
+            if device is not None:
+                batch = batch.to(device, non_blocking=True)
+            yield net(batch).flatten(1).float()
+
+
+def embed(net: Callable, images: Images, *, batch_size: int = 256, device=None) -> Tensor:
+    """Embeddings (N, D) float32 of all images, computed batch by batch without gradients."""
+    out = list(_embedded(net, images, batch_size, device))
+    if not out:
+        raise ValueError("images: expected at least one image, got none")
+    return torch.cat(out)
+
+
+def nearest_groups(net: Callable, real: Images, synthetic: Tensor, *, batch_size: int = 256, device=None,
+                   backend: Optional[str] = None) -> Tensor:
+    """Group id (N,) int64 of every real image: the index of its nearest synthetic image
+    in the embedding space of ``net``. The real images are embedded and assigned one
+    chunk at a time: memory is O(batch + M) embeddings for any N."""
+    centroids = embed(net, synthetic, batch_size=batch_size, device=device)
+    ids = [nearest_centroid(e.to(centroids.device), centroids, backend=backend)[0]
+           for e in _embedded(net, real, batch_size, device)]
+    if not ids:
+        raise ValueError("real: expected at least one image, got none")
+    return torch.cat(ids)
+
+
+def kmeans_groups(net: Callable, real: Images, k: int, *, batch_size: int = 256, device=None,
+                  **kmeans_options) -> tuple[Tensor, Tensor]:
+    """(group ids (N,), centroids (k, D)): k-means clusters of the real embeddings.
+    k-means needs several passes, so the N x D embeddings are kept (not the images)."""
+    centroids, index = kmeans(embed(net, real, batch_size=batch_size, device=device), k, **kmeans_options)
+    return index, centroids
