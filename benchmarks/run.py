@@ -2,8 +2,8 @@
 
     python benchmarks/run.py [--device cpu|cuda] [--ops cam_variance cvar ...] [--workloads NAME ...]
 
-For each op, workload and mode (forward; full = forward + backward), the three
-providers are timed round-robin in one child process, so they see the same
+For each op, workload and mode (forward; full = forward + backward), the
+providers (eager, compile, fused, and any the op adds) are timed round-robin in one child process, so they see the same
 background load; the peak extra memory of each is measured in a child of its own.
 A table is printed and rows are appended to benchmarks/results/results.csv:
 op, provider, mode, workload, metric, unit, p50, p20, p80, device, torch, triton, commit.
@@ -25,7 +25,7 @@ sys.path.insert(0, HERE)
 import measure  # noqa: E402
 from providers import PROVIDERS  # noqa: E402
 
-MODULES = ("workloads_cam", "workloads_cvar")
+MODULES = ("workloads_cam", "workloads_cvar", "workloads_nearest")
 RESULTS = os.path.join(HERE, "results", "results.csv")
 FIELDS = ["op", "provider", "mode", "workload", "metric", "unit", "p50", "p20", "p80", "device", "torch",
           "triton", "commit"]
@@ -55,7 +55,7 @@ def child(op: str, workload: str, mode: str, device: str, what: str) -> dict:
     provider (what=<provider>), in this process."""
     mod = op_modules()[op]
     inputs = mod.make_inputs(workload, device)
-    fns = {p: (lambda p=p: mod.step(op, p, mode, inputs)) for p in PROVIDERS}
+    fns = {p: (lambda p=p: mod.step(op, p, mode, inputs)) for p in getattr(mod, "PROVIDERS", PROVIDERS)}
     if what == "time":
         return {"time": (measure.time_cuda if device == "cuda" else measure.time_cpu)(fns),
                 "bytes": mod.min_bytes(inputs, mode)}
@@ -70,6 +70,43 @@ def run_child(op: str, workload: str, mode: str, device: str, what: str) -> dict
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if what != "time" else None
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def append_rows(path: str, rows: list) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def case_rows(op: str, workload: str, mode: str, device: str, bandwidth: float, meta: dict) -> list:
+    """Measure one (op, workload, mode) for every provider; print its lines; return its CSV rows."""
+    mod = op_modules()[op]
+    timed = run_child(op, workload, mode, device, "time")
+    times = timed["time"]
+    rows = []
+    for p in getattr(mod, "PROVIDERS", PROVIDERS):
+        memory = run_child(op, workload, mode, device, p)["memory"]
+        p50, p20, p80 = times[p]
+        vs_eager, vs_compile = times["eager"][0] / p50, times["compile"][0] / p50
+        gbs = timed["bytes"] / p50
+        row = dict(op=op, provider=p, mode=mode, workload=workload, **meta)
+        metrics = [("time", "ms", p50 * 1e3, p20 * 1e3, p80 * 1e3),
+                   ("peak_extra_memory", "MB", memory / 1e6, None, None),
+                   ("speedup_vs_eager", "x", vs_eager, None, None),
+                   ("speedup_vs_compile", "x", vs_compile, None, None)]
+        if p == "fused":
+            metrics += [("achieved_bandwidth", "GB/s", gbs / 1e9, None, None),
+                        ("copy_bandwidth_fraction", "1", gbs / bandwidth, None, None)]
+        for metric, unit, v50, v20, v80 in metrics:
+            rows.append(dict(row, metric=metric, unit=unit, p50=f"{v50:.4f}",
+                             p20="" if v20 is None else f"{v20:.4f}", p80="" if v80 is None else f"{v80:.4f}"))
+        print(f"{op:16} {workload:24} {mode:8} {p:8} {p50 * 1e3:9.2f} {vs_eager:9.2f} {vs_compile:10.2f} "
+              f"{memory / 1e6:9.1f} {gbs / 1e9:7.2f} {gbs / bandwidth:8.1%}", flush=True)
+    return rows
 
 
 def main():
@@ -95,45 +132,21 @@ def main():
     meta = {"device": measure.device_name(args.device), "torch": torch.__version__, "triton": triton_version,
             "commit": measure.git_commit()}
     bandwidth = copy_bandwidth(args.device)
-    rows = [dict(op="copy", provider="torch", mode="copy", workload="256MiB", metric="bandwidth", unit="GB/s",
-                 p50=f"{bandwidth / 1e9:.2f}", p20="", p80="", **meta)]
+    append_rows(args.out, [dict(op="copy", provider="torch", mode="copy", workload="256MiB", metric="bandwidth",
+                                unit="GB/s", p50=f"{bandwidth / 1e9:.2f}", p20="", p80="", **meta)])
     print(f"device: {meta['device']}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print(f"{'op':13} {'workload':24} {'mode':8} {'provider':8} {'p50 ms':>9} {'vs eager':>9} {'vs compile':>10} "
+    print(f"{'op':16} {'workload':24} {'mode':8} {'provider':8} {'p50 ms':>9} {'vs eager':>9} {'vs compile':>10} "
           f"{'extra MB':>9} {'GB/s':>7} {'of copy':>8}")
+    count = 1
     for op in ops:
         mod = mods[op]
         default = list(mod.WORKLOADS) if args.device == "cuda" else mod.CPU_WORKLOADS
         for workload in [w for w in (args.workloads or default) if w in mod.WORKLOADS]:
-            for mode in MODES:
-                timed = run_child(op, workload, mode, args.device, "time")
-                times = timed["time"]
-                for p in PROVIDERS:
-                    memory = run_child(op, workload, mode, args.device, p)["memory"]
-                    p50, p20, p80 = times[p]
-                    vs_eager, vs_compile = times["eager"][0] / p50, times["compile"][0] / p50
-                    gbs = timed["bytes"] / p50
-                    row = dict(op=op, provider=p, mode=mode, workload=workload, **meta)
-                    metrics = [("time", "ms", p50 * 1e3, p20 * 1e3, p80 * 1e3),
-                               ("peak_extra_memory", "MB", memory / 1e6, None, None),
-                               ("speedup_vs_eager", "x", vs_eager, None, None),
-                               ("speedup_vs_compile", "x", vs_compile, None, None)]
-                    if p == "fused":
-                        metrics += [("achieved_bandwidth", "GB/s", gbs / 1e9, None, None),
-                                    ("copy_bandwidth_fraction", "1", gbs / bandwidth, None, None)]
-                    for metric, unit, v50, v20, v80 in metrics:
-                        rows.append(dict(row, metric=metric, unit=unit, p50=f"{v50:.4f}",
-                                         p20="" if v20 is None else f"{v20:.4f}",
-                                         p80="" if v80 is None else f"{v80:.4f}"))
-                    print(f"{op:13} {workload:24} {mode:8} {p:8} {p50 * 1e3:9.2f} {vs_eager:9.2f} "
-                          f"{vs_compile:10.2f} {memory / 1e6:9.1f} {gbs / 1e9:7.2f} {gbs / bandwidth:8.1%}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    new = not os.path.exists(args.out)
-    with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    print(f"appended {len(rows)} rows to {os.path.relpath(args.out)}")
+            for mode in getattr(mod, "MODES", MODES):
+                rows = case_rows(op, workload, mode, args.device, bandwidth, meta)
+                append_rows(args.out, rows)  # each finished case is on disk before the next starts
+                count += len(rows)
+    print(f"appended {count} rows to {os.path.relpath(args.out)}")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ from providers import PROVIDERS
 from run import op_modules
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASES = [(op, w) for op, mod in op_modules().items()
-         for w in (mod.WORKLOADS if DEVICE == "cuda" else mod.CPU_WORKLOADS)]
+CASES = [(op, w, p, m) for op, mod in op_modules().items()
+         for w in (mod.WORKLOADS if DEVICE == "cuda" else mod.CPU_WORKLOADS)
+         for p in getattr(mod, "PROVIDERS", PROVIDERS) for m in getattr(mod, "MODES", ("forward", "full"))]
 _inputs = {}
 
 
@@ -22,9 +23,7 @@ def _sync(out):
     return out
 
 
-@pytest.mark.parametrize("mode", ["forward", "full"])
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("op, workload", CASES)
+@pytest.mark.parametrize("op, workload, provider, mode", CASES)
 def test_op(benchmark, op, workload, provider, mode):
     mod = op_modules()[op]
     if workload not in _inputs:

@@ -30,7 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("map_variance_forward", &metadd::map_variance_forward, "per-image mean cross-architecture variance");
   m.def("map_variance_backward", &metadd::map_variance_backward, "gradient of map_variance_forward");
   m.def("cvar_group_stats", &metadd::cvar_group_stats, "float64 group sums and int64 counts");
-  m.def("cvar_tail", &metadd::cvar_tail, "CVaR of L and its weights dCVaR/dL");
+  m.def("cvar_tail", &metadd::cvar_tail, "CVaR of L (or of the means sums/counts) and its weights dCVaR/dL");
   m.def("cvar_values_grad", &metadd::cvar_values_grad, "gradient of the CVaR wrt the values");
   m.def("cvar_dual_forward", &metadd::cvar_dual_forward, "Rockafellar-Uryasev CVaR and the count above eta");
   m.def("cvar_dual_backward", &metadd::cvar_dual_backward, "gradient of cvar_dual_forward");

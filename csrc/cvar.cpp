@@ -1,8 +1,8 @@
 // CPU kernels of the CVaR tail loss (SPEC section 2).
 //
 //   cvar_group_stats: one pass over values -> float64 group sums and int64 counts.
-//   cvar_tail: L (n,) float32/float64, optional valid mask (non-empty groups) ->
-//              (CVaR, weights w (n,)): w = dCVaR/dL. The tail is found with an O(n)
+//   cvar_tail: L (n,) float32/float64, or float64 group sums with their counts (the
+//              means of the non-empty groups) -> (CVaR, weights w (n,)): w = dCVaR/dL. The tail is found with an O(n)
 //              selection (std::nth_element) of the boundary value, then one pass in
 //              index order gives tied entries their ranks (ties: lower index first).
 //              NaN ranks above everything, as in torch.sort(descending=True).
@@ -41,11 +41,26 @@ inline void tail_size(double alpha, int64_t n, double& a, double& f) {
   f = std::floor(a);
 }
 
+// L: the n_all values, or (with counts) the group sums whose means are L_j = sums_j / counts_j
+// over the non-empty groups.
 template <typename acc_t>
-void cvar_tail_impl(const at::Tensor& L, const at::Tensor& valid, double alpha, at::Tensor& loss, at::Tensor& w) {
+void cvar_tail_impl(const at::Tensor& L, const at::Tensor& counts, double alpha, at::Tensor& loss, at::Tensor& w) {
   const int64_t n_all = L.numel();
+  std::vector<acc_t> means;
   const acc_t* l = L.data_ptr<acc_t>();
-  const bool* ok = valid.defined() ? valid.data_ptr<bool>() : nullptr;
+  std::vector<char> ok_buf;
+  const char* ok = nullptr;
+  if (counts.defined()) {
+    const int64_t* c = counts.data_ptr<int64_t>();
+    means.resize(n_all);
+    ok_buf.resize(n_all);
+    for (int64_t j = 0; j < n_all; ++j) {
+      ok_buf[j] = c[j] > 0;
+      means[j] = c[j] > 0 ? l[j] / static_cast<acc_t>(c[j]) : acc_t(0);
+    }
+    l = means.data();
+    ok = ok_buf.data();
+  }
   acc_t* wp = w.data_ptr<acc_t>();
   std::vector<acc_t> buf;  // the valid entries, for the selection
   buf.reserve(n_all);
@@ -103,7 +118,7 @@ std::vector<at::Tensor> cvar_group_stats(const at::Tensor& values, const at::Ten
   int64_t* c = counts.data_ptr<int64_t>();
   // One slice of the values per thread, each into its own partial sums, then the
   // partials are added in slice order: deterministic for a given thread count.
-  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 65536));
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 8192));
   std::vector<double> part_s(slices * num_groups, 0.0);
   std::vector<int64_t> part_c(slices * num_groups, 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "cvar_group_stats", [&] {
@@ -128,12 +143,13 @@ std::vector<at::Tensor> cvar_group_stats(const at::Tensor& values, const at::Ten
   return {sums, counts};
 }
 
-std::vector<at::Tensor> cvar_tail(const at::Tensor& L, const std::optional<at::Tensor>& valid, double alpha) {
+// (CVaR, w) in L's dtype; with counts, L holds group sums and w is per group.
+std::vector<at::Tensor> cvar_tail(const at::Tensor& L, const std::optional<at::Tensor>& counts, double alpha) {
   TORCH_CHECK(L.dim() == 1 && L.is_contiguous() && L.numel() > 0, "cvar_tail: non-empty contiguous (n,) expected");
-  at::Tensor valid_t = valid.has_value() ? valid->contiguous() : at::Tensor();
+  at::Tensor counts_t = counts.has_value() ? counts->contiguous() : at::Tensor();
   at::Tensor loss = at::empty({}, L.options());
   at::Tensor w = at::empty_like(L);
-  AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "cvar_tail", [&] { cvar_tail_impl<scalar_t>(L, valid_t, alpha, loss, w); });
+  AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "cvar_tail", [&] { cvar_tail_impl<scalar_t>(L, counts_t, alpha, loss, w); });
   return {loss, w};
 }
 

@@ -2,7 +2,8 @@
 
 Launchers share their signatures with metadd_fast._C:
   cvar_group_stats(values (N,), groups (N,) int64, num_groups) -> [sums float64, counts int64]
-  cvar_tail(L (n,) float32/64, valid (n,) bool or None, alpha) -> [CVaR (), w (n,)], w = dCVaR/dL
+  cvar_tail(L (n,) float32/64, counts (n,) int64 or None, alpha) -> [CVaR (), w (n,)], w = dCVaR/dL;
+      with counts, L holds float64 group sums and the CVaR is over the means of the non-empty groups
   cvar_values_grad(grad (), w, counts or None, groups or None, like) -> d values (like's dtype)
   cvar_dual_forward(values, eta (), alpha) -> [loss (), count above eta ()]
   cvar_dual_backward(grad (), values, eta, alpha, above) -> [d values, d eta]
@@ -58,7 +59,8 @@ def _tail_weights_kernel(p_sorted, p_order, p_rank, p_af, p_w, p_part, n, HAS_RA
 
 
 @triton.jit
-def _values_grad_kernel(p_grad, p_w, p_counts, p_g, p_out, N, HAS_GROUPS: tl.constexpr, BLOCK: tl.constexpr):
+def _values_grad_kernel(p_grad, p_w, p_counts, p_g, p_out, N, HAS_GROUPS: tl.constexpr, OUT: tl.constexpr,
+                        BLOCK: tl.constexpr):
     # d values_i = grad * w[g_i] / count[g_i] (or grad * w_i). Moves: reads N*(8 + 8) (gathers from
     # the per-group arrays), writes N*sizeof(values).
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -69,7 +71,7 @@ def _values_grad_kernel(p_grad, p_w, p_counts, p_g, p_out, N, HAS_GROUPS: tl.con
         b_out = g * tl.load(p_w + b_g, mask=m, other=0.0) / tl.load(p_counts + b_g, mask=m, other=1).to(g.dtype)
     else:
         b_out = g * tl.load(p_w + o, mask=m, other=0.0)
-    tl.store(p_out + o, b_out.to(p_out.dtype.element_ty), mask=m)
+    tl.store(p_out + o, b_out.to(OUT).to(p_out.dtype.element_ty), mask=m)  # via float32 unless float64
 
 
 @triton.jit
@@ -113,8 +115,11 @@ def tail_fraction(n: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.stack([a, torch.floor(a)])
 
 
-def cvar_tail(L, valid, alpha: float):
+def cvar_tail(L, counts, alpha: float):
     n_all = L.numel()
+    valid = None if counts is None else counts > 0
+    if valid is not None:
+        L = L / counts.clamp(min=1)
     sorted_l, order = torch.sort(L, descending=True, stable=True)
     if valid is None:
         rank = None
@@ -139,7 +144,7 @@ def cvar_values_grad(grad, w, counts, groups, like):
     with device_guard(like):
         _values_grad_kernel[(triton.cdiv(N, BLOCK),)](
             grad, w, counts if has_groups else w, groups if has_groups else w, out, N, HAS_GROUPS=has_groups,
-            BLOCK=BLOCK)
+            OUT=tl_dtype(acc_dtype(like.dtype)), BLOCK=BLOCK)
     return out
 
 

@@ -56,6 +56,6 @@ def index_range(name: str, t: torch.Tensor, upper: int) -> None:
     """Values of the integer tensor ``t`` lie in [0, upper). Skipped while tracing for torch.compile."""
     if torch.compiler.is_compiling() or t.numel() == 0:
         return
-    lo, hi = int(t.min()), int(t.max())
+    lo, hi = (int(v) for v in torch.aminmax(t))
     if lo < 0 or hi >= upper:
         raise ValueError(f"{name}: expected values in [0, {upper}), got values in [{lo}, {hi}]")

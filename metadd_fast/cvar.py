@@ -3,7 +3,7 @@
 Custom ops (fake + autograd registered, so torch.compile traces them):
 
 - ``metadd_fast::cvar``: values (N,) [+ groups (N,)] -> (CVaR, w, counts) where w = dCVaR/dL
-  per entry or per group (accumulation dtype) and counts the group sizes. One pass
+  per entry (accumulation dtype) or per group (float64) and counts the group sizes. One pass
   over the values for the group statistics, then the tail selection over the n
   group means (or the N values).
 - ``metadd_fast::cvar_backward``: one pass over the values: d values_i = g * w[g_i] / |g_i|.
@@ -78,9 +78,8 @@ def _cvar_forward(impl, values: Tensor, groups: Optional[Tensor], num_groups: in
     if all_reduce is not None:
         all_reduce(sums)
         all_reduce(counts)
-    L = (sums / counts.clamp(min=1)).to(acc)
-    loss, w = impl.cvar_tail(L, counts > 0, alpha)
-    return loss, w, counts
+    loss, w = impl.cvar_tail(sums, counts, alpha)  # over the means of the non-empty groups, in float64
+    return loss.to(acc), w, counts
 
 
 @torch.library.custom_op("metadd_fast::cvar", mutates_args=())
@@ -92,9 +91,11 @@ def _cvar(values: Tensor, groups: Optional[Tensor], num_groups: int, alpha: floa
 @_cvar.register_fake
 def _(values, groups, num_groups, alpha, backend):
     acc = _acc(values.dtype)
-    slots = values.shape[0] if groups is None else num_groups
-    counts = values.new_empty(0 if groups is None else num_groups, dtype=torch.int64)
-    return values.new_empty((), dtype=acc), values.new_empty(slots, dtype=acc), counts
+    if groups is None:
+        return values.new_empty((), dtype=acc), values.new_empty(values.shape[0], dtype=acc), values.new_empty(
+            0, dtype=torch.int64)
+    return (values.new_empty((), dtype=acc), values.new_empty(num_groups, dtype=torch.float64),
+            values.new_empty(num_groups, dtype=torch.int64))
 
 
 @torch.library.custom_op("metadd_fast::cvar_backward", mutates_args=())
