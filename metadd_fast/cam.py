@@ -32,10 +32,10 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.custom_op("metadd_fast::cam_maps", mutates_args=())
-def _cam_maps(features: list[Tensor], heads: list[Tensor], rows: Tensor, out_h: int, out_w: int, relu: bool,
+def _cam_maps(features: list[Tensor], heads: list[Tensor], rows: list[Tensor], out_h: int, out_w: int, relu: bool,
               norm: int, eps: float, backend: str) -> tuple[Tensor, list[Tensor]]:
     impl = backends.kernels(backend)
-    out = [impl.cam_map_forward(f, h, rows, out_h, out_w, relu, norm, eps) for f, h in zip(features, heads)]
+    out = [impl.cam_map_forward(f, h, r, out_h, out_w, relu, norm, eps) for f, h, r in zip(features, heads, rows)]
     return torch.stack([u for u, _ in out]), [r for _, r in out]
 
 
@@ -48,13 +48,13 @@ def _(features, heads, rows, out_h, out_w, relu, norm, eps, backend):
 
 
 @torch.library.custom_op("metadd_fast::cam_maps_backward", mutates_args=())
-def _cam_maps_backward(grad_maps: Tensor, features: list[Tensor], heads: list[Tensor], rows: Tensor,
+def _cam_maps_backward(grad_maps: Tensor, features: list[Tensor], heads: list[Tensor], rows: list[Tensor],
                        rects: list[Tensor], out_h: int, out_w: int, relu: bool, norm: int, eps: float,
                        feature_grad: list[bool], head_grad: list[bool], backend: str) -> tuple[list[Tensor], list[Tensor]]:
     impl = backends.kernels(backend)
     d_features, d_heads = [], []
     for k, (f, h, r) in enumerate(zip(features, heads, rects)):
-        da, dh = impl.cam_map_backward(grad_maps[k], f, h, rows, r, out_h, out_w, relu, norm, eps,
+        da, dh = impl.cam_map_backward(grad_maps[k], f, h, rows[k], r, out_h, out_w, relu, norm, eps,
                                        feature_grad[k], head_grad[k], h.shape[0])
         d_features.append(da)
         d_heads.append(dh)
@@ -70,7 +70,7 @@ def _(grad_maps, features, heads, rows, rects, out_h, out_w, relu, norm, eps, fe
 
 def _cam_maps_setup(ctx, inputs, output):
     features, heads, rows, out_h, out_w, relu, norm, eps, backend = inputs
-    ctx.save_for_backward(rows, *features, *heads, *output[1])
+    ctx.save_for_backward(*rows, *features, *heads, *output[1])
     ctx.k = len(features)
     ctx.args = (out_h, out_w, relu, norm, eps)
     ctx.backend = backend
@@ -79,14 +79,14 @@ def _cam_maps_setup(ctx, inputs, output):
 
 
 def _cam_maps_grad(ctx, grad_maps, grad_rects):
-    rows, *saved = ctx.saved_tensors
     k = ctx.k
-    features, heads, rects = saved[:k], saved[k:2 * k], saved[2 * k:]
+    saved = ctx.saved_tensors
+    rows, features, heads, rects = saved[:k], saved[k:2 * k], saved[2 * k:3 * k], saved[3 * k:]
     d_features, d_heads = _cam_maps_backward(grad_maps.contiguous(), features, heads, rows, rects, *ctx.args,
                                              ctx.feature_grad, ctx.head_grad, ctx.backend)
     d_features = [d if need else None for d, need in zip(d_features, ctx.feature_grad)]
     d_heads = [d if need else None for d, need in zip(d_heads, ctx.head_grad)]
-    return d_features, d_heads, None, None, None, None, None, None, None
+    return d_features, d_heads, [None] * k, None, None, None, None, None, None
 
 
 torch.library.register_autograd("metadd_fast::cam_maps", _cam_maps_grad, setup_context=_cam_maps_setup)
@@ -140,16 +140,25 @@ def _backend_for(args: CamArgs, backend: Optional[str]) -> str:
     return "reference"
 
 
-def _fused_maps(args: CamArgs, backend: str) -> Tensor:
-    """U (K, B, S_h*S_w) through the ``cam_maps`` op."""
-    acc = torch.float64 if any(f.dtype == torch.float64 for f in args.features) else torch.float32
-    features = [f.contiguous() if acc != torch.float64 else f.to(acc).contiguous() for f in args.features]
-    heads = [w.reshape(shape).to(acc).contiguous() for w, shape in zip(args.weights, args.heads)]
-    B = features[0].shape[0]
-    rows = args.labels.long() if args.labels is not None else torch.arange(B, device=args.device)
-    maps, _ = torch.ops.metadd_fast.cam_maps(features, heads, rows, *args.out_size, args.relu,
-                                             NORM_CODES[args.norm], args.eps, backend)
+def fused_maps(features: list, heads: list, rows: list, out_size: tuple, relu: bool, norm: str, eps: float,
+               backend: str) -> Tensor:
+    """U (K, B, S_h*S_w) through the ``cam_maps`` op from checked parts: per architecture the
+    features (B, C, H, W), the head viewed as (R, C, QW) and the (B,) rows of that head
+    each image uses. Any K >= 1."""
+    acc = torch.float64 if any(f.dtype == torch.float64 for f in features) else torch.float32
+    features = [f.contiguous() if acc != torch.float64 else f.to(acc).contiguous() for f in features]
+    heads = [h.to(acc).contiguous() for h in heads]
+    maps, _ = torch.ops.metadd_fast.cam_maps(features, heads, [r.long() for r in rows], *out_size, relu,
+                                             NORM_CODES[norm], eps, backend)
     return maps
+
+
+def _fused_maps(args: CamArgs, backend: str) -> Tensor:
+    B = args.features[0].shape[0]
+    rows = args.labels if args.labels is not None else torch.arange(B, device=args.device)
+    heads = [w.reshape(shape) for w, shape in zip(args.weights, args.heads)]
+    return fused_maps(args.features, heads, [rows] * len(heads), args.out_size, args.relu, args.norm, args.eps,
+                      backend)
 
 
 def class_activation_maps(

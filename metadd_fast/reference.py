@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["raw_cam", "class_activation_maps", "cam_variance", "group_means", "cvar", "cvar_dual", "metacam_cvar",
+__all__ = ["raw_cam", "normalized_maps", "class_activation_maps", "cam_variance", "group_means", "cvar", "cvar_dual", "metacam_cvar",
            "nearest_centroid", "kmeans"]
 
 
@@ -33,6 +33,23 @@ def raw_cam(feature: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.
     return torch.einsum("bchw,bchw->bhw", weight.reshape(-1, C, H, W)[labels], feature)
 
 
+def normalized_maps(raw, out_size, relu: bool = True, norm: str = "minmax", eps: float = 1e-8) -> torch.Tensor:
+    """Steps 2-4 of the SPEC on K raw maps (B, H_k, W_k): rectify, normalize, resize, stack."""
+    maps = []
+    for r in raw:
+        if relu:
+            r = torch.relu(r)
+        if norm == "minmax":
+            lo = r.amin(dim=(1, 2), keepdim=True)
+            hi = r.amax(dim=(1, 2), keepdim=True)
+            r = (r - lo) / (hi - lo + eps)
+        elif norm == "max":
+            r = r / (r.amax(dim=(1, 2), keepdim=True) + eps)
+        u = F.interpolate(r[:, None], size=tuple(out_size), mode="bilinear", align_corners=False)
+        maps.append(u[:, 0])
+    return torch.stack(maps)
+
+
 def class_activation_maps(
     features: Sequence[torch.Tensor],
     weights: Sequence[torch.Tensor],
@@ -48,20 +65,8 @@ def class_activation_maps(
         out_size = (max(f.shape[2] for f in features), max(f.shape[3] for f in features))
     elif isinstance(out_size, int):
         out_size = (out_size, out_size)
-    maps = []
-    for feature, weight in zip(features, weights):
-        r = raw_cam(feature, weight, labels)
-        if relu:
-            r = torch.relu(r)
-        if norm == "minmax":
-            lo = r.amin(dim=(1, 2), keepdim=True)
-            hi = r.amax(dim=(1, 2), keepdim=True)
-            r = (r - lo) / (hi - lo + eps)
-        elif norm == "max":
-            r = r / (r.amax(dim=(1, 2), keepdim=True) + eps)
-        u = F.interpolate(r[:, None], size=tuple(out_size), mode="bilinear", align_corners=False)
-        maps.append(u[:, 0])
-    return torch.stack(maps)
+    raw = [raw_cam(feature, weight, labels) for feature, weight in zip(features, weights)]
+    return normalized_maps(raw, out_size, relu, norm, eps)
 
 
 def cam_variance(

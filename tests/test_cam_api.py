@@ -98,7 +98,7 @@ def test_default_backend_on_cpu_is_cpp(case, monkeypatch):
 def test_opcheck(fused_backend, labelled):
     kinds = ("flatten", "linear") if labelled else ("sample", "sample")
     features, weights, labels = make_case(3, [(4, 3, 3), (5, 2, 2)], kinds)
-    rows = labels if labelled else torch.arange(3)
+    rows = [labels if labelled else torch.arange(3)] * 2
     heads = [w.detach().reshape(w.shape[0], w.shape[1], -1 if w.dim() > 2 else 1).requires_grad_() for w in weights]
     for args in [
         (features, heads, rows, 3, 3, True, 2, 1e-8, fused_backend),
