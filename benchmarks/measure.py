@@ -24,16 +24,16 @@ def percentiles(samples):
 
 def time_cpu(fns: dict, warmup: int = 3, reps: int = 40, budget_s: float = 20.0) -> dict:
     """{name: (p50, p20, p80) seconds} of each fn() on the CPU, timed round-robin so
-    that every provider sees the same background load. Fewer rounds (at least 5)
-    when the round-robin would take longer than ``budget_s``."""
+    that every provider sees the same background load. Fewer rounds (at least
+    min(5, reps)) when the round-robin would take longer than ``budget_s``."""
     per_round = 0.0
     for fn in fns.values():
-        for i in range(warmup):
+        for i in range(max(1, warmup)):
             t0 = time.perf_counter()
             fn()
-            if i == warmup - 1:
+            if i == max(1, warmup) - 1:
                 per_round += time.perf_counter() - t0
-    reps = max(5, min(reps, int(budget_s / max(per_round, 1e-9))))
+    reps = max(min(5, reps), min(reps, int(budget_s / max(per_round, 1e-9))))
     samples = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():

@@ -25,7 +25,7 @@ sys.path.insert(0, HERE)
 import measure  # noqa: E402
 from providers import PROVIDERS  # noqa: E402
 
-MODULES = ("workloads_cam", "workloads_cvar", "workloads_nearest")
+MODULES = ("workloads_cam", "workloads_cvar", "workloads_nearest", "workloads_metadd")
 RESULTS = os.path.join(HERE, "results", "results.csv")
 FIELDS = ["op", "provider", "mode", "workload", "metric", "unit", "p50", "p20", "p80", "device", "torch",
           "triton", "commit"]
@@ -57,9 +57,12 @@ def child(op: str, workload: str, mode: str, device: str, what: str) -> dict:
     inputs = mod.make_inputs(workload, device)
     fns = {p: (lambda p=p: mod.step(op, p, mode, inputs)) for p in getattr(mod, "PROVIDERS", PROVIDERS)}
     if what == "time":
-        return {"time": (measure.time_cuda if device == "cuda" else measure.time_cpu)(fns),
+        timing = getattr(mod, "TIMING", {}) if device != "cuda" else {}
+        return {"time": (measure.time_cuda(fns) if device == "cuda" else measure.time_cpu(fns, **timing)),
                 "bytes": mod.min_bytes(inputs, mode)}
-    return {"memory": (measure.peak_extra_cuda if device == "cuda" else measure.peak_extra_rss)(fns[what])}
+    if device == "cuda":
+        return {"memory": measure.peak_extra_cuda(fns[what])}
+    return {"memory": measure.peak_extra_rss(fns[what], calls=getattr(mod, "MEMORY_CALLS", 5))}
 
 
 def run_child(op: str, workload: str, mode: str, device: str, what: str) -> dict:
@@ -91,14 +94,16 @@ def case_rows(op: str, workload: str, mode: str, device: str, bandwidth: float, 
     for p in getattr(mod, "PROVIDERS", PROVIDERS):
         memory = run_child(op, workload, mode, device, p)["memory"]
         p50, p20, p80 = times[p]
-        vs_eager, vs_compile = times["eager"][0] / p50, times["compile"][0] / p50
+        vs_eager = times["eager"][0] / p50
+        vs_compile = times["compile"][0] / p50 if "compile" in times else float("nan")
         gbs = timed["bytes"] / p50
         row = dict(op=op, provider=p, mode=mode, workload=workload, **meta)
         metrics = [("time", "ms", p50 * 1e3, p20 * 1e3, p80 * 1e3),
                    ("peak_extra_memory", "MB", memory / 1e6, None, None),
-                   ("speedup_vs_eager", "x", vs_eager, None, None),
-                   ("speedup_vs_compile", "x", vs_compile, None, None)]
-        if p == "fused":
+                   ("speedup_vs_eager", "x", vs_eager, None, None)]
+        if "compile" in times:
+            metrics.append(("speedup_vs_compile", "x", vs_compile, None, None))
+        if p != "eager":
             metrics += [("achieved_bandwidth", "GB/s", gbs / 1e9, None, None),
                         ("copy_bandwidth_fraction", "1", gbs / bandwidth, None, None)]
         for metric, unit, v50, v20, v80 in metrics:

@@ -1,0 +1,51 @@
+"""Benchmark workloads of one MetaDDLoss step (see workloads_cam.py for the module interface).
+
+Providers: "eager" (the naive per-model autograd graph: reference CAMs, every model's
+activations kept), "keep" (fused CAM op, activations kept) and "stream" (fused, one
+model alive at a time). Mode "full" = forward + backward to the images.
+"""
+from __future__ import annotations
+
+import torch
+
+import metadd_fast as mf
+from metadd_fast.models import get_model
+
+ZOO = ("ConvNet", "ResNet18", "VGG11", "AlexNet")
+# name -> (B, image size, channels, classes)
+WORKLOADS = {
+    "dc_cifar10_ipc50_k4": (500, 32, 3, 10),
+    "dc_cifar10_ipc10_k4": (100, 32, 3, 10),
+}
+CPU_WORKLOADS = ["dc_cifar10_ipc50_k4"]
+PROVIDERS = ("eager", "keep", "stream")
+MODES = ("full",)
+TIMING = dict(warmup=1, reps=3)
+MEMORY_CALLS = 1
+OPS = {"metadd_loss": None}
+_losses: dict = {}
+
+
+def make_inputs(name: str, device: str = "cpu", dtype=torch.float32, seed: int = 0):
+    B, size, channel, classes = WORKLOADS[name]
+    torch.manual_seed(seed)
+    models = [get_model(n, channel, classes, (size, size)).to(device) for n in ZOO]
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, channel, size, size, generator=g).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, classes, (B,), generator=g).to(device)
+    return models, images, labels
+
+
+def step(op: str, provider: str, mode: str, inputs):
+    models, images, labels = inputs
+    key = (id(models), provider)
+    if key not in _losses:
+        memory = "keep" if provider in ("eager", "keep") else "stream"
+        _losses[key] = mf.MetaDDLoss(models, memory=memory, backend="reference" if provider == "eager" else None)
+    return torch.autograd.grad(_losses[key](images, labels), images)
+
+
+def min_bytes(inputs, mode: str) -> int:
+    """The images read and their gradient written (the models' own traffic is not counted)."""
+    _, images, _ = inputs
+    return 2 * images.numel() * images.element_size()
