@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv install demo test bench clean
+.PHONY: venv install demo test bench bench-quick bench-pytest clean
 
 venv: $(STAMP)
 
@@ -21,14 +21,22 @@ $(STAMP): requirements-test.txt setup.py pyproject.toml $(wildcard csrc/*.cpp cs
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m metadd_fast.demo
+	$(VENV)/bin/metadd-fast demo --out demo_out
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The CSV of record (eager vs torch.compile vs fused, memory, bandwidth) and its plots;
+# `make bench-pytest` runs the same cases through pytest-benchmark.
 bench: $(STAMP)
-	$(PY) -m pytest -q benchmarks --benchmark-columns=min,median,max,rounds \
-		--benchmark-json=benchmarks/results/pytest_benchmark_cpu.json
+	$(PY) benchmarks/run.py
+	$(PY) benchmarks/plot.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/run.py --quick
+
+bench-pytest: $(STAMP)
+	$(PY) -m pytest -q benchmarks --benchmark-columns=min,median,max,rounds
 
 clean:
-	rm -rf build *.egg-info metadd_fast/_C*.so $(VENV)
+	rm -rf build *.egg-info metadd_fast/_C*.so $(VENV) demo_out

@@ -14,8 +14,9 @@ setup(
     packages=["metadd_fast", "metadd_fast.kernels"],
     package_dir={"metadd_fast": "metadd_fast", "metadd_fast.kernels": "kernels"},
     python_requires=">=3.9",
-    install_requires=["torch>=2.3", "numpy"],
-    extras_require={"triton": ["triton>=3.0"]},
+    install_requires=["torch>=2.3", "numpy", "tqdm"],
+    extras_require={"triton": ["triton>=3.0"], "demo": ["scikit-learn", "matplotlib", "pillow"]},
+    entry_points={"console_scripts": ["metadd-fast=metadd_fast.cli:main"]},
     ext_modules=[
         CppExtension(
             "metadd_fast._C",

@@ -57,7 +57,9 @@ def child(op: str, workload: str, mode: str, device: str, what: str) -> dict:
     inputs = mod.make_inputs(workload, device)
     fns = {p: (lambda p=p: mod.step(op, p, mode, inputs)) for p in getattr(mod, "PROVIDERS", PROVIDERS)}
     if what == "time":
-        timing = getattr(mod, "TIMING", {}) if device != "cuda" else {}
+        timing = dict(getattr(mod, "TIMING", {})) if device != "cuda" else {}
+        if "METADD_BENCH_REPS" in os.environ:  # --quick
+            timing["reps"] = min(timing.get("reps", 40), int(os.environ["METADD_BENCH_REPS"]))
         return {"time": (measure.time_cuda(fns) if device == "cuda" else measure.time_cpu(fns, **timing)),
                 "bytes": mod.min_bytes(inputs, mode)}
     if device == "cuda":
@@ -119,6 +121,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--ops", nargs="+", default=None, help="ops to run (default: all)")
     ap.add_argument("--workloads", nargs="+", default=None, help="workload names (default: the device's set)")
+    ap.add_argument("--quick", action="store_true",
+                    help="one workload per op, fewer repetitions, no MetaDDLoss step unless named in --ops")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--child", nargs=4, metavar=("OP", "WORKLOAD", "MODE", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -127,7 +131,9 @@ def main():
         print(json.dumps(child(op, workload, mode, args.device, what)))
         return
     mods = op_modules()
-    ops = args.ops or list(mods)
+    ops = args.ops or [op for op in mods if not (args.quick and op == "metadd_loss")]
+    if args.quick:
+        os.environ["METADD_BENCH_REPS"] = "10"
     try:
         import triton
 
@@ -146,7 +152,8 @@ def main():
     for op in ops:
         mod = mods[op]
         default = list(mod.WORKLOADS) if args.device == "cuda" else mod.CPU_WORKLOADS
-        for workload in [w for w in (args.workloads or default) if w in mod.WORKLOADS]:
+        chosen = [w for w in (args.workloads or default) if w in mod.WORKLOADS]
+        for workload in chosen[:1] if args.quick else chosen:
             for mode in getattr(mod, "MODES", MODES):
                 rows = case_rows(op, workload, mode, args.device, bandwidth, meta)
                 append_rows(args.out, rows)  # each finished case is on disk before the next starts

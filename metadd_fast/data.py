@@ -1,0 +1,214 @@
+"""Datasets as tensors: the embedded default (scikit-learn's digits) and local real data.
+
+Every loader returns a :class:`Dataset` of normalized float32 images (N, C, H, W)
+and int64 labels. Nothing is downloaded: CIFAR and image folders are read from a
+local path, and a corrupt or unexpected file raises a ValueError that names it.
+
+- ``load_digits(split, size)``: the 1,797 8x8 digits of scikit-learn, resized to
+  ``size`` (16 or 32), with a fixed stratified 70/30 train/test split.
+- ``load_cifar(path, split, name)``: CIFAR-10/100 "python version" batches, from
+  the extracted folder or the .tar.gz archive.
+- ``load_image_folder(root, size)``: class sub-folders of images (ImageNet
+  train layout; Tiny-ImageNet's ``<class>/images/`` too), read with PIL.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Dataset", "load_digits", "load_cifar", "load_image_folder", "load", "class_batches"]
+
+_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class Dataset:
+    """images (N, C, H, W) float32, normalized with mean/std per channel; labels (N,) int64."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+    @property
+    def channel(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def im_size(self) -> tuple:
+        return tuple(self.images.shape[2:])
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Images back to [0, 1] pixel scale (clamped), for saving and plotting."""
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device)[:, None, None]
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device)[:, None, None]
+        return (x * std + mean).clamp(0, 1)
+
+
+def _normalized(name, pixels: torch.Tensor, labels, num_classes, mean=None, std=None) -> Dataset:
+    """pixels in [0, 1] (N, C, H, W) -> a Dataset normalized with the given (or its own) statistics."""
+    if mean is None:
+        mean = tuple(pixels.mean(dim=(0, 2, 3)).tolist())
+        std = tuple(pixels.std(dim=(0, 2, 3)).clamp(min=1e-6).tolist())
+    m = torch.tensor(mean)[:, None, None]
+    s = torch.tensor(std)[:, None, None]
+    return Dataset(name, ((pixels - m) / s).float().contiguous(), torch.as_tensor(labels, dtype=torch.int64),
+                   num_classes, mean, std)
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+
+
+def load_digits(split: str = "train", size: int = 16) -> Dataset:
+    """scikit-learn's digits, 1 channel, resized to size x size (bilinear); fixed 70/30 split."""
+    _check_split(split)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise ValueError(f"size: expected an int >= 8, got {size!r}")
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    pixels = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.0
+    pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    labels = torch.tensor(d.target, dtype=torch.int64)
+    # Fixed stratified split: within each class, every 10 images in a fixed shuffle give 3 to test.
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    test = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(10):
+        members = order[labels[order] == c]
+        test[members[torch.arange(len(members)) % 10 < 3]] = True
+    keep = test if split == "test" else ~test
+    train_pixels = pixels[~test]
+    mean = tuple(train_pixels.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(train_pixels.std(dim=(0, 2, 3)).tolist())
+    return _normalized("digits", pixels[keep], labels[keep], 10, mean, std)
+
+
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def _unpickle(blob: bytes, where: str) -> dict:
+    try:
+        d = pickle.loads(blob, encoding="bytes")
+    except Exception as err:  # any unpickling failure is a corrupt file
+        raise ValueError(f"{where}: not a readable CIFAR pickle batch ({type(err).__name__}: {err})") from err
+    if not isinstance(d, dict) or b"data" not in d:
+        raise ValueError(f"{where}: not a CIFAR batch (no b'data' entry)")
+    return d
+
+
+def load_cifar(path: str, split: str = "train", name: str = "cifar10") -> Dataset:
+    """CIFAR-10/100 from the python-version batches in ``path`` (folder or .tar.gz archive)."""
+    _check_split(split)
+    if name not in CIFAR_STATS:
+        raise ValueError(f"name: expected 'cifar10' or 'cifar100', got {name!r}")
+    if name == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        key, num_classes = b"labels", 10
+    else:
+        files, key, num_classes = [split], b"fine_labels", 100
+    blobs = _read_members(path, files)
+    data, labels = [], []
+    for f, blob in zip(files, blobs):
+        d = _unpickle(blob, os.path.join(path, f))
+        arr = np.asarray(d[b"data"], dtype=np.uint8)
+        if arr.ndim != 2 or arr.shape[1] != 3072 or key not in d or len(d[key]) != arr.shape[0]:
+            raise ValueError(f"{os.path.join(path, f)}: expected (n, 3072) uint8 data and n {key.decode()}")
+        data.append(arr)
+        labels.extend(d[key])
+    pixels = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32).float() / 255.0
+    mean, std = CIFAR_STATS[name]
+    return _normalized(name, pixels, labels, num_classes, mean, std)
+
+
+def _read_members(path: str, files: list) -> list:
+    """Raw bytes of the named batch files, from a folder (searched recursively) or a tar archive."""
+    if os.path.isdir(path):
+        found = {f: os.path.join(root, f) for root, _, names in os.walk(path) for f in names}
+        missing = [f for f in files if f not in found]
+        if missing:
+            raise ValueError(f"path: {path} has no {', '.join(missing)}")
+        out = []
+        for f in files:
+            with open(found[f], "rb") as fh:
+                out.append(fh.read())
+        return out
+    if not os.path.exists(path):
+        raise ValueError(f"path: {path} does not exist")
+    try:
+        with tarfile.open(path) as tar:
+            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+            missing = [f for f in files if f not in members]
+            if missing:
+                raise ValueError(f"path: archive {path} has no {', '.join(missing)}")
+            return [tar.extractfile(members[f]).read() for f in files]
+    except tarfile.TarError as err:
+        raise ValueError(f"path: {path} is neither a folder nor a readable tar archive ({err})") from err
+
+
+def load_image_folder(root: str, size=None) -> Dataset:
+    """Images in class sub-folders of ``root`` (sorted class names are the labels), RGB,
+    resized to ``size`` (int or (H, W); default: the first image's size)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isdir(root):
+        raise ValueError(f"root: {root} is not a folder")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise ValueError(f"root: {root} has no class sub-folders")
+    files = []
+    for label, c in enumerate(classes):
+        for dirpath, _, names in sorted(os.walk(os.path.join(root, c))):
+            files += [(os.path.join(dirpath, n), label) for n in sorted(names) if n.lower().endswith(_IMAGE_EXT)]
+    if not files:
+        raise ValueError(f"root: {root} has no images ({', '.join(_IMAGE_EXT)})")
+    size = (size, size) if isinstance(size, int) else size
+    pixels = []
+    for path, _ in files:
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                size = size or (im.height, im.width)
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+                pixels.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()))
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"{path}: not a readable image ({err})") from err
+    pix = torch.stack(pixels).permute(0, 3, 1, 2).float() / 255.0
+    return _normalized(os.path.basename(os.path.normpath(root)), pix, [l for _, l in files], len(classes))
+
+
+def load(name: str, split: str = "train", *, path: str = None, size: int = None) -> Dataset:
+    """A dataset by name: "digits" (embedded), "cifar10"/"cifar100" (``path`` to the
+    batches) or "folder" (``path`` to class sub-folders, e.g. <imagenet>/train)."""
+    if name == "digits":
+        return load_digits(split, size or 16)
+    if name in CIFAR_STATS:
+        if path is None:
+            raise ValueError(f"path: {name} needs the folder or .tar.gz of its python-version batches")
+        return load_cifar(path, split, name)
+    if name == "folder":
+        if path is None:
+            raise ValueError("path: the image-folder dataset needs its root folder")
+        return load_image_folder(os.path.join(path, split) if os.path.isdir(os.path.join(path, split)) else path,
+                                 size)
+    raise ValueError(f"name: expected 'digits', 'cifar10', 'cifar100' or 'folder', got {name!r}")
+
+
+def class_batches(ds: Dataset) -> list:
+    """Indices of each class's images: [tensor of indices for class 0, ...]."""
+    return [torch.nonzero(ds.labels == c).flatten() for c in range(ds.num_classes)]
