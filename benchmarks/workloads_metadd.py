@@ -1,8 +1,9 @@
 """Benchmark workloads of one MetaDDLoss step (see workloads_cam.py for the module interface).
 
 Providers: "eager" (the naive per-model autograd graph: reference CAMs, every model's
-activations kept), "keep" (fused CAM op, activations kept) and "stream" (fused, one
-model alive at a time). Mode "full" = forward + backward to the images.
+activations kept), "keep" (fused CAM op, activations kept), "stream" (fused, one
+model alive at a time) and "stream_chunk125" (stream in chunks of 125 images).
+Mode "full" = forward + backward to the images.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ WORKLOADS = {
     "dc_cifar10_ipc10_k4": (100, 32, 3, 10),
 }
 CPU_WORKLOADS = ["dc_cifar10_ipc50_k4"]
-PROVIDERS = ("eager", "keep", "stream")
+PROVIDERS = ("eager", "keep", "stream", "stream_chunk125")
 MODES = ("full",)
 TIMING = dict(warmup=1, reps=3)
 MEMORY_CALLS = 1
@@ -41,7 +42,9 @@ def step(op: str, provider: str, mode: str, inputs):
     key = (id(models), provider)
     if key not in _losses:
         memory = "keep" if provider in ("eager", "keep") else "stream"
-        _losses[key] = mf.MetaDDLoss(models, memory=memory, backend="reference" if provider == "eager" else None)
+        chunk = 125 if provider == "stream_chunk125" else None
+        _losses[key] = mf.MetaDDLoss(models, memory=memory, chunk_size=chunk,
+                                     backend="reference" if provider == "eager" else None)
     return torch.autograd.grad(_losses[key](images, labels), images)
 
 

@@ -73,9 +73,9 @@ def _add_demo(sub):
                        description="Distills the embedded digits with DM at IPC 10 three ways, evaluates each on "
                                    "four zoo networks, prints the table and writes PNGs to --out.")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--iterations", type=int, default=150)
-    p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--iterations", type=int, default=80, help="DM updates per variant")
+    p.add_argument("--seeds", type=int, default=2, help="evaluation seeds per architecture")
+    p.add_argument("--epochs", type=int, default=50, help="evaluation training epochs")
 
 
 def _info() -> dict:
