@@ -11,7 +11,9 @@ Every distiller takes ``metadd=MetaDDLoss(...)`` with ``metadd_weight`` (the Met
 term on the synthetic images) and ``robust_alpha``: robust-DD grouping, where each
 real image joins the group of its nearest synthetic image (embedding space) and
 the per-image matching losses enter as a CVaR over groups. ``state_dict`` /
-``load_state_dict`` carry everything a resumed run needs.
+``load_state_dict`` carry everything a resumed run needs. ``device=`` puts the
+synthetic set and the networks on a device; the real data stays where it is and
+each sampled batch is moved over.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ class Distiller:
     def __init__(self, real: Dataset, ipc: int, *, lr: Optional[float] = None, batch_real: int = 128,
                  arch: str = "ConvNet", init: str = "real", metadd: Optional[MetaDDLoss] = None,
                  metadd_weight: float = 0.0, robust_alpha: Optional[float] = None,
-                 augment: Optional[str] = DEFAULT_STRATEGY, seed: int = 0):
+                 augment: Optional[str] = DEFAULT_STRATEGY, seed: int = 0, device=None):
         if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
             raise ValueError(f"ipc: expected a positive int, got {ipc!r}")
         if init not in ("real", "noise"):
@@ -49,6 +51,7 @@ class Distiller:
         if metadd_weight and metadd is None:
             raise ValueError("metadd: metadd_weight > 0 needs a MetaDDLoss")
         self.real, self.ipc, self.arch, self.batch_real = real, ipc, arch, batch_real
+        self.device = torch.device(device) if device is not None else real.images.device
         self.metadd, self.metadd_weight, self.robust_alpha = metadd, metadd_weight, robust_alpha
         self.augment = DiffAugment(augment) if augment else None
         self.gen = torch.Generator().manual_seed(seed)
@@ -56,13 +59,13 @@ class Distiller:
         short = [c for c, idx in enumerate(self.by_class) if len(idx) < (ipc if init == "real" else 1)]
         if short:
             raise ValueError(f"ipc: classes {short} have fewer than {ipc} real images")
-        self.labels = torch.arange(real.num_classes).repeat_interleave(ipc)
+        self.labels = torch.arange(real.num_classes).repeat_interleave(ipc).to(self.device)
         if init == "real":
             pick = [idx[torch.randperm(len(idx), generator=self.gen)[:ipc]] for idx in self.by_class]
             images = real.images[torch.cat(pick)].clone()
         else:
             images = torch.randn(len(self.labels), *real.images.shape[1:], generator=self.gen)
-        self.images = images.requires_grad_()
+        self.images = images.to(self.device).requires_grad_()
         self.optimizer = self._optimizer(lr if lr is not None else self.default_lr)
         self.iteration = 0
 
@@ -77,14 +80,15 @@ class Distiller:
 
     def _real(self, c: int) -> Tensor:
         idx = self.by_class[c]
-        return self.real.images[idx[torch.randperm(len(idx), generator=self.gen)[: self.batch_real]]]
+        batch = self.real.images[idx[torch.randperm(len(idx), generator=self.gen)[: self.batch_real]]]
+        return batch.to(self.device, non_blocking=True)  # real data stays on the host; batches stream in
 
     def _syn(self, c: int) -> Tensor:
         return self.images[c * self.ipc: (c + 1) * self.ipc]
 
     def _fresh_net(self) -> nn.Module:
         torch.manual_seed(self._seed())
-        return get_model(self.arch, self.real.channel, self.real.num_classes, self.real.im_size)
+        return get_model(self.arch, self.real.channel, self.real.num_classes, self.real.im_size).to(self.device)
 
     def match_loss(self) -> Tensor:
         raise NotImplementedError
@@ -172,7 +176,7 @@ class DC(Distiller):
         for c in range(self.real.num_classes):
             seed = self._seed()
             x_real = self._aug(self._real(c), seed)
-            y_real = torch.full((x_real.shape[0],), c, dtype=torch.int64)
+            y_real = torch.full((x_real.shape[0],), c, dtype=torch.int64, device=self.device)
             logits = self.net(x_real)
             if self.robust_alpha is None:
                 real_loss = F.cross_entropy(logits, y_real)
@@ -210,8 +214,8 @@ class SRe2L(Distiller):
         bns = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
         if not bns:
             raise ValueError("teacher: SRe2L needs a network with BatchNorm2d layers")
-        self.teacher, self.r_bn, self.bns = teacher.eval().requires_grad_(False), r_bn, bns
         super().__init__(real, ipc, **kw)
+        self.teacher, self.r_bn, self.bns = teacher.eval().requires_grad_(False).to(self.device), r_bn, bns
 
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.images], lr=lr, betas=(0.5, 0.9))

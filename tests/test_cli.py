@@ -53,3 +53,16 @@ def test_distill_with_metadd_and_robust_grouping(tmp_path):
                  "--metadd-weight", "1", "--metadd-models", "ConvNetD1,LeNet", "--metadd-alpha", "0.5",
                  "--robust-alpha", "0.5", "--out", out]) == 0
     assert os.path.exists(os.path.join(out, "cams.png")) and os.path.exists(os.path.join(out, "metadd_models.pt"))
+
+
+def test_chunked_distill_resume_and_restart(tmp_path, capsys):
+    out = str(tmp_path / "big")
+    args = ["distill", "--classes-per-chunk", "4", "--ipc", "1", "--iterations", "1", "--batch-real", "8",
+            "--arch", "ConvNetD1", "--out", out]
+    assert main(args[:-2] + ["--resume", "--out", out]) == 2
+    assert "holds no run to continue" in capsys.readouterr().err
+    assert main(args) == 0
+    assert len(os.listdir(os.path.join(out, "chunks"))) == 3  # 10 classes in chunks of 4
+    assert main(args + ["--resume"]) == 0
+    assert main(args[:6] + ["2"] + args[7:]) == 2  # another config in the same folder
+    assert main(args[:6] + ["2"] + args[7:] + ["--restart"]) == 0
