@@ -205,9 +205,12 @@ def _cam_weight_grad_kernel(
         tl.store(p_dw + i_r * C * QW + o_c[:, None] * QW + o_q[None, :], b_acc, mask=m_cq)
 
 
-def _blocks(C: int, Q: int) -> tuple[int, int]:
+def _blocks(C: int, Q: int, P: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_Q, BLOCK_P): a channel tile of about _TILE elements, the whole map, and
+    output-pixel chunks whose (BLOCK_P, BLOCK_Q) resize block holds about 2 * _TILE elements."""
     block_q = triton.next_power_of_2(Q)
-    return min(triton.next_power_of_2(C), max(1, _TILE // block_q)), block_q
+    block_c = min(triton.next_power_of_2(C), max(1, _TILE // block_q))
+    return block_c, block_q, min(triton.next_power_of_2(P), max(1, 2 * _TILE // block_q))
 
 
 def cam_map_forward(A, Wt, rows, out_h: int, out_w: int, relu: bool, norm: int, eps: float):
@@ -216,8 +219,7 @@ def cam_map_forward(A, Wt, rows, out_h: int, out_w: int, relu: bool, norm: int, 
     acc = acc_dtype(A.dtype)
     U = torch.empty(B, out_h * out_w, device=A.device, dtype=acc)
     Rm = torch.empty(B, H * W, device=A.device, dtype=acc)
-    block_c, block_q = _blocks(C, H * W)
-    block_p = min(triton.next_power_of_2(out_h * out_w), max(1, 2 * _TILE // block_q))
+    block_c, block_q, block_p = _blocks(C, H * W, out_h * out_w)
     with device_guard(A):
         _cam_map_fwd_kernel[(B,)](
             A, Wt, rows, U, Rm, C, eps, H=H, W=W, SH=out_h, SW=out_w, QW=Wt.shape[2],
@@ -232,8 +234,7 @@ def cam_map_backward(dU, A, Wt, rows, Rm, out_h: int, out_w: int, relu: bool, no
     B, C, H, W = A.shape
     Q, QW = H * W, Wt.shape[2]
     acc = tl_dtype(Rm.dtype)
-    block_c, block_q = _blocks(C, Q)
-    block_p = min(triton.next_power_of_2(out_h * out_w), max(1, 2 * _TILE // block_q))
+    block_c, block_q, block_p = _blocks(C, Q, out_h * out_w)
     dZ = torch.empty_like(Rm)
     dA = torch.empty_like(A) if need_feature_grad else A.new_empty(0)
     dW = torch.empty(num_rows, C, QW, device=A.device, dtype=Rm.dtype) if need_weight_grad else Wt.new_empty(0)
