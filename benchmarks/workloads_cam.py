@@ -15,16 +15,22 @@ from providers import pick
 from metadd_fast import reference
 
 # name -> (B, [(C, H, W, head kind)], out_size, num_classes)
+_DC = [(128, 4, 4, "flatten"), (512, 4, 4, "linear"), (192, 4, 4, "flatten"), (512, 2, 2, "flatten")]
+_TINY = [(128, 4, 4, "flatten"), (512, 8, 8, "linear"), (192, 8, 8, "flatten"), (512, 4, 4, "flatten")]
+_IMAGENET = [(512, 7, 7, "linear"), (2048, 7, 7, "linear"), (512, 7, 7, "flatten"), (1024, 7, 7, "linear")]
 WORKLOADS = {
-    # DC CIFAR-10 IPC 50: ConvNet 128x4x4 flatten, ResNet18 512x4x4 linear,
+    # DC CIFAR-10 at IPC 1/10/50: ConvNet 128x4x4 flatten, ResNet18 512x4x4 linear,
     # AlexNet 192x4x4 flatten, VGG11 512x2x2 flatten.
-    "dc_cifar10_ipc50": (500, [(128, 4, 4, "flatten"), (512, 4, 4, "linear"), (192, 4, 4, "flatten"),
-                              (512, 2, 2, "flatten")], (4, 4), 10),
-    # ImageNet-1k, B=4096 at 7x7 maps (GPU only).
-    "imagenet_b4096": (4096, [(512, 7, 7, "linear"), (2048, 7, 7, "linear"), (512, 7, 7, "flatten"),
-                             (1024, 7, 7, "linear")], (7, 7), 1000),
+    "dc_cifar10_ipc1": (10, _DC, (4, 4), 10),
+    "dc_cifar10_ipc10": (100, _DC, (4, 4), 10),
+    "dc_cifar10_ipc50": (500, _DC, (4, 4), 10),
+    # Tiny-ImageNet IPC 50 at 64x64 (GPU): ConvNetD4, ResNet18, AlexNet, VGG11 maps.
+    "tiny_imagenet_ipc50": (10_000, _TINY, (8, 8), 200),
+    # ImageNet-1k at 7x7 maps with C up to 2048 (GPU): IPC 10, and a B=4096 batch of an IPC-50 run.
+    "imagenet_ipc10": (10_000, _IMAGENET, (7, 7), 1000),
+    "imagenet_b4096": (4096, _IMAGENET, (7, 7), 1000),
 }
-CPU_WORKLOADS = ["dc_cifar10_ipc50"]
+CPU_WORKLOADS = ["dc_cifar10_ipc1", "dc_cifar10_ipc10", "dc_cifar10_ipc50"]
 TAIL = 0.1  # metacam_cvar: the worst 10% of the images
 
 

@@ -142,18 +142,17 @@ def run_distill(cfg: DistillConfig, out: str, *, progress: bool = True, shared_c
     save_image_grid(os.path.join(out, "synthetic.png"), train.denormalize(images), labels,
                     f"{cfg.method.upper()} on {cfg.dataset}, IPC {cfg.ipc}")
     if metadd is not None:
-        _save_cams(os.path.join(out, "cams.png"), metadd, images, labels, train)
+        _save_cams(os.path.join(out, "cams.png"), metadd, images, labels, train, list(cfg.metadd_models))
     return {"images": images, "labels": labels, "seconds": time.perf_counter() - start}
 
 
-def _save_cams(path, metadd: MetaDDLoss, images, labels, train, per_class: int = 1) -> None:
+def _save_cams(path, metadd: MetaDDLoss, images, labels, train, names, per_class: int = 1) -> None:
     """Normalized CAMs of the first synthetic image of each of the first 6 classes."""
     pick = torch.cat([(labels == c).nonzero().flatten()[:per_class] for c in labels.unique()[:6]])
     x, y = images[pick], labels[pick]
     out_size = metadd._prepare(x)
     with torch.no_grad():
         U = metadd.maps_no_grad(x, y, out_size, resolve(metadd.backend, x.device))
-    names = [type(t.model).__name__ for t in metadd.targets]
     save_cam_figure(path, train.denormalize(x), U.view(U.shape[0], U.shape[1], *out_size), names,
                     "normalized CAM per architecture")
 
