@@ -1,9 +1,18 @@
 """Shared test helpers: random CAM cases and error measures against the float64 reference."""
 from __future__ import annotations
 
+import socket
+
 import torch
 
 NUM_CLASSES = 5
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for a torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,7 +1,6 @@
 """Large-IPC engine: class chunks, class sharding over gloo ranks, kill -9 and resume, bounded memory."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from metadd_fast.engine import EngineConfig, RandomImageSource, run_chunked
 
@@ -32,11 +32,6 @@ def _worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_gloo_ranks_give_the_one_process_result(tmp_path):
     torch.set_num_threads(1)
@@ -44,7 +39,7 @@ def test_two_gloo_ranks_give_the_one_process_result(tmp_path):
         single = run_chunked(EngineConfig(**CFG), _source(), str(tmp_path / "one"), progress=False)
     finally:
         torch.set_num_threads(2)
-    mp.spawn(_worker, args=(2, _port(), str(tmp_path / "two")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "two")), nprocs=2, join=True)
     images, labels = torch.load(tmp_path / "two" / "synthetic.pt")["data"][0]
     assert torch.equal(images, single["images"]) and torch.equal(labels, single["labels"])
     assert images.shape == (12, *SHAPE) and not torch.equal(images[:2], images[2:4])
