@@ -70,10 +70,7 @@ def parse_cam_args(features, weights, labels, out_size, relu, norm, eps) -> CamA
     if len(weights) != len(features):
         raise ValueError(f"weights: expected one per architecture ({len(features)} features), got {len(weights)}")
     for k, f in enumerate(features):
-        checks.floating(f"features[{k}]", f)
-        if f.dim() != 4:
-            raise ValueError(f"features[{k}]: expected a 4-D (B, C, H, W) tensor, got shape {tuple(f.shape)}")
-        checks.nonempty(f"features[{k}]", f)
+        checks.floating_tensor(f"features[{k}]", f, "(B, C, H, W)")
         if f.shape[0] != features[0].shape[0]:
             raise ValueError(
                 f"features[{k}]: batch size {f.shape[0]} differs from features[0]'s {features[0].shape[0]}")

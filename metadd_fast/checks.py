@@ -27,6 +27,17 @@ def floating(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name}: expected a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}")
 
 
+def floating_tensor(name: str, t, layout: str) -> None:
+    """A non-empty floating tensor with the dimensions of ``layout``, e.g. "(B, C, H, W)"."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+    floating(name, t)
+    ndim = len([d for d in layout.strip("()").split(",") if d.strip()])
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D {layout} tensor, got shape {tuple(t.shape)}")
+    nonempty(name, t)
+
+
 def integer(name: str, t: torch.Tensor) -> None:
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")

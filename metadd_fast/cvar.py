@@ -41,12 +41,7 @@ def check_alpha(alpha) -> float:
 
 def check_cvar_args(values, alpha, groups, num_groups) -> tuple:
     """(alpha, groups as int64 or None, num_groups) after SPEC section 4's checks."""
-    if not isinstance(values, Tensor):
-        raise TypeError(f"values: expected a tensor, got {type(values).__name__}")
-    checks.floating("values", values)
-    if values.dim() != 1:
-        raise ValueError(f"values: expected a 1-D (N,) tensor, got shape {tuple(values.shape)}")
-    checks.nonempty("values", values)
+    checks.floating_tensor("values", values, "(N,)")
     alpha = check_alpha(alpha)
     if groups is None:
         if num_groups is not None:

@@ -50,15 +50,6 @@ def _(x, centroids, backend):
     return x.new_empty(x.shape[0], dtype=torch.int64), x.new_empty(x.shape[0])
 
 
-def _check_points(name: str, t) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
-    checks.floating(name, t)
-    if t.dim() != 2:
-        raise ValueError(f"{name}: expected a 2-D (rows, D) tensor, got shape {tuple(t.shape)}")
-    checks.nonempty(name, t)
-
-
 def nearest_centroid(x: Tensor, centroids: Tensor, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """index[i] = argmin_j ||x_i - c_j||^2 (ties: lowest j) and sqdist[i], that minimum.
 
@@ -66,8 +57,8 @@ def nearest_centroid(x: Tensor, centroids: Tensor, *, backend: Optional[str] = N
     sqdist (N,) in x's dtype). Memory beyond inputs and outputs is O(N + M) plus a
     small per-thread tile, whatever N * M is. No gradient flows through it.
     """
-    _check_points("x", x)
-    _check_points("centroids", centroids)
+    checks.floating_tensor("x", x, "(rows, D)")
+    checks.floating_tensor("centroids", centroids, "(rows, D)")
     if x.shape[1] != centroids.shape[1]:
         raise ValueError(f"centroids: expected D = {x.shape[1]} columns like x, got {centroids.shape[1]}")
     device = checks.same_device([("x", x), ("centroids", centroids)])
@@ -116,7 +107,7 @@ def kmeans(x: Tensor, k: int, *, iters: int = 50, init: Union[str, Tensor] = "k-
     index), deterministically. The same seed gives the same result.
     Returns (centroids (k, D) in x's dtype, index (N,) int64).
     """
-    _check_points("x", x)
+    checks.floating_tensor("x", x, "(rows, D)")
     N = x.shape[0]
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k: expected an int, got {type(k).__name__}")

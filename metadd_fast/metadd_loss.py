@@ -190,12 +190,7 @@ class MetaDDLoss(nn.Module):
 
     def forward(self, images: Tensor, labels: Tensor, groups: Optional[Tensor] = None) -> Tensor:
         """Scalar loss, differentiable with respect to ``images`` (B, C, H, W)."""
-        if not isinstance(images, Tensor):
-            raise TypeError(f"images: expected a tensor, got {type(images).__name__}")
-        checks.floating("images", images)
-        if images.dim() != 4:
-            raise ValueError(f"images: expected a 4-D (B, C, H, W) tensor, got shape {tuple(images.shape)}")
-        checks.nonempty("images", images)
+        checks.floating_tensor("images", images, "(B, C, H, W)")
         if not isinstance(labels, Tensor):
             raise TypeError(f"labels: expected an integer tensor, got {type(labels).__name__}")
         checks.integer("labels", labels)
