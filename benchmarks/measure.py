@@ -7,6 +7,7 @@ with CUDA events, and torch.cuda.max_memory_allocated above the inputs.
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import subprocess
@@ -59,10 +60,19 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc), so the next baseline is live memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_extra_rss(fn, calls: int = 5) -> int:
     """Peak RSS above the RSS before the calls, sampled in a thread while fn() runs."""
     fn()  # warm-up: compilation, allocator and thread-pool start-up stay out
     gc.collect()
+    _trim_heap()
     base = _rss_bytes()
     peak = [base]
     done = threading.Event()

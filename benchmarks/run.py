@@ -3,8 +3,10 @@
     python benchmarks/run.py [--device cpu|cuda] [--ops cam_variance cvar ...] [--workloads NAME ...]
 
 For each op, workload and mode (forward; full = forward + backward), the
-providers (eager, compile, fused, and any the op adds) are timed round-robin in one child process, so they see the same
-background load; the peak extra memory of each is measured in a child of its own.
+providers (eager, compile, fused, and any the op adds) are timed round-robin in one
+child process, so they see the same background load; their peak extra memory is
+measured one after another in a second child, where freed memory goes back to the
+system at once, so each provider's peak is its own.
 A table is printed and rows are appended to benchmarks/results/results.csv:
 op, provider, mode, workload, metric, unit, p50, p20, p80, device, torch, triton, commit.
 """
@@ -51,8 +53,8 @@ def copy_bandwidth(device: str) -> float:
 
 
 def child(op: str, workload: str, mode: str, device: str, what: str) -> dict:
-    """Times of all providers, interleaved (what="time"), or the peak extra memory of one
-    provider (what=<provider>), in this process."""
+    """Times of all providers, interleaved (what="time"), or the peak extra memory of each
+    provider, one after another (what="memory"), in this process."""
     mod = op_modules()[op]
     inputs = mod.make_inputs(workload, device)
     fns = {p: (lambda p=p: mod.step(op, p, mode, inputs)) for p in getattr(mod, "PROVIDERS", PROVIDERS)}
@@ -63,8 +65,8 @@ def child(op: str, workload: str, mode: str, device: str, what: str) -> dict:
         return {"time": (measure.time_cuda(fns) if device == "cuda" else measure.time_cpu(fns, **timing)),
                 "bytes": mod.min_bytes(inputs, mode)}
     if device == "cuda":
-        return {"memory": measure.peak_extra_cuda(fns[what])}
-    return {"memory": measure.peak_extra_rss(fns[what], calls=getattr(mod, "MEMORY_CALLS", 5))}
+        return {"memory": {p: measure.peak_extra_cuda(fn) for p, fn in fns.items()}}
+    return {"memory": {p: measure.peak_extra_rss(fn, calls=getattr(mod, "MEMORY_CALLS", 5)) for p, fn in fns.items()}}
 
 
 def run_child(op: str, workload: str, mode: str, device: str, what: str) -> dict:
@@ -72,7 +74,7 @@ def run_child(op: str, workload: str, mode: str, device: str, what: str) -> dict
     # For memory only: a fixed mmap threshold keeps glibc from caching freed large
     # blocks, so RSS follows live memory (it also makes every allocation fault, so
     # timings are taken without it).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if what != "time" else None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if what == "memory" else None
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -92,9 +94,10 @@ def case_rows(op: str, workload: str, mode: str, device: str, bandwidth: float, 
     mod = op_modules()[op]
     timed = run_child(op, workload, mode, device, "time")
     times = timed["time"]
+    memories = run_child(op, workload, mode, device, "memory")["memory"]
     rows = []
     for p in getattr(mod, "PROVIDERS", PROVIDERS):
-        memory = run_child(op, workload, mode, device, p)["memory"]
+        memory = memories[p]
         p50, p20, p80 = times[p]
         vs_eager = times["eager"][0] / p50
         vs_compile = times["compile"][0] / p50 if "compile" in times else float("nan")

@@ -2,14 +2,16 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace metadd {
-std::vector<at::Tensor> cam_map_forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                                        bool, int64_t, double);
-std::vector<at::Tensor> cam_map_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, int64_t, int64_t, bool, int64_t, double, bool, bool,
-                                         int64_t);
+using Tensors = std::vector<at::Tensor>;
+std::tuple<at::Tensor, Tensors> cam_maps_forward(const Tensors&, const Tensors&, const Tensors&, int64_t, int64_t,
+                                                 bool, int64_t, double);
+std::tuple<Tensors, Tensors> cam_maps_backward(const at::Tensor&, const Tensors&, const Tensors&, const Tensors&,
+                                               const Tensors&, int64_t, int64_t, bool, int64_t, double,
+                                               const std::vector<bool>&, const std::vector<bool>&);
 at::Tensor map_variance_forward(const at::Tensor&);
 at::Tensor map_variance_backward(const at::Tensor&, const at::Tensor&);
 std::vector<at::Tensor> cvar_group_stats(const at::Tensor&, const at::Tensor&, int64_t);
@@ -25,8 +27,8 @@ std::vector<at::Tensor> nearest_centroid_forward(const at::Tensor&, const at::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "metadd_fast CPU kernels";
-  m.def("cam_map_forward", &metadd::cam_map_forward, "CAM of one architecture: (U_k, R_k)");
-  m.def("cam_map_backward", &metadd::cam_map_backward, "CAM backward of one architecture: (dA, dW)");
+  m.def("cam_maps_forward", &metadd::cam_maps_forward, "CAMs of K architectures: (U (K, B, P), [R_k])");
+  m.def("cam_maps_backward", &metadd::cam_maps_backward, "CAM backward of K architectures: ([dA_k], [dW_k])");
   m.def("map_variance_forward", &metadd::map_variance_forward, "per-image mean cross-architecture variance");
   m.def("map_variance_backward", &metadd::map_variance_backward, "gradient of map_variance_forward");
   m.def("cvar_group_stats", &metadd::cvar_group_stats, "float64 group sums and int64 counts");

@@ -40,16 +40,29 @@ void accumulate_raw_map(const scalar_t* __restrict__ a, const acc_t* __restrict_
   }
 }
 
+// Shapes of one architecture's map and its output grid, and the resize taps.
+template <typename acc_t>
+struct MapGeometry {
+  int64_t B, C, H, W, Q, P, Qw;
+  bool identity;  // no resize
+  std::vector<Tap<acc_t>> th, tw;
+  int64_t grain;  // images per parallel task: at least kGrainWork multiply-adds
+
+  MapGeometry(const at::Tensor& A, const at::Tensor& Wt, int64_t Sh, int64_t Sw)
+      : B(A.size(0)), C(A.size(1)), H(A.size(2)), W(A.size(3)), Q(H * W), P(Sh * Sw), Qw(Wt.size(2)),
+        identity(H == Sh && W == Sw), th(bilinear_taps<acc_t>(H, Sh)), tw(bilinear_taps<acc_t>(W, Sw)),
+        grain(grain_for(C * Q)) {}
+};
+
 template <typename scalar_t>
 void cam_map_forward_impl(const at::Tensor& A, const at::Tensor& Wt, const at::Tensor& rows,
                           int64_t Sh, int64_t Sw, bool relu, int64_t norm, double eps,
                           at::Tensor& U, at::Tensor& R) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = A.size(0), C = A.size(1), H = A.size(2), W = A.size(3);
-  const int64_t Q = H * W, P = Sh * Sw, Qw = Wt.size(2);
-  const bool identity = (H == Sh && W == Sw);
-  const auto th = bilinear_taps<acc_t>(H, Sh);
-  const auto tw = bilinear_taps<acc_t>(W, Sw);
+  const MapGeometry<acc_t> geo(A, Wt, Sh, Sw);
+  const int64_t B = geo.B, C = geo.C, W = geo.W, Q = geo.Q, P = geo.P, Qw = geo.Qw;
+  const bool identity = geo.identity;
+  const auto &th = geo.th, &tw = geo.tw;
   const scalar_t* a_ptr = A.data_ptr<scalar_t>();
   const acc_t* w_ptr = Wt.data_ptr<acc_t>();
   const int64_t* row_ptr = rows.data_ptr<int64_t>();
@@ -57,7 +70,7 @@ void cam_map_forward_impl(const at::Tensor& A, const at::Tensor& Wt, const at::T
   acc_t* r_ptr = R.data_ptr<acc_t>();
   const acc_t eps_t = static_cast<acc_t>(eps);
 
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, geo.grain, [&](int64_t b0, int64_t b1) {
     std::vector<acc_t> z_buf(Q), n_buf(Q);
     acc_t* __restrict__ z = z_buf.data();
     for (int64_t b = b0; b < b1; ++b) {
@@ -84,11 +97,10 @@ void cam_map_backward_impl(const at::Tensor& dU, const at::Tensor& A, const at::
                            const at::Tensor& rows, const at::Tensor& R, int64_t Sh, int64_t Sw,
                            bool relu, int64_t norm, double eps, at::Tensor& dA, at::Tensor& dW) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = A.size(0), C = A.size(1), H = A.size(2), W = A.size(3);
-  const int64_t Q = H * W, P = Sh * Sw, Qw = Wt.size(2);
-  const bool identity = (H == Sh && W == Sw);
-  const auto th = bilinear_taps<acc_t>(H, Sh);
-  const auto tw = bilinear_taps<acc_t>(W, Sw);
+  const MapGeometry<acc_t> geo(A, Wt, Sh, Sw);
+  const int64_t B = geo.B, C = geo.C, W = geo.W, Q = geo.Q, P = geo.P, Qw = geo.Qw;
+  const bool identity = geo.identity;
+  const auto &th = geo.th, &tw = geo.tw;
   const acc_t* w_ptr = Wt.data_ptr<acc_t>();
   const int64_t* row_ptr = rows.data_ptr<int64_t>();
   const acc_t* du_ptr = dU.data_ptr<acc_t>();
@@ -97,7 +109,7 @@ void cam_map_backward_impl(const at::Tensor& dU, const at::Tensor& A, const at::
   at::Tensor dZ = at::empty({B, Q}, R.options());  // d loss / d raw map, 1/C of the features
   acc_t* dz_ptr = dZ.data_ptr<acc_t>();
 
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, geo.grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       acc_t* g = dz_ptr + b * Q;
       const acc_t* r = r_ptr + b * Q;
@@ -127,7 +139,7 @@ void cam_map_backward_impl(const at::Tensor& dU, const at::Tensor& A, const at::
   // dW[row_b, c, :] += dZ[b] * A[b, c]: parallel over channels, images in order (deterministic).
   const scalar_t* a_ptr = A.data_ptr<scalar_t>();
   acc_t* dw_ptr = dW.data_ptr<acc_t>();
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, C, grain_for(B * Q), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t b = 0; b < B; ++b) {
         const scalar_t* ac = a_ptr + (b * C + c) * Q;
@@ -154,32 +166,55 @@ void check_map_args(const at::Tensor& A, const at::Tensor& Wt, const at::Tensor&
 
 }  // namespace
 
-// Returns (U_k (B, Sh*Sw), R_k (B, H*W)), both in the accumulation dtype.
-std::vector<at::Tensor> cam_map_forward(const at::Tensor& A, const at::Tensor& Wt, const at::Tensor& rows,
-                                        int64_t Sh, int64_t Sw, bool relu, int64_t norm, double eps) {
-  check_map_args(A, Wt, rows);
-  const auto acc = at::toOpMathType(A.scalar_type());
-  at::Tensor U = at::empty({A.size(0), Sh * Sw}, A.options().dtype(acc));
-  at::Tensor R = at::empty({A.size(0), A.size(2) * A.size(3)}, A.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "cam_map_forward", [&] {
-    cam_map_forward_impl<scalar_t>(A, Wt, rows, Sh, Sw, relu, norm, eps, U, R);
-  });
-  return {U, R};
+// All K architectures: U (K, B, Sh*Sw) and the rectified maps R_k (B, H_k*W_k), in the
+// accumulation dtype. heads[k]: (R, C_k, Qw_k) in the accumulation dtype; rows[k]: (B,) int64.
+std::tuple<at::Tensor, std::vector<at::Tensor>> cam_maps_forward(const std::vector<at::Tensor>& features,
+                                                                const std::vector<at::Tensor>& heads,
+                                                                const std::vector<at::Tensor>& rows, int64_t Sh,
+                                                                int64_t Sw, bool relu, int64_t norm, double eps) {
+  TORCH_CHECK(!features.empty() && heads.size() == features.size() && rows.size() == features.size(),
+              "cam_maps_forward: one head and one rows tensor per feature map expected");
+  const at::Tensor& A0 = features[0];
+  const int64_t K = static_cast<int64_t>(features.size());
+  at::Tensor U = at::empty({K, A0.size(0), Sh * Sw}, A0.options().dtype(at::toOpMathType(A0.scalar_type())));
+  std::vector<at::Tensor> rects;
+  rects.reserve(K);
+  for (int64_t k = 0; k < K; ++k) {
+    const at::Tensor& A = features[k];
+    check_map_args(A, heads[k], rows[k]);
+    TORCH_CHECK(at::toOpMathType(A.scalar_type()) == U.scalar_type(), "features: one accumulation dtype expected");
+    at::Tensor Uk = U.select(0, k);
+    at::Tensor R = at::empty({A.size(0), A.size(2) * A.size(3)}, U.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "cam_maps_forward", [&] {
+      cam_map_forward_impl<scalar_t>(A, heads[k], rows[k], Sh, Sw, relu, norm, eps, Uk, R);
+    });
+    rects.push_back(R);
+  }
+  return {U, rects};
 }
 
-// Returns (dA or an empty tensor, dW (num_rows, C, Qw) in the accumulation dtype or an empty tensor).
-std::vector<at::Tensor> cam_map_backward(const at::Tensor& dU, const at::Tensor& A, const at::Tensor& Wt,
-                                         const at::Tensor& rows, const at::Tensor& R, int64_t Sh, int64_t Sw,
-                                         bool relu, int64_t norm, double eps, bool need_feature_grad,
-                                         bool need_weight_grad, int64_t num_rows) {
-  check_map_args(A, Wt, rows);
-  TORCH_CHECK(dU.is_contiguous() && dU.scalar_type() == R.scalar_type(), "grad: contiguous, accumulation dtype");
-  at::Tensor dA = need_feature_grad ? at::empty_like(A) : at::Tensor();
-  at::Tensor dW = need_weight_grad ? at::zeros({num_rows, Wt.size(1), Wt.size(2)}, Wt.options()) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "cam_map_backward", [&] {
-    cam_map_backward_impl<scalar_t>(dU, A, Wt, rows, R, Sh, Sw, relu, norm, eps, dA, dW);
-  });
-  return {dA.defined() ? dA : at::empty({0}, A.options()), dW.defined() ? dW : at::empty({0}, Wt.options())};
+// Per architecture dA_k (or an empty tensor) and dW_k (heads[k]'s shape, accumulation dtype, or
+// an empty tensor), from dU (K, B, Sh*Sw) in the accumulation dtype.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cam_maps_backward(
+    const at::Tensor& dU, const std::vector<at::Tensor>& features, const std::vector<at::Tensor>& heads,
+    const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& rects, int64_t Sh, int64_t Sw, bool relu,
+    int64_t norm, double eps, const std::vector<bool>& feature_grad, const std::vector<bool>& head_grad) {
+  const int64_t K = static_cast<int64_t>(features.size());
+  TORCH_CHECK(dU.dim() == 3 && dU.size(0) == K && dU.is_contiguous(), "grad: contiguous (K, B, P) expected");
+  std::vector<at::Tensor> d_features, d_heads;
+  for (int64_t k = 0; k < K; ++k) {
+    const at::Tensor &A = features[k], &Wt = heads[k];
+    check_map_args(A, Wt, rows[k]);
+    TORCH_CHECK(dU.scalar_type() == rects[k].scalar_type(), "grad: accumulation dtype expected");
+    at::Tensor dA = feature_grad[k] ? at::empty_like(A) : at::Tensor();
+    at::Tensor dW = head_grad[k] ? at::zeros_like(Wt) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "cam_maps_backward", [&] {
+      cam_map_backward_impl<scalar_t>(dU.select(0, k), A, Wt, rows[k], rects[k], Sh, Sw, relu, norm, eps, dA, dW);
+    });
+    d_features.push_back(dA.defined() ? dA : at::empty({0}, A.options()));
+    d_heads.push_back(dW.defined() ? dW : at::empty({0}, Wt.options()));
+  }
+  return {d_features, d_heads};
 }
 
 }  // namespace metadd

@@ -18,6 +18,14 @@ constexpr int64_t kNormMinMax = 2;
 
 // Two taps of a 1-D bilinear resize (align_corners=False, antialias=False),
 // computed exactly as ATen's upsample_bilinear2d does on the CPU.
+// Items per at::parallel_for task so that each task does at least kGrainWork
+// multiply-adds: small batches stay on one thread (an OpenMP fork-join costs more
+// than they do).
+constexpr int64_t kGrainWork = 32768;
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, work_per_item));
+}
+
 template <typename acc_t>
 struct Tap {
   int64_t i0, i1;

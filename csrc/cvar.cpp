@@ -118,22 +118,41 @@ std::vector<at::Tensor> cvar_group_stats(const at::Tensor& values, const at::Ten
   int64_t* c = counts.data_ptr<int64_t>();
   // One slice of the values per thread, each into its own partial sums, then the
   // partials are added in slice order: deterministic for a given thread count.
-  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 8192));
+  // Out-of-range ids are counted, not followed, and reported after the pass.
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 32768));
   std::vector<double> part_s(slices * num_groups, 0.0);
   std::vector<int64_t> part_c(slices * num_groups, 0);
+  std::vector<int64_t> bad(slices, 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "cvar_group_stats", [&] {
     const scalar_t* v = values.data_ptr<scalar_t>();
     at::parallel_for(0, slices, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
-        double* ps = part_s.data() + k * num_groups;
-        int64_t* pc = part_c.data() + k * num_groups;
-        for (int64_t i = N * k / slices; i < N * (k + 1) / slices; ++i) {
-          ps[g[i]] += static_cast<double>(v[i]);
-          pc[g[i]] += 1;
+        // Locals and restrict: the int64 count stores could otherwise alias the captured
+        // bounds, which would be reloaded (and divided) on every element.
+        double* __restrict__ ps = part_s.data() + k * num_groups;
+        int64_t* __restrict__ pc = part_c.data() + k * num_groups;
+        const int64_t* __restrict__ gk = g;
+        const scalar_t* __restrict__ vk = v;
+        const uint64_t n_groups = static_cast<uint64_t>(num_groups);
+        const int64_t i0 = N * k / slices, i1 = N * (k + 1) / slices;
+        int64_t n_bad = 0;
+        for (int64_t i = i0; i < i1; ++i) {
+          const uint64_t j = static_cast<uint64_t>(gk[i]);
+          if (j >= n_groups) {
+            ++n_bad;
+            continue;
+          }
+          ps[j] += static_cast<double>(vk[i]);
+          pc[j] += 1;
         }
+        bad[k] = n_bad;
       }
     });
   });
+  if (std::any_of(bad.begin(), bad.end(), [](int64_t b) { return b != 0; })) {
+    const auto [lo, hi] = std::minmax_element(g, g + N);
+    TORCH_CHECK_VALUE(false, "groups: expected values in [0, ", num_groups, "), got values in [", *lo, ", ", *hi, "]");
+  }
   for (int64_t k = 0; k < slices; ++k) {
     for (int64_t j = 0; j < num_groups; ++j) {
       s[j] += part_s[k * num_groups + j];
@@ -161,14 +180,21 @@ at::Tensor cvar_values_grad(const at::Tensor& grad, const at::Tensor& w, const s
     using acc_t = scalar_t;
     const acc_t g = grad.item<acc_t>();
     const acc_t* wp = w.data_ptr<acc_t>();
+    std::vector<acc_t> scale;  // with groups: g * w_j / |group j|, once per group
+    if (groups.has_value()) {
+      const int64_t* cp = counts->data_ptr<int64_t>();
+      scale.resize(w.numel());
+      for (int64_t j = 0; j < w.numel(); ++j) scale[j] = cp[j] > 0 ? g * wp[j] / static_cast<acc_t>(cp[j]) : acc_t(0);
+    }
     const int64_t* gp = groups.has_value() ? groups->data_ptr<int64_t>() : nullptr;
-    const int64_t* cp = counts.has_value() ? counts->data_ptr<int64_t>() : nullptr;
+    const acc_t* sp = scale.data();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "cvar_values_grad_out", [&] {
       scalar_t* o = out.data_ptr<scalar_t>();
-      at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const acc_t v = gp ? g * wp[gp[i]] / static_cast<acc_t>(cp[gp[i]]) : g * wp[i];
-          o[i] = static_cast<scalar_t>(v);
+      at::parallel_for(0, N, 32768, [&](int64_t i0, int64_t i1) {
+        if (gp) {
+          for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<scalar_t>(sp[gp[i]]);
+        } else {
+          for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<scalar_t>(g * wp[i]);
         }
       });
     });

@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 
+#include "cam_common.h"
+
 namespace metadd {
 namespace {
 
@@ -13,7 +15,7 @@ void map_variance_forward_impl(const at::Tensor& U, at::Tensor& v) {
   const int64_t K = U.size(0), B = U.size(1), P = U.size(2);
   const acc_t* u = U.data_ptr<acc_t>();
   acc_t* out = v.data_ptr<acc_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(K * P), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       acc_t total = 0;
       for (int64_t p = 0; p < P; ++p) {
@@ -37,7 +39,7 @@ void map_variance_backward_impl(const at::Tensor& gv, const at::Tensor& U, at::T
   const acc_t* u = U.data_ptr<acc_t>();
   const acc_t* g = gv.data_ptr<acc_t>();
   acc_t* gu = gU.data_ptr<acc_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(K * P), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const acc_t coef = g[b] * acc_t(2) / static_cast<acc_t>(K * P);
       for (int64_t p = 0; p < P; ++p) {

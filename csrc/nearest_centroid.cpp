@@ -55,18 +55,24 @@ void nearest_centroid_impl(const at::Tensor& x, const at::Tensor& c, const at::T
         at::mm_out(g, xb, c.narrow(0, m0, cols).t());
         const acc_t* gp = g.data_ptr<acc_t>();
         const int64_t ld = g.stride(0);
+        const acc_t* __restrict__ cn_block = cnp + m0;
         for (int64_t r = 0; r < rows; ++r) {
-          const acc_t* gr = gp + r * ld;
+          const acc_t* __restrict__ gr = gp + r * ld;
+          acc_t b1 = best[r], b2 = second[r];  // in registers: the stores below cannot alias them
+          int64_t a1 = arg[r];
           for (int64_t j = 0; j < cols; ++j) {
-            const acc_t e = cnp[m0 + j] - 2 * gr[j];
-            if (e < best[r]) {  // strict: ties keep the lower index
-              second[r] = best[r];
-              best[r] = e;
-              arg[r] = m0 + j;
-            } else if (e < second[r]) {
-              second[r] = e;
+            const acc_t e = cn_block[j] - 2 * gr[j];
+            if (e < b1) {  // strict: ties keep the lower index
+              b2 = b1;
+              b1 = e;
+              a1 = m0 + j;
+            } else if (e < b2) {
+              b2 = e;
             }
           }
+          best[r] = b1;
+          second[r] = b2;
+          arg[r] = a1;
         }
       }
       for (int64_t r = 0; r < rows; ++r) {

@@ -213,7 +213,7 @@ def _blocks(C: int, Q: int, P: int) -> tuple[int, int, int]:
     return block_c, block_q, min(triton.next_power_of_2(P), max(1, 2 * _TILE // block_q))
 
 
-def cam_map_forward(A, Wt, rows, out_h: int, out_w: int, relu: bool, norm: int, eps: float):
+def _cam_map_forward(A, Wt, rows, out_h: int, out_w: int, relu: bool, norm: int, eps: float):
     """(U (B, out_h*out_w), Rm (B, H*W)) of one architecture, in the accumulation dtype."""
     B, C, H, W = A.shape
     acc = acc_dtype(A.dtype)
@@ -228,7 +228,7 @@ def cam_map_forward(A, Wt, rows, out_h: int, out_w: int, relu: bool, norm: int, 
     return [U, Rm]
 
 
-def cam_map_backward(dU, A, Wt, rows, Rm, out_h: int, out_w: int, relu: bool, norm: int, eps: float,
+def _cam_map_backward(dU, A, Wt, rows, Rm, out_h: int, out_w: int, relu: bool, norm: int, eps: float,
                      need_feature_grad: bool, need_weight_grad: bool, num_rows: int):
     """(dA or an empty tensor, dW (num_rows, C, QW) in the accumulation dtype or an empty tensor)."""
     B, C, H, W = A.shape
@@ -254,3 +254,18 @@ def cam_map_backward(dU, A, Wt, rows, Rm, out_h: int, out_w: int, relu: bool, no
             _cam_weight_grad_kernel[(num_rows, grid_c)](
                 dZ, A, order, start, dW, C, Q=Q, QW=QW, ACC=acc, BLOCK_C=block_c, BLOCK_Q=block_q)
     return [dA, dW]
+
+
+def cam_maps_forward(features, heads, rows, out_h: int, out_w: int, relu: bool, norm: int, eps: float):
+    """(U (K, B, out_h*out_w), [R_k (B, H_k*W_k)]) of K architectures, in the accumulation dtype."""
+    out = [_cam_map_forward(A, Wt, r, out_h, out_w, relu, norm, eps) for A, Wt, r in zip(features, heads, rows)]
+    return torch.stack([u for u, _ in out]), [rm for _, rm in out]
+
+
+def cam_maps_backward(dU, features, heads, rows, rects, out_h: int, out_w: int, relu: bool, norm: int, eps: float,
+                      feature_grad, head_grad):
+    """([dA_k or an empty tensor], [dW_k (heads[k]'s shape) or an empty tensor]) from dU (K, B, P)."""
+    out = [_cam_map_backward(dU[k], A, Wt, rows[k], rects[k], out_h, out_w, relu, norm, eps, feature_grad[k],
+                             head_grad[k], Wt.shape[0])
+           for k, (A, Wt) in enumerate(zip(features, heads))]
+    return [da for da, _ in out], [dw for _, dw in out]

@@ -1,6 +1,6 @@
 """Which kernels run: CUDA tensors -> Triton, CPU tensors -> C++, ``backend=`` to force one.
 
-Both fused backends expose the same launcher functions (``cam_map_forward``,
+Both fused backends expose the same launcher functions (``cam_maps_forward``,
 ``map_variance_forward``, ``cvar_tail``, ... and their backwards);
 ``kernels(name)`` returns the namespace that holds them.
 """

@@ -32,7 +32,7 @@ def floating_tensor(name: str, t, layout: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
     floating(name, t)
-    ndim = len([d for d in layout.strip("()").split(",") if d.strip()])
+    ndim = layout.count(",") + (not layout.endswith(",)"))
     if t.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D {layout} tensor, got shape {tuple(t.shape)}")
     nonempty(name, t)
@@ -52,10 +52,11 @@ def same_device(named: Iterable[tuple[str, torch.Tensor]]) -> torch.device:
     """The one device of all named tensors; ValueError naming the first that differs."""
     named = list(named)
     first_name, first = named[0]
+    device = first.device
     for name, t in named[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{name}: expected a tensor on {first.device} (like {first_name}), got {t.device}")
-    return first.device
+        if t.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device} (like {first_name}), got {t.device}")
+    return device
 
 
 def choice(name: str, value, choices: Sequence) -> None:

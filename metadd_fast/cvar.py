@@ -1,6 +1,7 @@
 """CVaR tail loss over samples or groups, its dual form, and MetaCAM+CVaR (SPEC section 2).
 
-Custom ops (fake + autograd registered, so torch.compile traces them):
+Custom ops (fake + autograd registered, so torch.compile traces them; eager calls skip
+the dispatcher's Python layers, see :mod:`metadd_fast.oplib`):
 
 - ``metadd_fast::cvar``: values (N,) [+ groups (N,)] -> (CVaR, w, counts) where w = dCVaR/dL
   per entry (accumulation dtype) or per group (float64) and counts the group sizes. One pass
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from . import backends, checks, reference
 from .cam import cam_variance
+from .oplib import FusedOp
 
 __all__ = ["cvar", "cvar_dual", "metacam_cvar", "CVaR"]
 
@@ -39,8 +41,10 @@ def check_alpha(alpha) -> float:
     return float(alpha)
 
 
-def check_cvar_args(values, alpha, groups, num_groups) -> tuple:
-    """(alpha, groups as int64 or None, num_groups) after SPEC section 4's checks."""
+def check_cvar_args(values, alpha, groups, num_groups, check_ids: bool = True) -> tuple:
+    """(alpha, groups as int64 or None, num_groups) after SPEC section 4's checks. With
+    ``check_ids=False`` the range of the group ids is left to the kernel (the C++ group
+    statistics check it in their pass over the values, with the same message)."""
     checks.floating_tensor("values", values, "(N,)")
     alpha = check_alpha(alpha)
     if groups is None:
@@ -59,7 +63,8 @@ def check_cvar_args(values, alpha, groups, num_groups) -> tuple:
             raise ValueError(f"groups: expected ids in [0, num_groups), got a largest id of {num_groups - 1}")
     elif isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
-    checks.index_range("groups", groups, num_groups)
+    if check_ids:
+        checks.index_range("groups", groups, num_groups)
     return alpha, groups.long().contiguous(), num_groups
 
 
@@ -77,14 +82,12 @@ def _cvar_forward(impl, values: Tensor, groups: Optional[Tensor], num_groups: in
     return loss.to(acc), w, counts
 
 
-@torch.library.custom_op("metadd_fast::cvar", mutates_args=())
 def _cvar(values: Tensor, groups: Optional[Tensor], num_groups: int, alpha: float,
           backend: str) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(_cvar_forward(backends.kernels(backend), values, groups, num_groups, alpha))
 
 
-@_cvar.register_fake
-def _(values, groups, num_groups, alpha, backend):
+def _cvar_fake(values, groups, num_groups, alpha, backend):
     acc = _acc(values.dtype)
     if groups is None:
         return values.new_empty((), dtype=acc), values.new_empty(values.shape[0], dtype=acc), values.new_empty(
@@ -93,15 +96,13 @@ def _(values, groups, num_groups, alpha, backend):
             values.new_empty(num_groups, dtype=torch.int64))
 
 
-@torch.library.custom_op("metadd_fast::cvar_backward", mutates_args=())
 def _cvar_backward(grad: Tensor, weights: Tensor, counts: Tensor, groups: Optional[Tensor], values: Tensor,
                    backend: str) -> Tensor:
     impl = backends.kernels(backend)
     return impl.cvar_values_grad(grad, weights, counts if groups is not None else None, groups, values)
 
 
-@_cvar_backward.register_fake
-def _(grad, weights, counts, groups, values, backend):
+def _cvar_backward_fake(grad, weights, counts, groups, values, backend):
     return torch.empty_like(values)
 
 
@@ -111,12 +112,12 @@ def _cvar_setup(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _cvar_grad(ctx, grad, grad_w, grad_counts):
+def _cvar_grad(ctx, backward, grad, grad_w, grad_counts):
     values, groups, w, counts = ctx.saved_tensors
-    return _cvar_backward(grad.contiguous(), w, counts, groups, values, ctx.backend), None, None, None, None
+    return backward(grad.contiguous(), w, counts, groups, values, ctx.backend), None, None, None, None
 
 
-torch.library.register_autograd("metadd_fast::cvar", _cvar_grad, setup_context=_cvar_setup)
+cvar_op = FusedOp("cvar", _cvar, _cvar_fake, _cvar_backward, _cvar_backward_fake, _cvar_setup, _cvar_grad)
 
 
 class _DistributedCVaR(torch.autograd.Function):
@@ -160,8 +161,9 @@ def cvar(values: Tensor, alpha: float, groups: Optional[Tensor] = None, num_grou
     process_group: a ``torch.distributed`` group: the CVaR of the values of all its ranks.
     Returns a 0-d float32 tensor (float64 for float64 values).
     """
-    alpha, groups, num_groups = check_cvar_args(values, alpha, groups, num_groups)
+    checks.floating_tensor("values", values, "(N,)")
     name = backends.resolve(backend, values.device)
+    alpha, groups, num_groups = check_cvar_args(values, alpha, groups, num_groups, check_ids=name != "cpp")
     if process_group is not None:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("process_group: torch.distributed is not initialized")
@@ -170,29 +172,25 @@ def cvar(values: Tensor, alpha: float, groups: Optional[Tensor] = None, num_grou
         return _DistributedCVaR.apply(values, groups, num_groups, alpha, name, process_group)
     if name == "reference":
         return reference.cvar(values, alpha, groups, num_groups)
-    loss, _, _ = torch.ops.metadd_fast.cvar(values, groups, num_groups, alpha, name)
+    loss, _, _ = cvar_op(values, groups, num_groups, alpha, name)
     return loss
 
 
-@torch.library.custom_op("metadd_fast::cvar_dual", mutates_args=())
 def _cvar_dual(values: Tensor, eta: Tensor, alpha: float, backend: str) -> tuple[Tensor, Tensor]:
     return tuple(backends.kernels(backend).cvar_dual_forward(values, eta, alpha))
 
 
-@_cvar_dual.register_fake
-def _(values, eta, alpha, backend):
+def _cvar_dual_fake(values, eta, alpha, backend):
     acc = _acc(values.dtype)
     return values.new_empty((), dtype=acc), values.new_empty((), dtype=acc)
 
 
-@torch.library.custom_op("metadd_fast::cvar_dual_backward", mutates_args=())
 def _cvar_dual_backward(grad: Tensor, values: Tensor, eta: Tensor, alpha: float, above: Tensor,
                         backend: str) -> tuple[Tensor, Tensor]:
     return tuple(backends.kernels(backend).cvar_dual_backward(grad, values, eta, alpha, above))
 
 
-@_cvar_dual_backward.register_fake
-def _(grad, values, eta, alpha, above, backend):
+def _cvar_dual_backward_fake(grad, values, eta, alpha, above, backend):
     return torch.empty_like(values), torch.empty_like(eta)
 
 
@@ -202,13 +200,14 @@ def _cvar_dual_setup(ctx, inputs, output):
     ctx.alpha, ctx.backend = alpha, backend
 
 
-def _cvar_dual_grad(ctx, grad, grad_above):
+def _cvar_dual_grad(ctx, backward, grad, grad_above):
     values, eta, above = ctx.saved_tensors
-    d_values, d_eta = _cvar_dual_backward(grad.contiguous(), values, eta, ctx.alpha, above, ctx.backend)
+    d_values, d_eta = backward(grad.contiguous(), values, eta, ctx.alpha, above, ctx.backend)
     return d_values, d_eta, None, None
 
 
-torch.library.register_autograd("metadd_fast::cvar_dual", _cvar_dual_grad, setup_context=_cvar_dual_setup)
+cvar_dual_op = FusedOp("cvar_dual", _cvar_dual, _cvar_dual_fake, _cvar_dual_backward, _cvar_dual_backward_fake,
+                       _cvar_dual_setup, _cvar_dual_grad)
 
 
 def cvar_dual(values: Tensor, eta, alpha: float, *, backend: Optional[str] = None) -> Tensor:
@@ -230,7 +229,7 @@ def cvar_dual(values: Tensor, eta, alpha: float, *, backend: Optional[str] = Non
     name = backends.resolve(backend, values.device)
     if name == "reference":
         return reference.cvar_dual(values, eta.reshape(()), alpha)
-    loss, _ = torch.ops.metadd_fast.cvar_dual(values.contiguous(), eta.reshape(()), alpha, name)
+    loss, _ = cvar_dual_op(values.contiguous(), eta.reshape(()), alpha, name)
     return loss
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import backends, checks, reference
 from .adapters import CAMTarget, cam_target
-from .cam import fused_maps
+from .cam import fused_maps, map_variance_op
 from .cam_args import NORMS
 from .cvar import check_alpha, cvar
 
@@ -125,7 +125,7 @@ class MetaDDLoss(nn.Module):
     def _variance(self, U: Tensor, backend: str) -> Tensor:
         if backend == "reference":
             return U.var(dim=0, unbiased=False).mean(dim=-1)
-        return torch.ops.metadd_fast.map_variance(U, backend)
+        return map_variance_op(U, backend)
 
     def _reduce(self, v: Tensor, groups: Optional[Tensor], backend: str) -> Tensor:
         if self.alpha is None:

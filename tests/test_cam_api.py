@@ -105,6 +105,7 @@ def test_opcheck(fused_backend, labelled):
         (features, heads, rows, 5, 4, False, 1, 1e-6, fused_backend),
     ]:
         torch.library.opcheck(torch.ops.metadd_fast.cam_maps.default, args)
+        torch.library.opcheck(torch.ops.metadd_fast.cam_variance.default, args)
     maps = torch.rand(3, 4, 6, requires_grad=True)
     torch.library.opcheck(torch.ops.metadd_fast.map_variance.default, (maps, fused_backend))
 
