@@ -27,15 +27,17 @@ def floating(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name}: expected a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}")
 
 
-def floating_tensor(name: str, t, layout: str) -> None:
-    """A non-empty floating tensor with the dimensions of ``layout``, e.g. "(B, C, H, W)"."""
+def floating_tensor(name: str, t, layout: str, allow_empty: bool = False) -> None:
+    """A floating tensor with the dimensions of ``layout``, e.g. "(B, C, H, W)"; non-empty
+    unless ``allow_empty``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
     floating(name, t)
     ndim = layout.count(",") + (not layout.endswith(",)"))
     if t.dim() != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D {layout} tensor, got shape {tuple(t.shape)}")
-    nonempty(name, t)
+    if not allow_empty:
+        nonempty(name, t)
 
 
 def integer(name: str, t: torch.Tensor) -> None:

@@ -46,6 +46,14 @@ def _add_distill(sub):
                    help="large-IPC engine (dm): optimize this many classes at a time into a memory-mapped "
                         "synthetic set, one checkpoint per chunk; under torchrun the chunks are sharded "
                         "across ranks (gloo on CPU, NCCL on GPU) and rank 0 writes the result")
+    p.add_argument("--cvar-chunks", type=int, default=1,
+                   help="large-IPC engine with --robust-alpha: chunks optimized together under one CVaR over "
+                        "all their groups (split across ranks; a multiple of the world size)")
+    p.add_argument("--device", default=None,
+                   help="large-IPC engine: device of the chunk being optimized (default: cpu; under torchrun "
+                        "on GPUs, cuda:<local rank>)")
+    p.add_argument("--pin-memory", action="store_true",
+                   help="large-IPC engine: keep each chunk's real images in pinned host memory (CUDA)")
 
 
 def _add_evaluate(sub):
@@ -126,11 +134,17 @@ def _distill_chunked(args) -> int:
     from .data import load
     from .engine import DatasetSource, EngineConfig, run_chunked
 
+    device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
     cfg = EngineConfig(method=args.method, ipc=args.ipc, iterations=args.iterations,
                        classes_per_chunk=args.classes_per_chunk, batch_real=args.batch_real, arch=args.arch,
-                       lr=args.lr, seed=args.seed)
+                       lr=args.lr, seed=args.seed, robust_alpha=args.robust_alpha, cvar_chunks=args.cvar_chunks,
+                       device=device, pin_memory=args.pin_memory)
     try:
         run = run_chunked(cfg, DatasetSource(load(args.dataset, "train", path=args.data_path, size=args.size)),
                           args.out)

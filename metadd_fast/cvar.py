@@ -41,11 +41,13 @@ def check_alpha(alpha) -> float:
     return float(alpha)
 
 
-def check_cvar_args(values, alpha, groups, num_groups, check_ids: bool = True) -> tuple:
+def check_cvar_args(values, alpha, groups, num_groups, check_ids: bool = True, allow_empty: bool = False) -> tuple:
     """(alpha, groups as int64 or None, num_groups) after SPEC section 4's checks. With
     ``check_ids=False`` the range of the group ids is left to the kernel (the C++ group
-    statistics check it in their pass over the values, with the same message)."""
-    checks.floating_tensor("values", values, "(N,)")
+    statistics check it in their pass over the values, with the same message).
+    ``allow_empty``: a rank of a distributed CVaR may hold no values (with groups, it
+    must then give num_groups)."""
+    checks.floating_tensor("values", values, "(N,)", allow_empty=allow_empty)
     alpha = check_alpha(alpha)
     if groups is None:
         if num_groups is not None:
@@ -58,12 +60,14 @@ def check_cvar_args(values, alpha, groups, num_groups, check_ids: bool = True) -
         raise ValueError(f"groups: expected shape {tuple(values.shape)} like values, got {tuple(groups.shape)}")
     checks.same_device([("values", values), ("groups", groups)])
     if num_groups is None:
+        if groups.numel() == 0:
+            raise ValueError("num_groups: needed when this rank has no values")
         num_groups = int(groups.max()) + 1
         if num_groups <= 0:
             raise ValueError(f"groups: expected ids in [0, num_groups), got a largest id of {num_groups - 1}")
     elif isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
-    if check_ids:
+    if check_ids and groups.numel():
         checks.index_range("groups", groups, num_groups)
     return alpha, groups.long().contiguous(), num_groups
 
@@ -74,7 +78,11 @@ def _cvar_forward(impl, values: Tensor, groups: Optional[Tensor], num_groups: in
     if groups is None:
         loss, w = impl.cvar_tail(values.to(acc).contiguous(), None, alpha)
         return loss, w, values.new_empty(0, dtype=torch.int64)
-    sums, counts = impl.cvar_group_stats(values.contiguous(), groups, num_groups)
+    if values.numel():
+        sums, counts = impl.cvar_group_stats(values.contiguous(), groups, num_groups)
+    else:  # a rank with no values in a distributed CVaR
+        sums = torch.zeros(num_groups, dtype=torch.float64, device=values.device)
+        counts = torch.zeros(num_groups, dtype=torch.int64, device=values.device)
     if all_reduce is not None:
         all_reduce(sums)
         all_reduce(counts)
@@ -158,12 +166,15 @@ def cvar(values: Tensor, alpha: float, groups: Optional[Tensor] = None, num_grou
     values: (N,) floating. alpha in (0, 1] (1 is the plain mean). groups: (N,) integer ids in
     [0, num_groups) (num_groups defaults to max id + 1, which reads the ids on the host);
     empty groups are ignored. Exact fractional boundary term, ties by lower index.
-    process_group: a ``torch.distributed`` group: the CVaR of the values of all its ranks.
+    process_group: a ``torch.distributed`` group: the CVaR of the values of all its ranks
+    (a rank may then hold no values; with groups, all ranks pass the same num_groups).
     Returns a 0-d float32 tensor (float64 for float64 values).
     """
-    checks.floating_tensor("values", values, "(N,)")
+    distributed = process_group is not None
+    checks.floating_tensor("values", values, "(N,)", allow_empty=distributed)
     name = backends.resolve(backend, values.device)
-    alpha, groups, num_groups = check_cvar_args(values, alpha, groups, num_groups, check_ids=name != "cpp")
+    alpha, groups, num_groups = check_cvar_args(values, alpha, groups, num_groups, check_ids=name != "cpp",
+                                                allow_empty=distributed)
     if process_group is not None:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("process_group: torch.distributed is not initialized")

@@ -116,31 +116,47 @@ class Distiller:
         self.iteration = state["iteration"]
         self.gen.set_state(state["gen"])
 
-    def _group_cvar(self, per_real: Tensor, real_emb: Tensor, syn_emb: Tensor) -> Tensor:
-        """CVaR over robust-DD groups (real image -> nearest synthetic image) of per-real-image losses."""
-        groups = nearest_centroid(real_emb.detach(), syn_emb.detach())[0]
-        return cvar(per_real, self.robust_alpha, groups, syn_emb.shape[0])
-
 
 class DM(Distiller):
     """Distribution matching: || mean embed(real_c) - mean embed(syn_c) ||^2 summed over classes.
     With robust_alpha: the CVaR over groups of || embed(real_i) - mean embed(syn_c) ||^2, whose
     alpha = 1 gradient is DM's."""
 
-    def match_loss(self) -> Tensor:
+    def _class_embeddings(self):
+        """(class, real embeddings (detached), synthetic embeddings) of each class under one
+        fresh network, each class with its own augmentation seed."""
         net = self._fresh_net().train()
         net.requires_grad_(False)
-        loss = 0.0
         for c in range(self.real.num_classes):
             seed = self._seed()
-            e_real = net.embed(self._aug(self._real(c), seed)).detach()
-            e_syn = net.embed(self._aug(self._syn(c), seed))
+            yield c, net.embed(self._aug(self._real(c), seed)).detach(), net.embed(self._aug(self._syn(c), seed))
+
+    @staticmethod
+    def _robust_terms(e_real: Tensor, e_syn: Tensor) -> tuple:
+        """Per-real-image losses and their groups (the nearest synthetic image of the class)."""
+        per_real = ((e_real - e_syn.mean(0)) ** 2).sum(1)
+        return per_real, nearest_centroid(e_real.detach(), e_syn.detach())[0]
+
+    def match_loss(self) -> Tensor:
+        loss = 0.0
+        for _, e_real, e_syn in self._class_embeddings():
             if self.robust_alpha is None:
                 loss = loss + ((e_real.mean(0) - e_syn.mean(0)) ** 2).sum()
             else:
-                per_real = ((e_real - e_syn.mean(0)) ** 2).sum(1)
-                loss = loss + self._group_cvar(per_real, e_real, e_syn)
+                per_real, groups = self._robust_terms(e_real, e_syn)
+                loss = loss + cvar(per_real, self.robust_alpha, groups, self.ipc)
         return loss
+
+    def group_losses(self) -> tuple:
+        """(values, groups) of one step for a CVaR over all classes at once: the per-real-image
+        robust-DD losses of every class, with group ids in [0, classes * ipc) (class c's
+        synthetic images are groups c * ipc ...). Draws the same randomness as a step."""
+        values, groups = [], []
+        for c, e_real, e_syn in self._class_embeddings():
+            v, g = self._robust_terms(e_real, e_syn)
+            values.append(v)
+            groups.append(g + c * self.ipc)
+        return torch.cat(values), torch.cat(groups)
 
 
 def _grad_distance(g_syn, g_real) -> Tensor:

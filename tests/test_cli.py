@@ -66,3 +66,15 @@ def test_chunked_distill_resume_and_restart(tmp_path, capsys):
     assert main(args + ["--resume"]) == 0
     assert main(args[:6] + ["2"] + args[7:]) == 2  # another config in the same folder
     assert main(args[:6] + ["2"] + args[7:] + ["--restart"]) == 0
+
+
+def test_chunked_robust_distill_and_its_bad_options(tmp_path, capsys):
+    out = str(tmp_path / "robust")
+    args = ["distill", "--classes-per-chunk", "3", "--ipc", "1", "--iterations", "1", "--batch-real", "8",
+            "--arch", "ConvNetD1", "--robust-alpha", "0.5", "--cvar-chunks", "2", "--out", out]
+    assert main(args) == 0
+    with open(os.path.join(out, "run.json")) as f:
+        config = json.load(f)["config"]
+    assert config["robust_alpha"] == 0.5 and config["cvar_chunks"] == 2
+    assert main(args + ["--pin-memory", "--restart"]) == 2
+    assert "pin_memory: pinned host memory serves a CUDA device" in capsys.readouterr().err

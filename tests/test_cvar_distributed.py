@@ -56,3 +56,10 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         grad = torch.cat([ranks[0][i][1], ranks[1][i][1]])
         assert torch.allclose(grad, v.grad, rtol=1e-12, atol=0), (backend, use_groups, alpha)
         assert v.grad.abs().sum() > 0
+
+
+def test_a_rank_without_values_must_name_the_groups():
+    with pytest.raises(ValueError, match="num_groups: needed when this rank has no values"):
+        mf.cvar(torch.zeros(0), 0.5, torch.zeros(0, dtype=torch.int64), process_group=object())
+    with pytest.raises(ValueError, match="values: expected a non-empty tensor"):
+        mf.cvar(torch.zeros(0), 0.5)  # only a rank of a distributed CVaR may be empty
