@@ -1,7 +1,7 @@
 """Fused class activation maps and their cross-architecture variance (SPEC section 1).
 
-Two custom ops, each with a fake (meta) implementation and an autograd formula
-that is itself a custom op, so ``torch.compile(fullgraph=True)`` traces them
+Custom ops, each with a fake (meta) implementation and an autograd formula that is
+itself a custom op, so ``torch.compile(fullgraph=True)`` traces them
 (:class:`~metadd_fast.oplib.FusedOp`; eager calls skip the dispatcher's Python layers):
 
 - ``metadd_fast::cam_maps``: K feature maps and heads -> U (K, B, S_h*S_w), the
@@ -9,6 +9,8 @@ that is itself a custom op, so ``torch.compile(fullgraph=True)`` traces them
   backward needs (each 1/C_k of its features). Features are read once.
 - ``metadd_fast::map_variance``: U -> v (B,), the per-image pixel mean of the
   variance across architectures.
+- ``metadd_fast::cam_variance``: both in one op (one dispatch forward and one
+  backward), for :func:`cam_variance`. MetaDDLoss uses the two parts separately.
 
 U and v are in the accumulation dtype (float32, or float64 for float64 inputs).
 """
