@@ -18,6 +18,7 @@ std::vector<at::Tensor> cvar_group_stats(const at::Tensor&, const at::Tensor&, i
 std::vector<at::Tensor> cvar_tail(const at::Tensor&, const std::optional<at::Tensor>&, double);
 at::Tensor cvar_values_grad(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                             const std::optional<at::Tensor>&, const at::Tensor&);
+at::Tensor cvar_autograd(const at::Tensor&, const std::optional<at::Tensor>&, int64_t, double);
 std::vector<at::Tensor> cvar_dual_forward(const at::Tensor&, const at::Tensor&, double);
 std::vector<at::Tensor> cvar_dual_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                            const at::Tensor&);
@@ -34,6 +35,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cvar_group_stats", &metadd::cvar_group_stats, "float64 group sums and int64 counts");
   m.def("cvar_tail", &metadd::cvar_tail, "CVaR of L (or of the means sums/counts) and its weights dCVaR/dL");
   m.def("cvar_values_grad", &metadd::cvar_values_grad, "gradient of the CVaR wrt the values");
+  m.def("cvar_autograd", &metadd::cvar_autograd, "the CVaR as one C++ autograd node (eager calls)");
   m.def("cvar_dual_forward", &metadd::cvar_dual_forward, "Rockafellar-Uryasev CVaR and the count above eta");
   m.def("cvar_dual_backward", &metadd::cvar_dual_backward, "gradient of cvar_dual_forward");
   m.def("nearest_centroid_forward", &metadd::nearest_centroid_forward, "blocked nearest centroid: (index, sqdist, refine)");

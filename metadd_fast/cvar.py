@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import backends, checks, reference
 from .cam import cam_variance
-from .oplib import FusedOp
+from .oplib import FusedOp, untraced
 
 __all__ = ["cvar", "cvar_dual", "metacam_cvar", "CVaR"]
 
@@ -183,6 +183,8 @@ def cvar(values: Tensor, alpha: float, groups: Optional[Tensor] = None, num_grou
         return _DistributedCVaR.apply(values, groups, num_groups, alpha, name, process_group)
     if name == "reference":
         return reference.cvar(values, alpha, groups, num_groups)
+    if name == "cpp" and untraced([values, groups]):  # one C++ autograd node: no Python in the backward
+        return backends.kernels("cpp").cvar_autograd(values, groups, num_groups, alpha)
     loss, _, _ = cvar_op(values, groups, num_groups, alpha, name)
     return loss
 

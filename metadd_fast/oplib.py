@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["FusedOp"]
+__all__ = ["FusedOp", "untraced"]
 
 
 def _flatten(args: tuple) -> tuple:
@@ -57,7 +57,7 @@ def _flatten_grads(layout: tuple, grads: tuple) -> list:
     return flat
 
 
-def _plain(flat) -> bool:
+def untraced(flat) -> bool:
     """True in plain eager mode: no tracing, no dispatch mode, no tensor subclasses."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
@@ -105,7 +105,7 @@ class FusedOp:
 
     def __call__(self, *args):
         layout, flat = _flatten(args)
-        if not _plain(flat):
+        if not untraced(flat):
             return self.op(*args)
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat):
             return self._eager.apply(layout, *flat)
