@@ -22,7 +22,7 @@
 namespace metadd {
 namespace {
 
-constexpr int64_t kRows = 64;
+constexpr int64_t kRows = 256;
 constexpr int64_t kCols = 512;
 
 template <typename acc_t>
