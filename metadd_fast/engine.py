@@ -84,7 +84,7 @@ class EngineConfig:
 
 
 class SyntheticStore:
-    """The synthetic images in a float32 memory-mapped file; each access maps and unmaps it,
+    """The synthetic images in a float32 memory-mapped file; each write maps and unmaps it,
     so only the chunk in use is resident."""
 
     def __init__(self, path: str, num_images: int, image_shape: tuple):
@@ -98,11 +98,10 @@ class SyntheticStore:
         mm.flush()
         del mm
 
-    def read(self, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-        mm = np.memmap(self.path, dtype=np.float32, mode="r", shape=self.shape)
-        out = torch.from_numpy(np.array(mm[start:stop]))
-        del mm
-        return out
+    def view(self) -> torch.Tensor:
+        """The whole set as a tensor backed by the file (copy-on-write, nothing is copied): pages
+        are read on access and can be evicted, so a set larger than RAM can still be saved."""
+        return torch.from_numpy(np.memmap(self.path, dtype=np.float32, mode="c", shape=self.shape))
 
 
 class RandomImageSource:
@@ -193,7 +192,8 @@ def _read_marker(path: str, digest: str) -> bool:
 def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bool = True) -> Optional[dict]:
     """Distill ``source`` (a callable class -> real images, with ``num_classes``, ``shape`` and
     ``key``) in class chunks into ``out``. In a distributed run pass ``group`` (or rely on the
-    default group); rank 0 returns {"images", "labels", "seconds"}, other ranks None."""
+    default group); rank 0 returns {"images" (backed by ``synthetic.f32``), "labels", "seconds"},
+    other ranks None."""
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank(group) if distributed else 0
     world = dist.get_world_size(group) if distributed else 1
@@ -239,7 +239,7 @@ def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bo
     missing = [i for i in range(len(chunks)) if not os.path.exists(marker(i))]
     if missing:
         raise RuntimeError(f"chunks {missing} are not finished")
-    images = store.read()
+    images = store.view()
     labels = torch.arange(n).repeat_interleave(cfg.ipc)
     save_synthetic(os.path.join(out, "synthetic.pt"), images, labels)
     return {"images": images, "labels": labels, "seconds": time.perf_counter() - start}
