@@ -41,12 +41,10 @@ def check_alpha(alpha) -> float:
     return float(alpha)
 
 
-def check_cvar_args(values, alpha, groups, num_groups, check_ids: bool = True, allow_empty: bool = False) -> tuple:
-    """(alpha, groups as int64 or None, num_groups) after SPEC section 4's checks. With
-    ``check_ids=False`` the range of the group ids is left to the kernel (the C++ group
-    statistics check it in their pass over the values, with the same message).
-    ``allow_empty``: a rank of a distributed CVaR may hold no values (with groups, it
-    must then give num_groups)."""
+def check_cvar_args(values, alpha, groups, num_groups, allow_empty: bool = False) -> tuple:
+    """(alpha, groups as int64 or None, num_groups) after SPEC section 4's checks, except the
+    range of the group ids: see :func:`_check_group_ids`. ``allow_empty``: a rank of a
+    distributed CVaR may hold no values (with groups, it must then give num_groups)."""
     checks.floating_tensor("values", values, "(N,)", allow_empty=allow_empty)
     alpha = check_alpha(alpha)
     if groups is None:
@@ -67,9 +65,14 @@ def check_cvar_args(values, alpha, groups, num_groups, check_ids: bool = True, a
             raise ValueError(f"groups: expected ids in [0, num_groups), got a largest id of {num_groups - 1}")
     elif isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
-    if check_ids and groups.numel():
-        checks.index_range("groups", groups, num_groups)
     return alpha, groups.long().contiguous(), num_groups
+
+
+def _check_group_ids(groups: Optional[Tensor], num_groups: int, backend: str) -> None:
+    """Ids in [0, num_groups). The C++ group statistics check them in their pass over the
+    values (same message), so only the other backends read them here."""
+    if groups is not None and backend != "cpp":
+        checks.index_range("groups", groups, num_groups)
 
 
 def _cvar_forward(impl, values: Tensor, groups: Optional[Tensor], num_groups: int, alpha: float, all_reduce=None):
@@ -170,11 +173,10 @@ def cvar(values: Tensor, alpha: float, groups: Optional[Tensor] = None, num_grou
     (a rank may then hold no values; with groups, all ranks pass the same num_groups).
     Returns a 0-d float32 tensor (float64 for float64 values).
     """
-    distributed = process_group is not None
-    checks.floating_tensor("values", values, "(N,)", allow_empty=distributed)
+    alpha, groups, num_groups = check_cvar_args(values, alpha, groups, num_groups,
+                                                allow_empty=process_group is not None)
     name = backends.resolve(backend, values.device)
-    alpha, groups, num_groups = check_cvar_args(values, alpha, groups, num_groups, check_ids=name != "cpp",
-                                                allow_empty=distributed)
+    _check_group_ids(groups, num_groups, name)
     if process_group is not None:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("process_group: torch.distributed is not initialized")
