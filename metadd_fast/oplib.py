@@ -9,7 +9,7 @@ dynamo-disable wrapper) cost about 45 us per call on the CPU, more than the kern
 themselves at DC shapes (B = 10: 5-30 us). So :class:`FusedOp` runs the same
 implementation, context setup and gradient formula through a plain
 ``torch.autograd.Function`` when nothing is tracing: not inside torch.compile, no
-dispatch mode (fake or functional tensors), only plain tensors. Both paths compute
+dispatch mode (fake or functional tensors), no torch.func transform, only plain tensors. Both paths compute
 with the same functions; only the dispatch differs.
 """
 from __future__ import annotations
@@ -58,8 +58,11 @@ def _flatten_grads(layout: tuple, grads: tuple) -> list:
 
 
 def untraced(flat) -> bool:
-    """True in plain eager mode: no tracing, no dispatch mode, no tensor subclasses."""
+    """True in plain eager mode: no tracing, no dispatch mode, no torch.func transform, no
+    tensor subclasses."""
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    if torch._C._are_functorch_transforms_active():
         return False
     return all(type(t) is torch.Tensor for t in flat if isinstance(t, torch.Tensor))
 
