@@ -11,7 +11,7 @@ of IPC ``--ipc`` over all 1,000 classes for ``--target-iterations`` steps on 1 a
 devices (class shards are independent, so the projection divides by the device
 count). Rows (images/s, peak memory, projections) are appended to
 benchmarks/results/engine_scale.csv with the device name. The zoo's ResNet-18 is DC's
-CIFAR form (stride-1 stem): at 224x224 it costs about 25x a torchvision ResNet-18, so
+CIFAR form (stride-1 stem): at 224x224 it costs about 15x a torchvision ResNet-18, so
 use 64x64 on a CPU.
 """
 from __future__ import annotations
