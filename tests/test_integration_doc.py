@@ -20,8 +20,13 @@ def setup():
     return metadd, image_syn, label_syn, real, torch.optim.SGD([image_syn], lr=0.1)
 
 
-def _moved(before, image_syn):
-    return not torch.equal(before, image_syn.detach())
+def _update_moves(loss, optimizer, images) -> bool:
+    """One optimizer step on ``loss``; whether it changed ``images``."""
+    before = images.detach().clone()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return not torch.equal(before, images.detach())
 
 
 def test_dc_dsa_loop(setup):
@@ -36,11 +41,7 @@ def test_dc_dsa_loop(setup):
                                      create_graph=True)
         loss = loss + sum(((a - b.detach()) ** 2).sum() for a, b in zip(gw_syn, gw_real))
     loss += 0.5 * metadd(image_syn, label_syn)  # the second added line
-    before = image_syn.detach().clone()
-    optimizer_img.zero_grad()
-    loss.backward()
-    optimizer_img.step()
-    assert _moved(before, image_syn)
+    assert _update_moves(loss, optimizer_img, image_syn)
 
 
 def test_dm_loop_with_robust_grouping(setup):
@@ -53,11 +54,7 @@ def test_dm_loop_with_robust_grouping(setup):
         groups = mf.nearest_centroid(output_real.detach(), output_syn.detach())[0]
         loss = loss + mf.cvar(((output_real - output_syn.mean(0)) ** 2).sum(1), 0.5, groups, IPC)
     loss += 0.5 * metadd(image_syn, label_syn)
-    before = image_syn.detach().clone()
-    optimizer_img.zero_grad()
-    loss.backward()
-    optimizer_img.step()
-    assert _moved(before, image_syn)
+    assert _update_moves(loss, optimizer_img, image_syn)
 
 
 def test_mtt_loop(setup):
@@ -75,11 +72,7 @@ def test_mtt_loop(setup):
     flat = torch.cat([p.flatten() for p in params])
     grand_loss = ((flat - target) ** 2).sum() / ((start - target) ** 2).sum()
     grand_loss = grand_loss + 0.5 * metadd(image_syn, label_syn)
-    before = image_syn.detach().clone()
-    optimizer_img.zero_grad()
-    grand_loss.backward()
-    optimizer_img.step()
-    assert _moved(before, image_syn) and syn_lr.grad is not None
+    assert _update_moves(grand_loss, optimizer_img, image_syn) and syn_lr.grad is not None
 
 
 def test_sre2l_loop_with_soft_labels(setup):
@@ -90,8 +83,4 @@ def test_sre2l_loop_with_soft_labels(setup):
     optimizer = torch.optim.Adam([inputs], lr=0.05)
     loss = F.cross_entropy(teacher(inputs), targets)
     loss = loss + 0.5 * metadd(inputs, targets.argmax(1))
-    before = inputs.detach().clone()
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    assert _moved(before, inputs)
+    assert _update_moves(loss, optimizer, inputs)
