@@ -2,7 +2,8 @@
 
     python benchmarks/run.py [--device cpu|cuda] [--ops cam_variance cvar ...] [--workloads NAME ...]
 
-For each op, workload and mode (forward; full = forward + backward), the
+For each op, workload and mode (forward; backward, of a graph built before the timing;
+full = forward + backward), the
 providers (eager, compile, fused, and any the op adds) are timed round-robin in one
 child process, so they see the same background load; their peak extra memory is
 measured one after another in a second child, where freed memory goes back to the
@@ -25,13 +26,12 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import measure  # noqa: E402
-from providers import PROVIDERS  # noqa: E402
+from providers import MODES, PROVIDERS, timed_call  # noqa: E402
 
 MODULES = ("workloads_cam", "workloads_cvar", "workloads_nearest", "workloads_metadd")
 RESULTS = os.path.join(HERE, "results", "results.csv")
 FIELDS = ["op", "provider", "mode", "workload", "metric", "unit", "p50", "p20", "p80", "device", "torch",
           "triton", "commit"]
-MODES = ("forward", "full")
 
 
 def op_modules() -> dict:
@@ -48,29 +48,36 @@ def copy_bandwidth(device: str) -> float:
     x = torch.randn(64 * 2**20, device=device)  # 256 MiB
     y = torch.empty_like(x)
     timer = measure.time_cuda if device == "cuda" else measure.time_cpu
-    p50, _, _ = timer({"copy": lambda: y.copy_(x)})["copy"]
+    p50, _, _ = timer({"copy": measure.Call(lambda: y.copy_(x))})["copy"]
     return 2 * x.numel() * x.element_size() / p50
 
 
-def child(op: str, workload: str, mode: str, device: str, what: str) -> dict:
-    """Times of all providers, interleaved (what="time"), or the peak extra memory of each
-    provider, one after another (what="memory"), in this process."""
+def child(op: str, workload: str, device: str, what: str) -> dict:
+    """For each mode of the op: the times of all providers, interleaved (what="time"), or the
+    peak extra memory of each provider, one after another (what="memory"), in this process.
+    One process runs all modes, so torch.compile traces the loss once for backward and full."""
     mod = op_modules()[op]
     inputs = mod.make_inputs(workload, device)
-    fns = {p: (lambda p=p: mod.step(op, p, mode, inputs)) for p in getattr(mod, "PROVIDERS", PROVIDERS)}
-    if what == "time":
-        timing = dict(getattr(mod, "TIMING", {})) if device != "cuda" else {}
-        if "METADD_BENCH_REPS" in os.environ:  # --quick
-            timing["reps"] = min(timing.get("reps", 40), int(os.environ["METADD_BENCH_REPS"]))
-        return {"time": (measure.time_cuda(fns) if device == "cuda" else measure.time_cpu(fns, **timing)),
-                "bytes": mod.min_bytes(inputs, mode)}
-    if device == "cuda":
-        return {"memory": {p: measure.peak_extra_cuda(fn) for p, fn in fns.items()}}
-    return {"memory": {p: measure.peak_extra_rss(fn, calls=getattr(mod, "MEMORY_CALLS", 5)) for p, fn in fns.items()}}
+    providers = getattr(mod, "PROVIDERS", PROVIDERS)
+    out = {}
+    for mode in getattr(mod, "MODES", MODES):
+        calls = {p: timed_call(mod, op, p, mode, inputs) for p in providers}
+        if what == "time":
+            timing = dict(getattr(mod, "TIMING", {})) if device != "cuda" else {}
+            if "METADD_BENCH_REPS" in os.environ:  # --quick
+                timing["reps"] = min(timing.get("reps", 40), int(os.environ["METADD_BENCH_REPS"]))
+            out[mode] = {"time": (measure.time_cuda(calls) if device == "cuda" else measure.time_cpu(calls, **timing)),
+                         "bytes": mod.min_bytes(inputs, mode)}
+        elif device == "cuda":
+            out[mode] = {p: measure.peak_extra_cuda(call) for p, call in calls.items()}
+        else:
+            out[mode] = {p: measure.peak_extra_rss(call, calls=getattr(mod, "MEMORY_CALLS", 5))
+                         for p, call in calls.items()}
+    return out
 
 
-def run_child(op: str, workload: str, mode: str, device: str, what: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", op, workload, mode, what, "--device", device]
+def run_child(op: str, workload: str, device: str, what: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", op, workload, what, "--device", device]
     # For memory only: a fixed mmap threshold keeps glibc from caching freed large
     # blocks, so RSS follows live memory (it also makes every allocation fault, so
     # timings are taken without it).
@@ -89,19 +96,19 @@ def append_rows(path: str, rows: list) -> None:
         w.writerows(rows)
 
 
-def case_rows(op: str, workload: str, mode: str, device: str, bandwidth: float, meta: dict) -> list:
-    """Measure one (op, workload, mode) for every provider; print its lines; return its CSV rows."""
+def case_rows(op: str, workload: str, device: str, bandwidth: float, meta: dict) -> list:
+    """Measure one (op, workload) in each mode for every provider; print its lines; return its CSV rows."""
     mod = op_modules()[op]
-    timed = run_child(op, workload, mode, device, "time")
-    times = timed["time"]
-    memories = run_child(op, workload, mode, device, "memory")["memory"]
+    timed_modes = run_child(op, workload, device, "time")
+    memory_modes = run_child(op, workload, device, "memory")
     rows = []
-    for p in getattr(mod, "PROVIDERS", PROVIDERS):
-        memory = memories[p]
+    cases = [(mode, p) for mode in timed_modes for p in getattr(mod, "PROVIDERS", PROVIDERS)]
+    for mode, p in cases:
+        times, memory = timed_modes[mode]["time"], memory_modes[mode][p]
         p50, p20, p80 = times[p]
         vs_eager = times["eager"][0] / p50
         vs_compile = times["compile"][0] / p50 if "compile" in times else float("nan")
-        gbs = timed["bytes"] / p50
+        gbs = timed_modes[mode]["bytes"] / p50
         row = dict(op=op, provider=p, mode=mode, workload=workload, **meta)
         metrics = [("time", "ms", p50 * 1e3, p20 * 1e3, p80 * 1e3),
                    ("peak_extra_memory", "MB", memory / 1e6, None, None),
@@ -127,11 +134,11 @@ def main():
     ap.add_argument("--quick", action="store_true",
                     help="one workload per op, fewer repetitions, no MetaDDLoss step unless named in --ops")
     ap.add_argument("--out", default=RESULTS)
-    ap.add_argument("--child", nargs=4, metavar=("OP", "WORKLOAD", "MODE", "WHAT"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=3, metavar=("OP", "WORKLOAD", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        op, workload, mode, what = args.child
-        print(json.dumps(child(op, workload, mode, args.device, what)))
+        op, workload, what = args.child
+        print(json.dumps(child(op, workload, args.device, what)))
         return
     mods = op_modules()
     ops = args.ops or [op for op in mods if not (args.quick and op == "metadd_loss")]
@@ -157,10 +164,9 @@ def main():
         default = list(mod.WORKLOADS) if args.device == "cuda" else mod.CPU_WORKLOADS
         chosen = [w for w in (args.workloads or default) if w in mod.WORKLOADS]
         for workload in chosen[:1] if args.quick else chosen:
-            for mode in getattr(mod, "MODES", MODES):
-                rows = case_rows(op, workload, mode, args.device, bandwidth, meta)
-                append_rows(args.out, rows)  # each finished case is on disk before the next starts
-                count += len(rows)
+            rows = case_rows(op, workload, args.device, bandwidth, meta)
+            append_rows(args.out, rows)  # each finished case is on disk before the next starts
+            count += len(rows)
     print(f"appended {count} rows to {os.path.relpath(args.out)}")
 
 

@@ -1,8 +1,9 @@
 """Benchmark workloads of the CAM-variance and MetaCAM+CVaR ops.
 
 Every workloads module gives OPS (op name -> loss function per provider), WORKLOADS,
-CPU_WORKLOADS, make_inputs, step and min_bytes; benchmarks/run.py and the
-pytest-benchmark file use them. Providers: "eager" (the reference, plain PyTorch
+CPU_WORKLOADS, make_inputs, run, leaves and min_bytes (and MODES, PROVIDERS where
+they differ from providers.py); benchmarks/run.py and the pytest-benchmark file time
+them through providers.timed_call. Providers: "eager" (the reference, plain PyTorch
 autograd), "compile" (torch.compile of the reference), "fused" (Triton on CUDA,
 C++ on CPU).
 """
@@ -66,21 +67,20 @@ def _fused_metacam_cvar(features, weights, labels, out_size):
 OPS = {"cam_variance": (_reference_cam, _fused_cam), "metacam_cvar": (_reference_metacam_cvar, _fused_metacam_cvar)}
 
 
-
-def step(op: str, provider: str, mode: str, inputs):
-    """One call: mode "forward" (no graph kept) or "full" (forward + backward to the features)."""
+def run(op: str, provider: str, inputs):
+    """The loss of one provider."""
     features, weights, labels, out_size = inputs
-    fn = pick(OPS, op, provider)
-    if mode == "forward":
-        with torch.no_grad():
-            return fn(features, weights, labels, out_size)
-    loss = fn(features, weights, labels, out_size)
-    return torch.autograd.grad(loss, features)
+    return pick(OPS, op, provider)(features, weights, labels, out_size)
+
+
+def leaves(inputs):
+    return inputs[0]
 
 
 def min_bytes(inputs, mode: str) -> int:
-    """Fewest bytes a fused op must move: features read once (+ weights), and dA written once."""
+    """Fewest bytes a fused op must move: features read once (+ weights), and in modes backward
+    and full dA written once (the backward reads the features again to rebuild the maps)."""
     features, weights, _, _ = inputs
     feat = sum(f.numel() * f.element_size() for f in features)
     weight = sum(w.numel() * w.element_size() for w in weights)
-    return feat + weight + (feat if mode == "full" else 0)
+    return feat + weight + (feat if mode != "forward" else 0)

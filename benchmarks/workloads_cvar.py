@@ -40,19 +40,20 @@ def make_inputs(name: str, device: str = "cpu", dtype=torch.float32, seed: int =
     return values, groups, num_groups
 
 
-
-def step(op: str, provider: str, mode: str, inputs):
+def run(op: str, provider: str, inputs):
     values, groups, num_groups = inputs
-    fn = pick(OPS, op, provider)
-    if mode == "forward":
-        with torch.no_grad():
-            return fn(values, groups, num_groups)
-    return torch.autograd.grad(fn(values, groups, num_groups), values)
+    return pick(OPS, op, provider)(values, groups, num_groups)
+
+
+def leaves(inputs):
+    return inputs[0]
 
 
 def min_bytes(inputs, mode: str) -> int:
-    """Values (and group ids) read once; in full mode the gradient written once."""
+    """Forward: values and group ids read once. Backward: the group ids (without groups, the
+    values) read once to find the tail, and the gradient written once. Full: forward + the
+    gradient written."""
     values, groups, _ = inputs
     v = values.numel() * values.element_size()
     g = groups.numel() * groups.element_size() if groups is not None else 0
-    return v + g + (v if mode == "full" else 0)
+    return {"forward": v + g, "backward": (g or v) + v, "full": v + g + v}[mode]
