@@ -161,7 +161,14 @@ void check_map_args(const at::Tensor& A, const at::Tensor& Wt, const at::Tensor&
   TORCH_CHECK(A.device().is_cpu() && A.dim() == 4 && A.is_contiguous(), "features: contiguous 4-D CPU tensor expected");
   TORCH_CHECK(Wt.dim() == 3 && Wt.is_contiguous() && Wt.size(1) == A.size(1), "weights: contiguous (R, C, Qw) expected");
   TORCH_CHECK(Wt.scalar_type() == at::toOpMathType(A.scalar_type()), "weights: must be in the accumulation dtype");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.numel() == A.size(0), "rows: (B,) int64 expected");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.numel() == A.size(0) && rows.is_contiguous(),
+              "rows: contiguous (B,) int64 expected");
+  // The rows are the labels (or 0..B-1 for per-sample weights); the Python API leaves their
+  // range to this check, with its message (metadd_fast.cam_args.check_label_range).
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const auto [lo, hi] = std::minmax_element(r, r + rows.numel());
+  TORCH_CHECK_VALUE(rows.numel() == 0 || (*lo >= 0 && *hi < Wt.size(0)), "labels: expected values in [0, ",
+                    Wt.size(0), "), got values in [", *lo, ", ", *hi, "]");
 }
 
 }  // namespace
@@ -179,10 +186,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> cam_maps_forward(const std::vect
   at::Tensor U = at::empty({K, A0.size(0), Sh * Sw}, A0.options().dtype(at::toOpMathType(A0.scalar_type())));
   std::vector<at::Tensor> rects;
   rects.reserve(K);
+  for (int64_t k = 0; k < K; ++k) {  // every check before any map is computed
+    check_map_args(features[k], heads[k], rows[k]);
+    TORCH_CHECK(at::toOpMathType(features[k].scalar_type()) == U.scalar_type(),
+                "features: one accumulation dtype expected");
+  }
   for (int64_t k = 0; k < K; ++k) {
     const at::Tensor& A = features[k];
-    check_map_args(A, heads[k], rows[k]);
-    TORCH_CHECK(at::toOpMathType(A.scalar_type()) == U.scalar_type(), "features: one accumulation dtype expected");
     at::Tensor Uk = U.select(0, k);
     at::Tensor R = at::empty({A.size(0), A.size(2) * A.size(3)}, U.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "cam_maps_forward", [&] {

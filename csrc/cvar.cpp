@@ -121,7 +121,7 @@ std::vector<at::Tensor> cvar_group_stats(const at::Tensor& values, const at::Ten
   // One slice of the values per thread, each into its own partial sums, then the
   // partials are added in slice order: deterministic for a given thread count.
   // Out-of-range ids are counted, not followed, and reported after the pass.
-  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 32768));
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 8192));
   std::vector<double> part_s(slices * num_groups, 0.0);
   std::vector<int64_t> part_c(slices * num_groups, 0);
   std::vector<int64_t> bad(slices, 0);

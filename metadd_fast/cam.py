@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, reference
-from .cam_args import NORM_CODES, REDUCTIONS, CamArgs, parse_cam_args
+from .cam_args import NORM_CODES, REDUCTIONS, CamArgs, check_label_range, parse_cam_args
 from .checks import choice
 from .oplib import FusedOp
 
@@ -166,18 +166,19 @@ cam_variance_op = FusedOp("cam_variance", _cam_variance, _cam_variance_fake, _ca
 
 
 def _backend_for(args: CamArgs, backend: Optional[str]) -> str:
+    """The backend that runs ``args``, after the label range check if its kernels do not do it."""
     name = backends.resolve(backend, args.device)
-    if name != "triton":
-        return name
-    from metadd_fast.kernels.cam_maps import MAX_MAP_PIXELS, supports
+    if name == "triton":
+        from metadd_fast.kernels.cam_maps import MAX_MAP_PIXELS, supports
 
-    if all(supports(f.shape[2], f.shape[3], *args.out_size) for f in args.features):
-        return name
-    msg = f"the triton CAM kernels handle maps of at most {MAX_MAP_PIXELS} pixels"
-    if backend == "triton":
-        raise ValueError(f"features: {msg}, got {[tuple(f.shape[2:]) for f in args.features]}")
-    warnings.warn(f"metadd_fast: {msg}; falling back to the reference implementation", RuntimeWarning)
-    return "reference"
+        if not all(supports(f.shape[2], f.shape[3], *args.out_size) for f in args.features):
+            msg = f"the triton CAM kernels handle maps of at most {MAX_MAP_PIXELS} pixels"
+            if backend == "triton":
+                raise ValueError(f"features: {msg}, got {[tuple(f.shape[2:]) for f in args.features]}")
+            warnings.warn(f"metadd_fast: {msg}; falling back to the reference implementation", RuntimeWarning)
+            name = "reference"
+    check_label_range(args, name)
+    return name
 
 
 def prepare_inputs(features: list, heads: list, rows: list) -> tuple:

@@ -1,8 +1,7 @@
 """Validation of the CAM ops' arguments and the weight kinds of SPEC section 1."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -13,8 +12,7 @@ NORM_CODES = {"none": 0, "max": 1, "minmax": 2}
 REDUCTIONS = ("mean", "sum", "none")
 
 
-@dataclass(frozen=True)
-class CamArgs:
+class CamArgs(NamedTuple):
     """Checked arguments. ``heads[k]`` is ``(R_k, C_k, QW_k)``: the weight viewed as
     R rows of C channels by QW pixels (QW = H*W for a flatten head, else 1)."""
 
@@ -31,20 +29,19 @@ class CamArgs:
 
 def _head(k: int, feature: torch.Tensor, weight: torch.Tensor, labelled: bool) -> tuple:
     B, C, H, W = feature.shape
-    name = f"weights[{k}]"
     shape = tuple(weight.shape)
     if not labelled:
         if shape == (B, C):
             return (B, C, 1)
         raise ValueError(
-            f"{name}: without labels, expected per-sample channel weights of shape ({B}, {C}); got {shape} "
+            f"weights[{k}]: without labels, expected per-sample channel weights of shape ({B}, {C}); got {shape} "
             f"(pass labels= for a linear or flatten classifier head)")
     if weight.dim() == 2 and shape[1] == C:
         return (shape[0], C, 1)
     if (weight.dim() == 2 and shape[1] == C * H * W) or (weight.dim() == 4 and shape[1:] == (C, H, W)):
         return (shape[0], C, H * W)
     raise ValueError(
-        f"{name}: expected a linear head (N, {C}) or a flatten head (N, {C}, {H}, {W}) / (N, {C * H * W}) "
+        f"weights[{k}]: expected a linear head (N, {C}) or a flatten head (N, {C}, {H}, {W}) / (N, {C * H * W}) "
         f"for features[{k}] of shape {tuple(feature.shape)}; got {shape}")
 
 
@@ -62,36 +59,46 @@ def _out_size(out_size, features) -> tuple:
 
 
 def parse_cam_args(features, weights, labels, out_size, relu, norm, eps) -> CamArgs:
-    """Check every argument of ``class_activation_maps``/``cam_variance`` (SPEC section 4)."""
+    """Check every argument of ``class_activation_maps``/``cam_variance`` (SPEC section 4), but
+    the range of the labels: see :func:`check_label_range`."""
     features = checks.tensor_list("features", features)
     weights = checks.tensor_list("weights", weights)
     if len(features) < 2:
         raise ValueError(f"features: expected K >= 2 architectures, got {len(features)}")
     if len(weights) != len(features):
         raise ValueError(f"weights: expected one per architecture ({len(features)} features), got {len(weights)}")
+    # Each check first tests the common case; the messages are built only for a failure.
+    B = features[0].shape[0] if features[0].dim() == 4 else None
     for k, f in enumerate(features):
-        checks.floating_tensor(f"features[{k}]", f, "(B, C, H, W)")
-        if f.shape[0] != features[0].shape[0]:
-            raise ValueError(
-                f"features[{k}]: batch size {f.shape[0]} differs from features[0]'s {features[0].shape[0]}")
+        if f.dim() != 4 or f.dtype not in checks.FLOATING or f.shape[0] != B or not f.numel():
+            checks.floating_tensor(f"features[{k}]", f, "(B, C, H, W)")
+            raise ValueError(f"features[{k}]: batch size {f.shape[0]} differs from features[0]'s {B}")
     for k, w in enumerate(weights):
-        checks.floating(f"weights[{k}]", w)
-    named = [(f"features[{k}]", f) for k, f in enumerate(features)] + [(f"weights[{k}]", w) for k, w in enumerate(weights)]
+        if w.dtype not in checks.FLOATING:
+            checks.floating(f"weights[{k}]", w)
+    tensors = features + weights
     if labels is not None:
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels: expected None or an integer tensor, got {type(labels).__name__}")
         checks.integer("labels", labels)
-        B = features[0].shape[0]
         if tuple(labels.shape) != (B,):
             raise ValueError(f"labels: expected shape ({B},), got {tuple(labels.shape)}")
-        named.append(("labels", labels))
-    device = checks.same_device(named)
+        tensors.append(labels)
+    device = features[0].device
+    if any(t.device != device for t in tensors):
+        names = [f"features[{k}]" for k in range(len(features))] + [f"weights[{k}]" for k in range(len(weights))]
+        checks.same_device(zip(names + ["labels"], tensors))
     if not isinstance(relu, bool):
         raise TypeError(f"relu: expected a bool, got {type(relu).__name__}")
     checks.choice("norm", norm, NORMS)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
     heads = [_head(k, f, w, labels is not None) for k, (f, w) in enumerate(zip(features, weights))]
-    if labels is not None:
-        checks.index_range("labels", labels, min(h[0] for h in heads))
     return CamArgs(features, weights, heads, labels, _out_size(out_size, features), relu, norm, float(eps), device)
+
+
+def check_label_range(args: CamArgs, backend: str) -> None:
+    """Labels in [0, rows of every head). The C++ kernels check them as they read the head
+    rows (same message), so only the other backends read them here."""
+    if args.labels is not None and backend != "cpp":
+        checks.index_range("labels", args.labels, min(h[0] for h in args.heads))

@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def tensor_list(name: str, value) -> list[torch.Tensor]:
@@ -23,7 +23,7 @@ def tensor_list(name: str, value) -> list[torch.Tensor]:
 
 
 def floating(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in _FLOATING:
+    if t.dtype not in FLOATING:
         raise TypeError(f"{name}: expected a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}")
 
 

@@ -58,11 +58,17 @@ def test_bad_options_name_the_argument(case, kw, exc, name):
         _call(*case, **kw)
 
 
-def test_errors_raised_before_any_kernel_for_every_backend(case):
+def test_label_range_checked_by_every_backend(case):
+    """The C++ kernels check the labels as they read the head rows; the others check in Python."""
     f, w, y = case
+    bad = y.clone()
+    bad[-1] = 5
     for backend in ("cpp", "triton", "reference"):
-        with pytest.raises(ValueError, match="labels"):
-            _call(f, w, y + 100, backend=backend)
+        for fn in (_call, mf.class_activation_maps):
+            with pytest.raises(ValueError, match=re.escape("labels: expected values in [0, 5), got values in [")):
+                fn(f, w, bad, backend=backend)
+            with torch.no_grad(), pytest.raises(ValueError, match=re.escape("labels: expected values in [0, 5)")):
+                fn(f, w, -bad - 1, backend=backend)
 
 
 def test_missing_backend_warns_and_falls_back(case, monkeypatch):
