@@ -30,7 +30,7 @@ def plot(path: str) -> list[str]:
         rows_d = [r for r in rows_d if r["commit"] == latest]
         groups = list(dict.fromkeys((r["workload"], r["mode"]) for r in rows_d))
         providers = list(dict.fromkeys(r["provider"] for r in rows_d))
-        fig, axes = plt.subplots(1, 2, figsize=(2.0 + 3.6 * len(groups), 3.8))
+        fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 2.0 + 1.4 * len(groups)), 7.0))  # time above memory
         width = 0.8 / len(providers)
         for ax, metric, label in ((axes[0], "time", "time per call, ms (p50, p20-p80)"),
                                   (axes[1], "peak_extra_memory", "peak extra memory, MB")):
