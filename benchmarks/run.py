@@ -59,13 +59,13 @@ def child(op: str, workload: str, device: str, what: str) -> dict:
     mod = op_modules()[op]
     inputs = mod.make_inputs(workload, device)
     providers = getattr(mod, "PROVIDERS", PROVIDERS)
+    timing = dict(getattr(mod, "TIMING", {})) if device != "cuda" else {}
+    if "METADD_BENCH_REPS" in os.environ:  # --quick
+        timing["reps"] = min(timing.get("reps", 40), int(os.environ["METADD_BENCH_REPS"]))
     out = {}
     for mode in getattr(mod, "MODES", MODES):
         calls = {p: timed_call(mod, op, p, mode, inputs) for p in providers}
         if what == "time":
-            timing = dict(getattr(mod, "TIMING", {})) if device != "cuda" else {}
-            if "METADD_BENCH_REPS" in os.environ:  # --quick
-                timing["reps"] = min(timing.get("reps", 40), int(os.environ["METADD_BENCH_REPS"]))
             out[mode] = {"time": (measure.time_cuda(calls) if device == "cuda" else measure.time_cpu(calls, **timing)),
                          "bytes": mod.min_bytes(inputs, mode)}
         elif device == "cuda":
