@@ -15,7 +15,9 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -24,6 +26,39 @@ namespace {
 
 constexpr int64_t kRows = 256;
 constexpr int64_t kCols = 512;
+
+// The best and second-best e_j = cn_j - 2 g_j of one row over one tile, and the index of
+// the best (the lowest on ties), in two vectorized passes of reductions instead of one
+// branchy scan: the minimum, then its first index, how often it occurs and the smallest
+// value above it. Both passes compute e_j bit for bit alike (2 g_j is exact, so a fused
+// multiply-add rounds the same). NaN compares false everywhere, so it is never picked.
+template <typename acc_t>
+struct Top2 {
+  acc_t b1, b2;
+  int64_t a1;
+};
+
+template <typename acc_t>
+Top2<acc_t> tile_top2(const acc_t* __restrict__ g, const acc_t* __restrict__ cn, int64_t cols) {
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  acc_t b1 = inf;
+#pragma omp simd reduction(min : b1)
+  for (int64_t j = 0; j < cols; ++j) {
+    const acc_t e = cn[j] - 2 * g[j];
+    b1 = e < b1 ? e : b1;
+  }
+  acc_t b2 = inf;
+  int32_t a1 = static_cast<int32_t>(cols), ties = 0;  // 32-bit: as wide as a float lane
+#pragma omp simd reduction(min : b2, a1) reduction(+ : ties)
+  for (int32_t j = 0; j < static_cast<int32_t>(cols); ++j) {
+    const acc_t e = cn[j] - 2 * g[j];
+    const bool at_min = e == b1;
+    a1 = at_min && j < a1 ? j : a1;
+    ties += at_min;
+    b2 = e > b1 && e < b2 ? e : b2;
+  }
+  return {b1, ties > 1 ? b1 : b2, a1 == cols ? 0 : a1};
+}
 
 template <typename acc_t>
 void nearest_centroid_impl(const at::Tensor& x, const at::Tensor& c, const at::Tensor& cn, double cmax,
@@ -57,22 +92,14 @@ void nearest_centroid_impl(const at::Tensor& x, const at::Tensor& c, const at::T
         const int64_t ld = g.stride(0);
         const acc_t* __restrict__ cn_block = cnp + m0;
         for (int64_t r = 0; r < rows; ++r) {
-          const acc_t* __restrict__ gr = gp + r * ld;
-          acc_t b1 = best[r], b2 = second[r];  // in registers: the stores below cannot alias them
-          int64_t a1 = arg[r];
-          for (int64_t j = 0; j < cols; ++j) {
-            const acc_t e = cn_block[j] - 2 * gr[j];
-            if (e < b1) {  // strict: ties keep the lower index
-              b2 = b1;
-              b1 = e;
-              a1 = m0 + j;
-            } else if (e < b2) {
-              b2 = e;
-            }
+          const Top2<acc_t> t = tile_top2(gp + r * ld, cn_block, cols);
+          if (t.b1 < best[r]) {  // strict: on ties the earlier tile (lower index) stays
+            second[r] = std::min(best[r], t.b2);
+            best[r] = t.b1;
+            arg[r] = m0 + t.a1;
+          } else {
+            second[r] = std::min(second[r], t.b1);
           }
-          best[r] = b1;
-          second[r] = b2;
-          arg[r] = a1;
         }
       }
       for (int64_t r = 0; r < rows; ++r) {

@@ -57,6 +57,18 @@ def test_near_tied_centroids_are_settled_exactly(fused_backend, D):
     assert not torch.any(mf.nearest_centroid(x, c, backend=fused_backend)[0] == 20)
 
 
+def test_several_row_blocks_and_centroid_tiles(fused_backend):
+    """N and M past the C++ kernel's 256-row blocks and 512-centroid tiles, with exact
+    duplicates in the same tile (100, 130) and in a later one (900): the lowest index wins."""
+    c = torch.randn(1100, 8)
+    c[130] = c[100]
+    c[900] = c[100]
+    x = torch.cat([c[100] + 1e-2 * torch.randn(40, 8), torch.randn(300, 8)])
+    check(fused_backend, x, c)
+    index = mf.nearest_centroid(x, c, backend=fused_backend)[0]
+    assert torch.all(index[:40] == 100)
+
+
 def test_float64_and_half_inputs(fused_backend):
     x, c = torch.randn(100, 24, dtype=torch.float64), torch.randn(30, 24, dtype=torch.float64)
     check(fused_backend, x, c, tol=1e-12)
