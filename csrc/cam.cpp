@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 
 #include "cam_common.h"
+#include "index_range.h"
 
 namespace metadd {
 namespace {
@@ -165,10 +166,7 @@ void check_map_args(const at::Tensor& A, const at::Tensor& Wt, const at::Tensor&
               "rows: contiguous (B,) int64 expected");
   // The rows are the labels (or 0..B-1 for per-sample weights); the Python API leaves their
   // range to this check, with its message (metadd_fast.cam_args.check_label_range).
-  const int64_t* r = rows.data_ptr<int64_t>();
-  const auto [lo, hi] = std::minmax_element(r, r + rows.numel());
-  TORCH_CHECK_VALUE(rows.numel() == 0 || (*lo >= 0 && *hi < Wt.size(0)), "labels: expected values in [0, ",
-                    Wt.size(0), "), got values in [", *lo, ", ", *hi, "]");
+  check_index_range("labels", rows.data_ptr<int64_t>(), rows.numel(), Wt.size(0));
 }
 
 }  // namespace

@@ -15,6 +15,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include "index_range.h"
+
 #include <algorithm>
 #include <cmath>
 #include <optional>
@@ -152,8 +154,7 @@ std::vector<at::Tensor> cvar_group_stats(const at::Tensor& values, const at::Ten
     });
   });
   if (std::any_of(bad.begin(), bad.end(), [](int64_t b) { return b != 0; })) {
-    const auto [lo, hi] = std::minmax_element(g, g + N);
-    TORCH_CHECK_VALUE(false, "groups: expected values in [0, ", num_groups, "), got values in [", *lo, ", ", *hi, "]");
+    check_index_range("groups", g, N, num_groups);  // raises: some id is out of range
   }
   for (int64_t k = 0; k < slices; ++k) {
     for (int64_t j = 0; j < num_groups; ++j) {
