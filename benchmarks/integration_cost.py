@@ -49,12 +49,17 @@ def _cos_distance(gw_syn, gw_real):
                for a, b in zip(gw_syn, gw_real) if a.dim() > 1)
 
 
+def _synthetic(classes: int, ipc: int, lr: float):
+    """(image_syn, label_syn, optimizer_img) as DC, DM and MTT set them up (CIFAR-10 shapes)."""
+    image_syn = torch.randn(classes * ipc, 3, 32, 32, requires_grad=True)
+    label_syn = torch.arange(classes).repeat_interleave(ipc)
+    return image_syn, label_syn, torch.optim.SGD([image_syn], lr=lr, momentum=0.5)
+
+
 def dc_loop(batch_real: int):
     classes, ipc = 10, 1
     real = torch.randn(classes, batch_real, 3, 32, 32)
-    image_syn = torch.randn(classes * ipc, 3, 32, 32, requires_grad=True)
-    label_syn = torch.arange(classes).repeat_interleave(ipc)
-    optimizer_img = torch.optim.SGD([image_syn], lr=0.1, momentum=0.5)
+    image_syn, label_syn, optimizer_img = _synthetic(classes, ipc, 0.1)
     net = ConvNet(3, classes)
     params = list(net.parameters())
 
@@ -74,9 +79,7 @@ def dc_loop(batch_real: int):
 def dm_loop(batch_real: int):
     classes, ipc = 10, 10
     real = torch.randn(classes, batch_real, 3, 32, 32)
-    image_syn = torch.randn(classes * ipc, 3, 32, 32, requires_grad=True)
-    label_syn = torch.arange(classes).repeat_interleave(ipc)
-    optimizer_img = torch.optim.SGD([image_syn], lr=1.0, momentum=0.5)
+    image_syn, label_syn, optimizer_img = _synthetic(classes, ipc, 1.0)
 
     def base():
         net = ConvNet(3, classes).requires_grad_(False)  # a fresh network every iteration
@@ -92,10 +95,8 @@ def dm_loop(batch_real: int):
 
 def mtt_loop(syn_steps: int):
     classes, ipc = 10, 1
-    image_syn = torch.randn(classes * ipc, 3, 32, 32, requires_grad=True)
-    label_syn = torch.arange(classes).repeat_interleave(ipc)
+    image_syn, label_syn, optimizer_img = _synthetic(classes, ipc, 1000.0)
     syn_lr = torch.tensor(0.01, requires_grad=True)
-    optimizer_img = torch.optim.SGD([image_syn], lr=1000, momentum=0.5)
     student = ConvNet(3, classes)
     names = [n for n, _ in student.named_parameters()]
     start = torch.cat([p.detach().flatten() for p in student.parameters()])

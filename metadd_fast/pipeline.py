@@ -47,6 +47,7 @@ class DistillConfig:
     metadd_alpha: Optional[float] = None
     pretrain_epochs: int = 15
     robust_alpha: Optional[float] = None
+    robust_weight: float = 1.0
     zca: bool = False
     seed: int = 0
     checkpoint_every: int = 25
@@ -118,7 +119,7 @@ def run_distill(cfg: DistillConfig, out: str, *, progress: bool = True, shared_c
                                    os.path.join(cache, "metadd_models.pt"), progress)
         metadd = MetaDDLoss(models, alpha=cfg.metadd_alpha)
     kw = dict(lr=cfg.lr, batch_real=cfg.batch_real, arch=cfg.arch, metadd=metadd, metadd_weight=cfg.metadd_weight,
-              robust_alpha=cfg.robust_alpha, seed=cfg.seed)
+              robust_alpha=cfg.robust_alpha, robust_weight=cfg.robust_weight, seed=cfg.seed)
     if cfg.method == "sre2l":
         teacher_path = os.path.join(cache, "teacher.pt")
         if os.path.exists(teacher_path):
