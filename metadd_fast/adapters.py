@@ -11,6 +11,10 @@ layer and head are found in this order:
 4. a probe on the first batch: the module that finishes last with a 4-D output
    whose map has more than one pixel, and the last ``nn.Linear`` run.
 
+A map of one pixel (DC's VGG11 or torchvision's MobileNetV2 at 32x32) makes every CAM
+constant, so the probe refuses it (ValueError naming the network); a map that is
+constant over its pixels on the probe batch gets a warning naming the network.
+
 The head kind is then checked numerically on that first batch: a linear layer
 that maps the global average of the map to the logits is a ``"linear"`` head,
 one that maps the flattened map is a ``"flatten"`` head, and anything else
@@ -18,6 +22,7 @@ one that maps the flattened map is a ``"flatten"`` head, and anything else
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -58,6 +63,7 @@ class CAMTarget:
     def __init__(self, model: nn.Module, layer: Optional[nn.Module], head: Optional[nn.Module]):
         self.model, self.layer, self.head = model, layer, head
         self.kind: Optional[str] = None
+        self.name = type(model).__name__  # in messages; MetaDDLoss names it models[k] (Class)
 
     def __repr__(self) -> str:
         return f"CAMTarget({type(self.model).__name__}, kind={self.kind or 'undecided'})"
@@ -95,6 +101,7 @@ class CAMTarget:
         if A.dim() != 4:
             raise ValueError(f"layer: expected a 4-D (B, C, H, W) feature map from {type(self.layer).__name__}, "
                              f"got shape {tuple(A.shape)}")
+        _check_map(self.name, A, images.shape[2:])
         self.kind = _head_kind(_last_linear(self.head), A, logits)
 
     def head_weight(self, A: Tensor) -> Tensor:
@@ -129,6 +136,19 @@ def _probe_modules(model: nn.Module, images: Tensor) -> tuple[nn.Module, Optiona
         raise ValueError(f"cam_target: found no 4-D feature map with more than one pixel in {type(model).__name__}; "
                          f"pass layer= (a module name or module)")
     return finished[-1], (linears[-1] if linears else None)
+
+
+def _check_map(name: str, A: Tensor, image_size) -> None:
+    """Refuse a 1x1 feature map, warn about one constant over its pixels: either gives a constant
+    CAM, which adds nothing to MetaDD's cross-architecture variance but its weight."""
+    H, W = A.shape[2:]
+    size = "x".join(str(int(s)) for s in image_size)
+    if H * W == 1:
+        raise ValueError(f"models: {name} gives a 1x1 CAM map on {size} images (its CAM is constant); use "
+                         f"larger images, pass layer= (an earlier feature map) or leave it out")
+    if bool((A.amax(dim=(2, 3)) == A.amin(dim=(2, 3))).all()):
+        warnings.warn(f"{name}: its {H}x{W} CAM feature map is constant over its pixels on the probe batch "
+                      f"({size} images), so its CAM is constant", stacklevel=3)
 
 
 def _head_kind(linear: Optional[nn.Linear], A: Tensor, logits: Tensor) -> str:

@@ -36,7 +36,12 @@ def _add_distill(sub):
     p.add_argument("--metadd-alpha", type=_floats_or_none, default=None,
                    help="CVaR tail of the MetaDD term over synthetic images (none: mean)")
     p.add_argument("--robust-alpha", type=_floats_or_none, default=None,
-                   help="robust DD: CVaR tail over groups of real images (nearest synthetic image)")
+                   help="robust DD: CVaR tail over groups of real images (nearest synthetic image of the class)")
+    p.add_argument("--robust-weight", type=float, default=1.0,
+                   help="robust DD: the CVaR term's weight (times the number of classes), added to the method's loss")
+    p.add_argument("--zca", action="store_true",
+                   help="distill in regularised-ZCA space fitted on the train images (CIFAR-style runs, as "
+                        "MTT/KIP); synthetic.pt is saved un-whitened, the transform in zca.pt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
     p.add_argument("--out", required=True, help="output folder (resumed if it holds this run)")
@@ -193,12 +198,17 @@ def main(argv=None) -> int:
             print(f"metadd-fast distill: --resume: {args.out} holds no run to continue", file=sys.stderr)
             return 2
         if args.classes_per_chunk:
+            if args.zca:
+                print("metadd-fast distill: --zca: not available with the large-IPC engine (--classes-per-chunk)",
+                      file=sys.stderr)
+                return 2
             return _distill_chunked(args)
         cfg = pipeline.DistillConfig(
             dataset=args.dataset, data_path=args.data_path, size=args.size, method=args.method, ipc=args.ipc,
             iterations=args.iterations, lr=args.lr, batch_real=args.batch_real, arch=args.arch,
             metadd_weight=args.metadd_weight, metadd_models=tuple(args.metadd_models.split(",")),
-            metadd_alpha=args.metadd_alpha, robust_alpha=args.robust_alpha, seed=args.seed,
+            metadd_alpha=args.metadd_alpha, robust_alpha=args.robust_alpha,
+            robust_weight=args.robust_weight, zca=args.zca, seed=args.seed,
             checkpoint_every=args.checkpoint_every)
         try:
             run = pipeline.run_distill(cfg, args.out)

@@ -8,16 +8,25 @@
   frozen teacher plus matching of its BatchNorm statistics.
 
 Every distiller takes ``metadd=MetaDDLoss(...)`` with ``metadd_weight`` (the MetaDD
-term on the synthetic images) and ``robust_alpha``: robust-DD grouping, where each
-real image joins the group of its nearest synthetic image (embedding space) and
-the per-image matching losses enter as a CVaR over groups. ``state_dict`` /
-``load_state_dict`` carry everything a resumed run needs. ``device=`` puts the
-synthetic set and the networks on a device; the real data stays where it is and
-each sampled batch is moved over.
+term on the synthetic images) and ``robust_alpha`` / ``robust_weight`` (robust DD,
+docs/methods.md): every step, the real batch of each class is grouped by the nearest
+synthetic image OF THAT CLASS in the step's embedding (DM: the step's fresh network; DC:
+the network being matched; SRe2L: the teacher; ``embedding=`` overrides it), each group
+gets a loss that depends on its own synthetic image, and the upper-tail CVaR over all
+groups, times ``robust_weight * num_classes``, is added to the method's loss. So the
+worst-covered groups pull their own synthetic image toward them.
+
+One step is split so that a chunked engine can couple the robust CVaR across chunks and
+ranks: :meth:`Distiller.loss_terms` (every weighted term but the robust CVaR), then
+:meth:`Distiller.group_losses` (the CVaR's values and group ids), then
+:meth:`Distiller.finish_step`. ``step()`` composes them. ``state_dict`` holds tensors and
+plain containers only (RNG state as a uint8 tensor), for ``torch.load(weights_only=True)``.
+``device=`` puts the synthetic set and the networks on a device; the real data stays where
+it is and each sampled batch is moved over.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,29 +39,59 @@ from .kmeans import nearest_centroid
 from .metadd_loss import MetaDDLoss
 from .models import ConvNet, get_model
 
-__all__ = ["Distiller", "DM", "DC", "SRe2L", "DISTILLERS"]
+__all__ = ["Distiller", "DM", "DC", "SRe2L", "DISTILLERS", "coverage_losses"]
+
+Embedding = Callable[[Tensor], Tensor]
+
+
+def coverage_losses(e_real: Tensor, e_syn: Tensor) -> tuple[Tensor, Tensor]:
+    """Robust DD's per-real-image loss in an embedding: (values (n,), groups (n,) int64).
+
+    e_real (n, D) (no gradient needed), e_syn (m, D) the embeddings of one class's synthetic
+    images (with their graph). groups[i] = the nearest synthetic image of real image i;
+    values[i] = ||e_real[i] - e_syn[groups[i]]||^2, so a group's mean is
+    ||mean_g e_real - e_syn[g]||^2 plus the group's scatter (constant in the synthetic images)
+    and its gradient moves synthetic image g alone, toward its group's mean embedding."""
+    groups = nearest_centroid(e_real.detach().float(), e_syn.detach().float())[0]
+    return ((e_real.detach() - e_syn[groups]) ** 2).sum(1), groups
 
 
 class Distiller:
-    """Owns the synthetic set ``images`` (classes * ipc, C, H, W) and its optimizer."""
+    """Owns the synthetic set ``images`` (classes * ipc, C, H, W) and its optimizer.
+
+    robust_alpha: None (no robust DD) or the CVaR tail fraction in (0, 1]; robust_weight:
+    the robust term is ``robust_weight * num_classes * cvar(values, robust_alpha, groups,
+    num_classes * ipc)`` (``robust_scale`` times the CVaR), added to the method's loss.
+    embedding: a callable images -> (B, D) features used for robust DD's grouping and
+    coverage losses instead of the method's own network (frozen if an nn.Module).
+    """
 
     default_lr = 1.0
 
     def __init__(self, real: Dataset, ipc: int, *, lr: Optional[float] = None, batch_real: int = 128,
                  arch: str = "ConvNet", init: str = "real", metadd: Optional[MetaDDLoss] = None,
-                 metadd_weight: float = 0.0, robust_alpha: Optional[float] = None,
-                 augment: Optional[str] = DEFAULT_STRATEGY, seed: int = 0, device=None):
+                 metadd_weight: float = 0.0, robust_alpha: Optional[float] = None, robust_weight: float = 1.0,
+                 embedding: Optional[Embedding] = None, augment: Optional[str] = DEFAULT_STRATEGY, seed: int = 0,
+                 device=None):
         if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
             raise ValueError(f"ipc: expected a positive int, got {ipc!r}")
         if init not in ("real", "noise"):
             raise ValueError(f"init: expected 'real' or 'noise', got {init!r}")
         if robust_alpha is not None:
             check_alpha(robust_alpha)
+        if isinstance(robust_weight, bool) or not isinstance(robust_weight, (int, float)) or not robust_weight > 0:
+            raise ValueError(f"robust_weight: expected a positive float, got {robust_weight!r}")
+        if embedding is not None and not callable(embedding):
+            raise TypeError(f"embedding: expected a callable images -> features, got {type(embedding).__name__}")
         if metadd_weight and metadd is None:
             raise ValueError("metadd: metadd_weight > 0 needs a MetaDDLoss")
         self.real, self.ipc, self.arch, self.batch_real = real, ipc, arch, batch_real
         self.device = torch.device(device) if device is not None else real.images.device
         self.metadd, self.metadd_weight, self.robust_alpha = metadd, metadd_weight, robust_alpha
+        self.robust_weight = float(robust_weight)
+        if isinstance(embedding, nn.Module):
+            embedding.requires_grad_(False)
+        self.embedding = embedding
         self.augment = DiffAugment(augment) if augment else None
         self.gen = torch.Generator().manual_seed(seed)
         self.by_class = class_batches(real)
@@ -68,6 +107,9 @@ class Distiller:
         self.images = images.to(self.device).requires_grad_()
         self.optimizer = self._optimizer(lr if lr is not None else self.default_lr)
         self.iteration = 0
+        self._ctx: tuple = (-1, None)  # (iteration, that step's network, real batches and seeds)
+
+    # ---- helpers ------------------------------------------------------------------------
 
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.SGD([self.images], lr=lr, momentum=0.5)
@@ -90,20 +132,75 @@ class Distiller:
         torch.manual_seed(self._seed())
         return get_model(self.arch, self.real.channel, self.real.num_classes, self.real.im_size).to(self.device)
 
-    def match_loss(self) -> Tensor:
+    def _context(self) -> dict:
+        """The step's random draws (network, real batches, augmentation seeds), made once per
+        step on first use, so loss_terms() and group_losses() see the same ones."""
+        if self._ctx[0] != self.iteration:
+            self._ctx = (self.iteration, self._new_context())
+        return self._ctx[1]
+
+    def _new_context(self) -> dict:
         raise NotImplementedError
+
+    @property
+    def num_groups(self) -> int:
+        """Robust DD's groups: one per synthetic image (class c's image j is group c * ipc + j)."""
+        return self.real.num_classes * self.ipc
+
+    @property
+    def robust_scale(self) -> float:
+        """The CVaR's factor in the step's loss: robust_weight * num_classes (so that at IPC 1 and
+        alpha 1 the robust term has the scale of a sum over classes, like the methods' losses)."""
+        return self.robust_weight * self.real.num_classes
+
+    # ---- one step, in parts ---------------------------------------------------------------
+
+    def match_loss(self) -> Tensor:
+        """The method's own loss on the synthetic images (DM, DC or SRe2L's objective)."""
+        raise NotImplementedError
+
+    def loss_terms(self) -> dict:
+        """Every weighted scalar term of the step except robust DD's CVaR: {"match", ["metadd"]}."""
+        terms = {"match": self.match_loss()}
+        if self.metadd is not None and self.metadd_weight:
+            terms["metadd"] = self.metadd_weight * self.metadd(self.images, self.labels)
+        return terms
+
+    def group_losses(self) -> tuple[Tensor, Tensor]:
+        """Robust DD's (values (n,), groups (n,) int64 in [0, num_groups)) of this step; the robust
+        term is ``robust_scale * cvar(values, robust_alpha, groups, num_groups)``."""
+        raise NotImplementedError
+
+    def robust_loss(self) -> Tensor:
+        values, groups = self.group_losses()
+        return self.robust_scale * cvar(values, self.robust_alpha, groups, self.num_groups)
+
+    def _update_networks(self) -> None:
+        """Per-step network update after the image update (DC's inner loop)."""
+
+    def finish_step(self) -> None:
+        """Optimizer step on the images, per-step network update, iteration += 1."""
+        self.optimizer.step()
+        self._update_networks()
+        self.iteration += 1
+        self._ctx = (-1, None)  # frees the step's graph
+
+    def loss(self) -> dict:
+        """The step's terms (tensors): loss_terms() and, with robust_alpha, "robust"."""
+        terms = self.loss_terms()
+        if self.robust_alpha is not None:
+            terms["robust"] = self.robust_loss()
+        return terms
 
     def step(self) -> dict:
         """One update of the synthetic images; returns the loss terms as floats."""
         self.optimizer.zero_grad(set_to_none=True)
-        terms = {"match": self.match_loss()}
-        if self.metadd is not None and self.metadd_weight:
-            terms["metadd"] = self.metadd(self.images, self.labels)
-        total = terms["match"] + self.metadd_weight * terms.get("metadd", 0.0)
-        total.backward()
-        self.optimizer.step()
-        self.iteration += 1
+        terms = self.loss()
+        sum(terms.values()).backward()
+        self.finish_step()
         return {k: float(v.detach()) for k, v in terms.items()}
+
+    # ---- resuming ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         return {"images": self.images.detach().clone(), "optimizer": self.optimizer.state_dict(),
@@ -115,45 +212,51 @@ class Distiller:
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = state["iteration"]
         self.gen.set_state(state["gen"])
+        self._ctx = (-1, None)
 
 
 class DM(Distiller):
-    """Distribution matching: || mean embed(real_c) - mean embed(syn_c) ||^2 summed over classes.
-    With robust_alpha: the CVaR over groups of || embed(real_i) - mean embed(syn_c) ||^2, whose
-    alpha = 1 gradient is DM's."""
+    """Distribution matching: sum_c || mean e(real_c) - mean e(syn_c) ||^2 under a fresh network
+    e per step (or the fixed ``embedding``), with one augmentation seed per class.
 
-    def _class_embeddings(self):
-        """(class, real embeddings (detached), synthetic embeddings) of each class under one
-        fresh network, each class with its own augmentation seed."""
-        net = self._fresh_net().train()
-        net.requires_grad_(False)
+    Robust DD: each real image of class c joins the group of its nearest synthetic image of
+    class c in e (recomputed every step, under that step's network and augmentation); its
+    value is its squared embedding distance to that image (:func:`coverage_losses`). The CVaR
+    over groups sends each synthetic image of a badly covered group toward that group's
+    mean embedding. At alpha = 1 it is the mean over non-empty groups of their mean
+    distance, a Lloyd (k-means) pull of every image toward its cell; it equals DM's loss plus
+    a constant only at IPC 1 (one group per class)."""
+
+    def _new_context(self) -> dict:
+        if self.embedding is not None:
+            embed = self.embedding
+        else:
+            net = self._fresh_net().train()
+            net.requires_grad_(False)
+            embed = net.embed
+        classes = []
         for c in range(self.real.num_classes):
             seed = self._seed()
-            yield c, net.embed(self._aug(self._real(c), seed)).detach(), net.embed(self._aug(self._syn(c), seed))
+            with torch.no_grad():
+                e_real = embed(self._aug(self._real(c), seed)).flatten(1)
+            classes.append((seed, e_real))
+        return {"embed": embed, "classes": classes}
 
-    @staticmethod
-    def _robust_terms(e_real: Tensor, e_syn: Tensor) -> tuple:
-        """Per-real-image losses and their groups (the nearest synthetic image of the class)."""
-        per_real = ((e_real - e_syn.mean(0)) ** 2).sum(1)
-        return per_real, nearest_centroid(e_real.detach(), e_syn.detach())[0]
+    def _class_embeddings(self):
+        """(real embeddings (detached), synthetic embeddings (with graph)) of each class."""
+        ctx = self._context()
+        if "syn" not in ctx:
+            ctx["syn"] = [ctx["embed"](self._aug(self._syn(c), seed)).flatten(1)
+                          for c, (seed, _) in enumerate(ctx["classes"])]
+        return [(e_real, e_syn) for (_, e_real), e_syn in zip(ctx["classes"], ctx["syn"])]
 
     def match_loss(self) -> Tensor:
-        loss = 0.0
-        for _, e_real, e_syn in self._class_embeddings():
-            if self.robust_alpha is None:
-                loss = loss + ((e_real.mean(0) - e_syn.mean(0)) ** 2).sum()
-            else:
-                per_real, groups = self._robust_terms(e_real, e_syn)
-                loss = loss + cvar(per_real, self.robust_alpha, groups, self.ipc)
-        return loss
+        return sum(((e_real.mean(0) - e_syn.mean(0)) ** 2).sum() for e_real, e_syn in self._class_embeddings())
 
-    def group_losses(self) -> tuple:
-        """(values, groups) of one step for a CVaR over all classes at once: the per-real-image
-        robust-DD losses of every class, with group ids in [0, classes * ipc) (class c's
-        synthetic images are groups c * ipc ...). Draws the same randomness as a step."""
+    def group_losses(self) -> tuple[Tensor, Tensor]:
         values, groups = [], []
-        for c, e_real, e_syn in self._class_embeddings():
-            v, g = self._robust_terms(e_real, e_syn)
+        for c, (e_real, e_syn) in enumerate(self._class_embeddings()):
+            v, g = coverage_losses(e_real, e_syn)
             values.append(v)
             groups.append(g + c * self.ipc)
         return torch.cat(values), torch.cat(groups)
@@ -171,10 +274,15 @@ def _grad_distance(g_syn, g_real) -> Tensor:
 
 
 class DC(Distiller):
-    """Gradient matching with DSA. The network is re-initialized every ``outer_loop`` steps and
-    trained ``inner_steps`` SGD steps on the synthetic set after each image update. With
-    robust_alpha the real gradient is that of the CVaR over groups of the real images'
-    cross-entropy."""
+    """Gradient matching with DSA: sum_c D(grad CE(net(syn_c)), grad CE(net(real_c))), D the
+    layer-wise cosine distance. The network is re-initialized every ``outer_loop`` steps and
+    trained ``inner_steps`` SGD steps on the synthetic set after each image update.
+
+    Robust DD: each real image of class c joins the group of its nearest synthetic image of
+    class c in the network's embedding (every step, under the network being matched, or
+    ``embedding``); a group's value is D(grad CE(net(s_g)), grad CE(net(real images of g))),
+    the gradient match of that one synthetic image to its own group. At IPC 1 and alpha = 1
+    the robust term equals DC's loss (times robust_weight)."""
 
     default_lr = 0.1
 
@@ -184,45 +292,71 @@ class DC(Distiller):
         self.outer_loop, self.inner_steps, self.lr_net = outer_loop, inner_steps, lr_net
         self.net: Optional[nn.Module] = None
 
-    def match_loss(self) -> Tensor:
+    def _new_context(self) -> dict:
         if self.net is None or self.iteration % self.outer_loop == 0:
             self.net = self._fresh_net().train()
-        params = [p for p in self.net.parameters()]
-        loss = 0.0
+        classes = []
         for c in range(self.real.num_classes):
             seed = self._seed()
-            x_real = self._aug(self._real(c), seed)
-            y_real = torch.full((x_real.shape[0],), c, dtype=torch.int64, device=self.device)
-            logits = self.net(x_real)
-            if self.robust_alpha is None:
-                real_loss = F.cross_entropy(logits, y_real)
-            else:
-                with torch.no_grad():
-                    groups = nearest_centroid(self.net.embed(x_real), self.net.embed(self._syn(c)))[0]
-                real_loss = cvar(F.cross_entropy(logits, y_real, reduction="none"), self.robust_alpha, groups,
-                                 self.ipc)
-            g_real = [g.detach() for g in torch.autograd.grad(real_loss, params)]
-            x_syn = self._aug(self._syn(c), seed)
-            syn_loss = F.cross_entropy(self.net(x_syn), self.labels[c * self.ipc: (c + 1) * self.ipc])
-            g_syn = torch.autograd.grad(syn_loss, params, create_graph=True)
-            loss = loss + _grad_distance(g_syn, g_real)
+            classes.append((seed, self._aug(self._real(c), seed)))
+        return {"classes": classes}
+
+    def _grads(self, x: Tensor, c: int, create_graph: bool) -> tuple:
+        params = list(self.net.parameters())
+        y = torch.full((x.shape[0],), c, dtype=torch.int64, device=self.device)
+        return torch.autograd.grad(F.cross_entropy(self.net(x), y), params, create_graph=create_graph)
+
+    def match_loss(self) -> Tensor:
+        loss = 0.0
+        for c, (seed, x_real) in enumerate(self._context()["classes"]):
+            g_real = [g.detach() for g in self._grads(x_real, c, False)]
+            loss = loss + _grad_distance(self._grads(self._aug(self._syn(c), seed), c, True), g_real)
         return loss
 
-    def step(self) -> dict:
-        out = super().step()
+    def group_losses(self) -> tuple[Tensor, Tensor]:
+        embed = self.embedding if self.embedding is not None else self.net.embed
+        values, groups = [], []
+        for c, (seed, x_real) in enumerate(self._context()["classes"]):
+            x_syn = self._aug(self._syn(c), seed)
+            with torch.no_grad():
+                g = nearest_centroid(embed(x_real).flatten(1).float(), embed(x_syn).flatten(1).float())[0]
+            for j in torch.unique(g).tolist():
+                g_real = [t.detach() for t in self._grads(x_real[g == j], c, False)]
+                values.append(_grad_distance(self._grads(x_syn[j: j + 1], c, True), g_real))
+                groups.append(c * self.ipc + j)
+        return torch.stack(values), torch.tensor(groups, dtype=torch.int64, device=self.device)
+
+    def _update_networks(self) -> None:
         opt = torch.optim.SGD(self.net.parameters(), lr=self.lr_net, momentum=0.5)
         x = self.images.detach()
         for _ in range(self.inner_steps):
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(self.net(self._aug(x, self._seed())), self.labels).backward()
             opt.step()
-        return out
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["net"] = None if self.net is None else {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if state.get("net") is None:
+            self.net = None
+            return
+        self.net = get_model(self.arch, self.real.channel, self.real.num_classes, self.real.im_size).to(self.device)
+        self.net.load_state_dict(state["net"])
+        self.net.train()
 
 
 class SRe2L(Distiller):
     """Recover: CE(teacher(x_syn), y) + r_bn * sum over BatchNorm layers of
     ||mu(x) - running_mean||_2 + ||var(x) - running_var||_2; Adam on the images.
-    With robust_alpha: the CVaR over synthetic images of their cross-entropy."""
+
+    Robust DD (needs the real data at recover time, which SRe2L's recover does not use): the
+    coverage losses of :class:`DM` in the frozen teacher's embedding (``teacher.embed`` or
+    ``embedding=``): each real image of class c is grouped by its nearest synthetic image of
+    class c, every step, under the step's augmentation."""
 
     default_lr = 0.05
 
@@ -231,10 +365,16 @@ class SRe2L(Distiller):
         if not bns:
             raise ValueError("teacher: SRe2L needs a network with BatchNorm2d layers")
         super().__init__(real, ipc, **kw)
+        if self.robust_alpha is not None and self.embedding is None and not callable(getattr(teacher, "embed", None)):
+            raise ValueError(f"embedding: robust SRe2L groups real images in the teacher's embedding, and "
+                             f"{type(teacher).__name__} has no .embed; pass embedding= (images -> features)")
         self.teacher, self.r_bn, self.bns = teacher.eval().requires_grad_(False).to(self.device), r_bn, bns
 
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.images], lr=lr, betas=(0.5, 0.9))
+
+    def _new_context(self) -> dict:
+        return {"seed": self._seed()}
 
     def match_loss(self) -> Tensor:
         stats = []
@@ -246,15 +386,23 @@ class SRe2L(Distiller):
 
         hooks = [m.register_forward_hook(hook) for m in self.bns]
         try:
-            logits = self.teacher(self._aug(self.images, self._seed()))
+            logits = self.teacher(self._aug(self.images, self._context()["seed"]))
         finally:
             for h in hooks:
                 h.remove()
-        if self.robust_alpha is None:
-            ce = F.cross_entropy(logits, self.labels)
-        else:
-            ce = cvar(F.cross_entropy(logits, self.labels, reduction="none"), self.robust_alpha)
-        return ce + self.r_bn * sum(stats)
+        return F.cross_entropy(logits, self.labels) + self.r_bn * sum(stats)
+
+    def group_losses(self) -> tuple[Tensor, Tensor]:
+        seed = self._context()["seed"]
+        embed = self.embedding if self.embedding is not None else self.teacher.embed
+        values, groups = [], []
+        for c in range(self.real.num_classes):
+            with torch.no_grad():
+                e_real = embed(self._aug(self._real(c), seed)).flatten(1)
+            v, g = coverage_losses(e_real, embed(self._aug(self._syn(c), seed)).flatten(1))
+            values.append(v)
+            groups.append(g + c * self.ipc)
+        return torch.cat(values), torch.cat(groups)
 
 
 def bn_teacher(real: Dataset, *, epochs: int = 20, seed: int = 0) -> nn.Module:

@@ -88,6 +88,8 @@ class MetaDDLoss(nn.Module):
             raise ValueError(f"chunk_size: expected None or a positive int, got {chunk_size!r}")
         # Plain list: the frozen models are not submodules (no parameters of this loss).
         self.targets = [cam_target(m) for m in models]
+        for k, t in enumerate(self.targets):  # probe errors and warnings name the network
+            t.name = f"models[{k}] ({type(t.model).__name__})"
         self.mode, self.memory, self.chunk_size, self.backend = mode, memory, chunk_size, backend
         self.out_size, self.relu, self.norm, self.eps = out_size, relu, norm, eps
         self.alpha, self.groups, self.num_groups = alpha, groups, num_groups

@@ -26,6 +26,7 @@ from .metadd_loss import MetaDDLoss
 from .models import get_model
 from .results import atomic_save, save_cam_figure, save_image_grid, save_synthetic
 from .training import train_model
+from .zca import ZCA
 
 __all__ = ["DistillConfig", "run_distill", "pretrained_models", "run_demo"]
 
@@ -46,6 +47,8 @@ class DistillConfig:
     metadd_alpha: Optional[float] = None
     pretrain_epochs: int = 15
     robust_alpha: Optional[float] = None
+    robust_weight: float = 1.0
+    zca: bool = False
     seed: int = 0
     checkpoint_every: int = 25
     extra: dict = field(default_factory=dict)
@@ -104,6 +107,11 @@ def run_distill(cfg: DistillConfig, out: str, *, progress: bool = True, shared_c
     if cfg.method not in DISTILLERS:
         raise ValueError(f"method: expected one of {', '.join(DISTILLERS)}, got {cfg.method!r}")
     train = datasets.load(cfg.dataset, "train", path=cfg.data_path, size=cfg.size)
+    zca = None
+    if cfg.zca:  # distill in ZCA space (docs/methods.md); zca.pt holds the transform
+        zca = ZCA.fit(train.images)
+        atomic_save(zca.state_dict(), os.path.join(out, "zca.pt"))
+        train = zca.whiten_dataset(train)
     cache = shared_cache or out
     metadd = None
     if cfg.metadd_weight:
@@ -111,7 +119,7 @@ def run_distill(cfg: DistillConfig, out: str, *, progress: bool = True, shared_c
                                    os.path.join(cache, "metadd_models.pt"), progress)
         metadd = MetaDDLoss(models, alpha=cfg.metadd_alpha)
     kw = dict(lr=cfg.lr, batch_real=cfg.batch_real, arch=cfg.arch, metadd=metadd, metadd_weight=cfg.metadd_weight,
-              robust_alpha=cfg.robust_alpha, seed=cfg.seed)
+              robust_alpha=cfg.robust_alpha, robust_weight=cfg.robust_weight, seed=cfg.seed)
     if cfg.method == "sre2l":
         teacher_path = os.path.join(cache, "teacher.pt")
         if os.path.exists(teacher_path):
@@ -138,11 +146,14 @@ def run_distill(cfg: DistillConfig, out: str, *, progress: bool = True, shared_c
             atomic_save({"distiller": distiller.state_dict()}, state_path)
     bar.close()
     images, labels = distiller.images.detach(), distiller.labels
+    if zca is not None:  # saved un-whitened, in the dataset's normalized space like every run
+        images = zca.unwhiten(images)
     save_synthetic(os.path.join(out, "synthetic.pt"), images, labels)
     save_image_grid(os.path.join(out, "synthetic.png"), train.denormalize(images), labels,
                     f"{cfg.method.upper()} on {cfg.dataset}, IPC {cfg.ipc}")
     if metadd is not None:
-        _save_cams(os.path.join(out, "cams.png"), metadd, images, labels, train, list(cfg.metadd_models))
+        _save_cams(os.path.join(out, "cams.png"), metadd, distiller.images.detach(), labels, train,
+                   list(cfg.metadd_models))
     return {"images": images, "labels": labels, "seconds": time.perf_counter() - start}
 
 

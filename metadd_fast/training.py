@@ -31,7 +31,7 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
         for idx in order.split(batch_size):
             x = images[idx]
             if augment is not None:
-                x = augment(x, int(torch.randint(1 << 30, (1,), generator=g)))
+                x = augment(x, int(torch.randint(1 << 30, (1,), generator=g)), siamese=False)  # DSA: per image
             loss = F.cross_entropy(model(x), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -25,14 +25,16 @@ def tiny():
 
 
 def _fixed_loss(d, state):
-    """The distiller's matching loss replayed from one saved random state: the same network,
+    """The distiller's loss (every term) replayed from one saved random state: the same network,
     real batch and augmentation every time, so only the synthetic images differ."""
     now, net = d.gen.get_state(), getattr(d, "net", None)
     d.gen.set_state(state)
+    d._ctx = (-1, None)
     if net is not None:
         d.net = None  # DC: a fresh network from the replayed state
-    loss = float(d.match_loss().detach())
+    loss = float(sum(d.loss().values()).detach())
     d.gen.set_state(now)
+    d._ctx = (-1, None)
     if net is not None:
         d.net = net
     return loss
@@ -43,6 +45,7 @@ def _fixed_loss(d, state):
     (DM, dict(lr=5.0, robust_alpha=0.5)),
     (DC, dict(lr=0.05, outer_loop=100, inner_steps=0)),  # one network throughout: its loss must fall
     (DC, dict(lr=0.05, outer_loop=100, inner_steps=0, robust_alpha=0.5)),
+    (DC, dict(lr=0.05, outer_loop=100, inner_steps=0, robust_alpha=1.0, robust_weight=0.5)),
 ])
 def test_distillers_reduce_their_loss(tiny, cls, kw):
     d = cls(tiny, 2, batch_real=8, seed=1, augment=None, **kw)

@@ -1,4 +1,6 @@
 """docs/integration.md: a minimal loop of each public code base's shape, with the two added lines."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,12 +49,21 @@ def test_dc_dsa_loop(setup):
 def test_dm_loop_with_robust_grouping(setup):
     metadd, image_syn, label_syn, real, optimizer_img = setup
     net = get_model("ConvNetD1", 1, C, (SIZE, SIZE))
-    loss = torch.tensor(0.0)
+    loss, values, group_ids = torch.tensor(0.0), [], []
     for c in range(C):
         output_real = net.embed(real[c]).detach()
         output_syn = net.embed(image_syn[c * IPC:(c + 1) * IPC])
+        loss += torch.sum((torch.mean(output_real, dim=0) - torch.mean(output_syn, dim=0)) ** 2)
         groups = mf.nearest_centroid(output_real.detach(), output_syn.detach())[0]
-        loss = loss + mf.cvar(((output_real - output_syn.mean(0)) ** 2).sum(1), 0.5, groups, IPC)
+        values.append(((output_real - output_syn[groups]) ** 2).sum(1))
+        group_ids.append(groups + c * IPC)
+    robust = 1.0 * C * mf.cvar(torch.cat(values), 0.5, torch.cat(group_ids), C * IPC)
+    # the robust term moves the images of the worst groups one by one, not a class's mean alone
+    (g,) = torch.autograd.grad(robust, image_syn, retain_graph=True)
+    moved = g.flatten(1).abs().sum(1).gt(0).nonzero().flatten()
+    nonempty = torch.cat(group_ids).unique()
+    assert set(moved.tolist()) <= set(nonempty.tolist()) and 1 <= len(moved) <= math.ceil(0.5 * len(nonempty))
+    loss += robust
     loss += 0.5 * metadd(image_syn, label_syn)
     assert _update_moves(loss, optimizer_img, image_syn)
 
@@ -75,12 +86,14 @@ def test_mtt_loop(setup):
     assert _update_moves(grand_loss, optimizer_img, image_syn) and syn_lr.grad is not None
 
 
-def test_sre2l_loop_with_soft_labels(setup):
+def test_sre2l_loop_with_hard_targets(setup):
     metadd, image_syn, label_syn, real, _ = setup
-    inputs = image_syn
-    targets = F.one_hot(label_syn, C).float()
+    inputs, targets = image_syn, label_syn  # recover_*.py: targets are class ids (a LongTensor)
+    with pytest.raises(IndexError):
+        targets.argmax(1)  # the old advice fails on these labels
     teacher = get_model("ConvNetD1", 1, C, (SIZE, SIZE)).eval()
     optimizer = torch.optim.Adam([inputs], lr=0.05)
-    loss = F.cross_entropy(teacher(inputs), targets)
-    loss = loss + 0.5 * metadd(inputs, targets.argmax(1))
+    loss_ce = F.cross_entropy(teacher(inputs), targets)
+    loss = loss_ce + 0.01 * sum(p.abs().sum() for p in teacher.parameters()).detach()  # loss_ce + loss_aux
+    loss = loss + 0.5 * metadd(inputs, targets)
     assert _update_moves(loss, optimizer, inputs)

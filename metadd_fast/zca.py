@@ -1,0 +1,94 @@
+"""Regularised ZCA whitening of images, as KIP and MTT use it for CIFAR-style runs.
+
+``zca = ZCA.fit(train_images)`` fits on the training images (N, C, H, W), flattened to
+D = C*H*W features: mean mu (D,) and covariance S = U diag(s) U^T (float64, accumulated
+in chunks). With the regulariser lam = strength * trace(S) / D (KIP's form, free of the
+pixel scale; MTT uses kornia's ``ZCAWhitening(eps=0.1)``, an absolute eps on [0, 1]
+pixels), ``zca.whiten(x) = (x - mu) U diag((s + lam)^-1/2) U^T`` and ``zca.unwhiten`` is
+its exact inverse. The whitened covariance of the training images is
+U diag(s / (s + lam)) U^T: the identity up to the regulariser. ``state_dict()`` holds
+tensors only (``torch.load(weights_only=True)`` reads it back with :meth:`ZCA.from_state_dict`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .data import Dataset
+
+__all__ = ["ZCA", "MAX_FEATURES"]
+
+MAX_FEATURES = 64 * 64 * 3  # a D x D float64 matrix: 1.2 GB at this size; larger images are refused
+
+
+def _check_images(name: str, x, features=None) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating (N, C, H, W) tensor, got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if features is not None and x[0].numel() != features:
+        raise ValueError(f"{name}: expected images of {features} values (the fitted C*H*W), got "
+                         f"{tuple(x.shape[1:])}")
+
+
+class ZCA:
+    """A fitted whitening: mean (D,), whiten (D, D) and unwhiten (D, D) float64 matrices."""
+
+    def __init__(self, mean: Tensor, whiten: Tensor, unwhiten: Tensor, strength: float):
+        self.mean, self.whiten_matrix, self.unwhiten_matrix, self.strength = mean, whiten, unwhiten, strength
+
+    @classmethod
+    def fit(cls, images: Tensor, strength: float = 0.1, chunk: int = 4096) -> "ZCA":
+        """Fit on ``images`` (N >= 2, C, H, W); strength > 0 scales the regulariser."""
+        _check_images("images", images)
+        if images.shape[0] < 2:
+            raise ValueError(f"images: expected at least 2 images to fit a covariance, got {images.shape[0]}")
+        D = images[0].numel()
+        if D > MAX_FEATURES:
+            raise ValueError(f"images: ZCA needs a {D} x {D} covariance; images of more than {MAX_FEATURES} "
+                             f"values (64x64x3) are refused")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not strength > 0:
+            raise ValueError(f"strength: expected a positive float, got {strength!r}")
+        flat = images.reshape(images.shape[0], D)
+        N = flat.shape[0]
+        mean = sum(c.double().sum(0) for c in flat.split(chunk)) / N
+        cov = torch.zeros(D, D, dtype=torch.float64, device=images.device)
+        for c in flat.split(chunk):
+            c = c.double() - mean
+            cov.addmm_(c.T, c)
+        cov /= N - 1
+        s, U = torch.linalg.eigh(cov)
+        s = s.clamp(min=0)
+        lam = float(strength) * float(s.sum()) / D
+        if lam <= 0:
+            raise ValueError("images: all images are equal (zero covariance); nothing to whiten")
+        whiten = (U * (s + lam).rsqrt()) @ U.T
+        unwhiten = (U * (s + lam).sqrt()) @ U.T
+        return cls(mean, whiten, unwhiten, float(strength))
+
+    def _apply(self, x: Tensor, matrix: Tensor, center: bool) -> Tensor:
+        _check_images("x", x, self.mean.numel())
+        flat = x.reshape(x.shape[0], -1).double()
+        m = self.mean.to(flat.device)
+        out = (flat - m) @ matrix.to(flat.device) if center else flat @ matrix.to(flat.device) + m
+        return out.to(x.dtype).reshape(x.shape)
+
+    def whiten(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) images -> their ZCA-whitened images, same shape and dtype (differentiable)."""
+        return self._apply(x, self.whiten_matrix, True)
+
+    def unwhiten(self, x: Tensor) -> Tensor:
+        """The inverse of :meth:`whiten`: ZCA-space images back to the space they were fitted in."""
+        return self._apply(x, self.unwhiten_matrix, False)
+
+    def whiten_dataset(self, ds: Dataset, chunk: int = 4096) -> Dataset:
+        """``ds`` with whitened images (float32), fitted mean/std kept for plotting after unwhiten."""
+        images = torch.cat([self.whiten(c) for c in ds.images.split(chunk)])
+        return Dataset(ds.name + "+zca", images, ds.labels, ds.num_classes, ds.mean, ds.std)
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "whiten": self.whiten_matrix, "unwhiten": self.unwhiten_matrix,
+                "strength": torch.tensor(self.strength, dtype=torch.float64)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "ZCA":
+        return cls(state["mean"], state["whiten"], state["unwhiten"], float(state["strength"]))

@@ -1,0 +1,82 @@
+"""ZCA whitening: whitened covariance = identity up to the regulariser, exact inverse, checks."""
+import pytest
+import torch
+
+from metadd_fast import data
+from metadd_fast.zca import ZCA
+
+
+def _correlated(n=3000, shape=(2, 3, 2), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    D = torch.Size(shape).numel()
+    mix = torch.randn(D, D, generator=g, dtype=torch.float64) * torch.logspace(0, -2, D, dtype=torch.float64)
+    x = torch.randn(n, D, generator=g, dtype=torch.float64) @ mix + 3.0
+    return x.reshape(n, *shape)
+
+
+def _cov(x):
+    return torch.cov(x.reshape(x.shape[0], -1).T)
+
+
+def test_whitened_covariance_is_identity_up_to_the_regulariser():
+    x = _correlated()
+    weak = ZCA.fit(x, strength=1e-9)
+    torch.testing.assert_close(_cov(weak.whiten(x)), torch.eye(12, dtype=torch.float64), atol=1e-4, rtol=0)
+    zca = ZCA.fit(x, strength=0.1)
+    s = torch.linalg.eigvalsh(_cov(x))
+    lam = 0.1 * s.sum() / 12
+    got = torch.linalg.eigvalsh(_cov(zca.whiten(x)))
+    torch.testing.assert_close(got, s / (s + lam), atol=1e-9, rtol=1e-7)
+    assert float(got.max()) < 1 and abs(float(zca.whiten(x).mean())) < 1e-9
+    w = _cov(zca.whiten(x))  # ZCA, not any whitening: the whitened data stays symmetric-aligned (W = W^T)
+    torch.testing.assert_close(w, w.T)
+
+
+def test_unwhiten_inverts_whiten_and_the_state_round_trips(tmp_path):
+    x = _correlated(n=500, seed=1)
+    zca = ZCA.fit(x.float())
+    y = torch.randn(7, 2, 3, 2)
+    torch.testing.assert_close(zca.unwhiten(zca.whiten(y)), y, atol=1e-5, rtol=1e-5)
+    assert zca.whiten(y).dtype == torch.float32
+    torch.save(zca.state_dict(), tmp_path / "zca.pt")
+    back = ZCA.from_state_dict(torch.load(tmp_path / "zca.pt", weights_only=True))
+    assert torch.equal(back.whiten(y), zca.whiten(y)) and back.strength == pytest.approx(0.1)
+    ds = data.Dataset("r", y, torch.zeros(7, dtype=torch.int64), 1, (0.0,) * 2, (1.0,) * 2)
+    assert torch.equal(zca.whiten_dataset(ds, chunk=3).images, zca.whiten(y))
+
+
+def test_whiten_is_differentiable():
+    zca = ZCA.fit(_correlated(n=200))
+    y = torch.randn(2, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(zca.whiten, (y,))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="images: expected a floating \\(N, C, H, W\\)"):
+        ZCA.fit(torch.zeros(4, 12))
+    with pytest.raises(ValueError, match="at least 2 images"):
+        ZCA.fit(torch.zeros(1, 1, 2, 2))
+    with pytest.raises(ValueError, match="strength"):
+        ZCA.fit(torch.randn(4, 1, 2, 2), strength=0)
+    with pytest.raises(ValueError, match="zero covariance"):
+        ZCA.fit(torch.ones(4, 1, 2, 2))
+    with pytest.raises(ValueError, match="refused"):
+        ZCA.fit(torch.zeros(2, 3, 65, 64))
+    with pytest.raises(ValueError, match="x: expected images of 12 values"):
+        ZCA.fit(torch.randn(5, 2, 3, 2)).whiten(torch.randn(2, 1, 3, 3))
+
+
+def test_distill_run_with_zca_saves_unwhitened_images_and_the_transform(tmp_path):
+    from metadd_fast import pipeline
+    from metadd_fast.results import load_synthetic
+
+    cfg = pipeline.DistillConfig(iterations=1, ipc=1, batch_real=8, checkpoint_every=1, arch="ConvNetD1", zca=True,
+                                 lr=1e-9)  # the images barely move from their real initialization
+    pipeline.run_distill(cfg, str(tmp_path), progress=False)
+    zca = ZCA.from_state_dict(torch.load(tmp_path / "zca.pt", weights_only=True))
+    images, _ = load_synthetic(str(tmp_path / "synthetic.pt"))
+    state = torch.load(tmp_path / "state.pt", weights_only=False)["distiller"]
+    torch.testing.assert_close(zca.whiten(images), state["images"], atol=1e-4, rtol=1e-4)  # distilled in ZCA space
+    train = data.load_digits("train", 16).images.flatten(1)
+    nearest = torch.cdist(images.flatten(1), train).min(1).values  # saved in the dataset's own space
+    assert float(nearest.max()) < 1e-3
