@@ -234,6 +234,8 @@ def check_train_data(args, train) -> None:
     """``distill``'s flags against its training split: enough real images per class for --ipc,
     and networks that take its images."""
     counts = train.labels.bincount(minlength=train.num_classes).tolist()
+    if min(counts) == 0:
+        raise flag_error("--data-path", f"class {counts.index(0)} of {train.name} has no training images")
     if min(counts) < args.ipc:
         raise flag_error("--ipc", f"at most {min(counts)} (the fewest real images of a class in {train.name}: "
                                   f"class {counts.index(min(counts))}), got {args.ipc}")

@@ -39,7 +39,7 @@ from .cvar import check_alpha, cvar
 from .data import Dataset
 from .distill import DISTILLERS
 from .errors import InputError
-from .results import atomic_save, atomic_write_json, save_synthetic
+from .results import atomic_save, atomic_write_json, load_json_object, save_synthetic
 
 __all__ = ["EngineConfig", "SyntheticStore", "RandomImageSource", "DatasetSource", "run_chunked"]
 
@@ -190,17 +190,6 @@ def _read_marker(path: str, digest: str) -> bool:
     return True
 
 
-def _read_run_digest(path: str) -> Optional[str]:
-    try:
-        with open(path) as f:
-            run = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: corrupt run description ({err}); delete it or use --restart") from err
-    if not isinstance(run, dict):
-        raise InputError(f"{path}: corrupt run description (not a JSON object); delete it or use --restart")
-    return run.get("digest")
-
-
 def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bool = True) -> Optional[dict]:
     """Distill ``source`` (a callable class -> real images, with ``num_classes``, ``shape`` and
     ``key``) in class chunks into ``out``. In a distributed run pass ``group`` (or rely on the
@@ -215,7 +204,7 @@ def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bo
     run_file = os.path.join(out, "run.json")
     if rank == 0:
         if os.path.exists(run_file):
-            if _read_run_digest(run_file) != digest:
+            if load_json_object(run_file, "run description", "delete it or use --restart").get("digest") != digest:
                 raise InputError(f"out: {out} holds a different run; use another --out")
         else:
             atomic_write_json({"digest": digest, "config": dataclasses.asdict(cfg), "source": source.key}, run_file)

@@ -30,7 +30,7 @@ from .errors import InputError, first_line
 from .evaluate import evaluate_synthetic, format_table, test_clusters
 from .metadd_loss import MetaDDLoss
 from .models import get_model
-from .results import atomic_save, atomic_write_json, save_cam_figure, save_image_grid, save_synthetic
+from .results import atomic_save, atomic_write_json, load_json_object, save_cam_figure, save_image_grid, save_synthetic
 from .training import train_model
 
 __all__ = ["DistillConfig", "run_distill", "pretrained_models", "run_demo"]
@@ -127,13 +127,7 @@ def _teacher(train: datasets.Dataset, seed: int, path: str) -> nn.Module:
 
 def _read_config(path: str, want: dict, out: str) -> None:
     """Refuse a run folder whose config.json is unreadable or describes another run."""
-    try:
-        with open(path) as f:
-            have = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: corrupt run config ({err}); delete {out} or use --restart") from err
-    if not isinstance(have, dict):
-        raise InputError(f"{path}: corrupt run config (not a JSON object); delete {out} or use --restart")
+    have = load_json_object(path, "run config", f"delete {out} or use --restart")
     if have != want:
         diff = sorted(k for k in want if have.get(k) != want[k])
         raise InputError(f"out: {out} holds a different run (differs in {', '.join(diff) or 'extra keys'}); "
@@ -184,15 +178,14 @@ def run_distill(cfg: DistillConfig, out: str, *, progress: bool = True, shared_c
     if state is not None:
         _load_into(distiller, state, state_path, "checkpoint")
     start = time.perf_counter()
-    bar = tqdm(total=cfg.iterations, initial=distiller.iteration, desc=f"distill {os.path.basename(out)}",
-               disable=not progress)
-    while distiller.iteration < cfg.iterations:
-        terms = distiller.step()
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()})
-        if distiller.iteration % cfg.checkpoint_every == 0 or distiller.iteration == cfg.iterations:
-            atomic_save({"distiller": distiller.state_dict()}, state_path)
-    bar.close()
+    with tqdm(total=cfg.iterations, initial=distiller.iteration, desc=f"distill {os.path.basename(out)}",
+              disable=not progress) as bar:  # closed on failure too, so an error message starts its own line
+        while distiller.iteration < cfg.iterations:
+            terms = distiller.step()
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()})
+            if distiller.iteration % cfg.checkpoint_every == 0 or distiller.iteration == cfg.iterations:
+                atomic_save({"distiller": distiller.state_dict()}, state_path)
     images, labels = distiller.images.detach(), distiller.labels
     save_synthetic(os.path.join(out, "synthetic.pt"), images, labels)
     save_image_grid(os.path.join(out, "synthetic.png"), train.denormalize(images), labels,

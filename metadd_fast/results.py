@@ -11,8 +11,8 @@ import torch
 
 from .errors import InputError, SaveError, first_line
 
-__all__ = ["atomic_write", "atomic_save", "atomic_write_json", "save_synthetic", "load_synthetic", "save_image_grid",
-           "save_cam_figure"]
+__all__ = ["atomic_write", "atomic_save", "atomic_write_json", "load_json_object", "save_synthetic", "load_synthetic",
+           "save_image_grid", "save_cam_figure"]
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -39,6 +39,19 @@ def atomic_save(obj, path: str) -> None:
     """torch.save of ``obj`` (tensors and plain containers, so that torch.load(weights_only=True)
     reads it back) through :func:`atomic_write`."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_json_object(path: str, what: str, remedy: str) -> dict:
+    """The JSON object in ``path`` (a run's description); InputError naming the file, ``what``
+    it should hold and the ``remedy`` if it cannot be read or is not an object."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: corrupt {what} ({err}); {remedy}") from err
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: corrupt {what} (not a JSON object); {remedy}")
+    return obj
 
 
 def atomic_write_json(obj, path: str) -> None:

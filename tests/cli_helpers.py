@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -22,11 +23,22 @@ def cli(*argv, script: str = None, timeout: int = 300) -> subprocess.CompletedPr
 
 def one_line(stderr: str, *fragments: str) -> str:
     """The single line of ``stderr`` (tqdm bars aside), which must hold every fragment."""
-    lines = [ln for ln in stderr.strip().splitlines() if ln.strip() and "it/s]" not in ln and "s/it]" not in ln]
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip() and not re.search(r"\d%\|", ln)]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     for f in fragments:
         assert f in lines[0], (f, lines[0])
     return lines[0]
+
+
+def run_main(argv, capsys) -> tuple:
+    """metadd_fast.cli.main(argv) in this process: (exit status, stderr)."""
+    from metadd_fast.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
 
 
 class Payload:

@@ -1,12 +1,11 @@
 """Every command-line argument is checked before any work starts: a bad one ends in one line
 naming the flag and what was expected, exit status 2, no traceback, nothing written to --out.
 Internal errors keep their traceback."""
-import os
 
 import pytest
 import torch
 
-from cli_helpers import cli, one_line
+from cli_helpers import cli, one_line, run_main, write_cifar
 from metadd_fast.cli import main
 
 TINY = ["--iterations", "1", "--ipc", "1", "--batch-real", "8", "--arch", "ConvNetD1"]
@@ -59,19 +58,8 @@ def test_synthetic_set_that_does_not_fit_the_data_set_through_the_cli(tmp_path, 
     assert not (tmp_path / "res.json").exists()
 
 
-def _run(argv, capsys) -> tuple:
-    """main(argv) in this process: (exit status, stderr)."""
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
-
-
 @pytest.fixture
 def cifar_folder(tmp_path):
-    from cli_helpers import write_cifar
-
     write_cifar(tmp_path / "cifar")
     return str(tmp_path / "cifar")
 
@@ -124,14 +112,14 @@ def test_every_distill_flag_is_checked(tmp_path, capsys, cifar_folder, argv, fla
     given = dict(zip(argv[::2], argv[1::2]))
     extra = [x for k, v in base.items() if k not in given for x in (k, v)]
     argv = [cifar_folder if a == "CIFAR" else a for a in argv]
-    code, err = _run(["distill", *argv, *extra, "--out", str(out)], capsys)
+    code, err = run_main(["distill", *argv, *extra, "--out", str(out)], capsys)
     assert code == 2
     one_line(err, f"argument {flag}:", expected)
     assert not out.exists()
 
 
 def test_arch_that_cannot_take_the_images(tmp_path, capsys):
-    code, err = _run(["distill", "--arch", "VGG11", "--size", "8", "--out", str(tmp_path / "run")], capsys)
+    code, err = run_main(["distill", "--arch", "VGG11", "--size", "8", "--out", str(tmp_path / "run")], capsys)
     assert code == 2
     one_line(err, "argument --arch: VGG11 cannot take 1x8x8 images")
 
@@ -146,7 +134,7 @@ def test_arch_that_cannot_take_the_images(tmp_path, capsys):
 ])
 def test_every_evaluate_flag_is_checked(tmp_path, capsys, argv, flag, expected):
     syn = _synthetic(tmp_path / "s.pt", torch.randn(10, 1, 16, 16), torch.arange(10))
-    code, err = _run(["evaluate", *([] if "--synthetic" in argv else ["--synthetic", syn]), *argv], capsys)
+    code, err = run_main(["evaluate", *([] if "--synthetic" in argv else ["--synthetic", syn]), *argv], capsys)
     assert code == 2
     one_line(err, f"argument {flag}:", expected)
 
@@ -154,7 +142,7 @@ def test_every_evaluate_flag_is_checked(tmp_path, capsys, argv, flag, expected):
 @pytest.mark.parametrize("argv, flag", [(["--iterations", "0"], "--iterations"), (["--seeds", "-1"], "--seeds"),
                                         (["--epochs", "x"], "--epochs"), (["--out", __file__], "--out")])
 def test_demo_flags_are_checked(capsys, argv, flag):
-    code, err = _run(["demo", *argv], capsys)
+    code, err = run_main(["demo", *argv], capsys)
     assert code == 2
     one_line(err, f"argument {flag}:")
 

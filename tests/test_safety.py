@@ -12,20 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import Payload, cli, one_line, payload_runs, write_cifar
+from cli_helpers import Payload, cli, one_line, payload_runs, run_main, write_cifar
 from metadd_fast import data, results
 from metadd_fast.cli import main
 from metadd_fast.errors import InputError, SaveError
 
 TINY = ["--iterations", "1", "--ipc", "1", "--batch-real", "8", "--arch", "ConvNetD1"]
-
-
-def _run(argv, capsys) -> tuple:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 # --- files read as data -------------------------------------------------------------------
@@ -54,7 +46,7 @@ def test_crafted_cifar_batch_is_refused_without_running_it(tmp_path):
     r = cli("distill", *TINY, "--dataset", "cifar10", "--data-path", tmp_path / "cifar", "--out", tmp_path / "run")
     assert r.returncode == 2
     one_line(r.stderr, f"{tmp_path / 'cifar' / 'data_batch_3'}: not a readable CIFAR pickle batch",
-             "refused global builtins")
+             "(UnpicklingError: refused global")
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
@@ -74,7 +66,7 @@ def test_cifar_batches_written_by_numpy_still_load(tmp_path):
 def test_crafted_synthetic_set_is_refused(tmp_path, capsys):
     marker = tmp_path / "marker"
     torch.save({"data": [(Payload(marker), torch.arange(3))]}, str(tmp_path / "s.pt"))
-    code, err = _run(["evaluate", "--synthetic", str(tmp_path / "s.pt")], capsys)
+    code, err = run_main(["evaluate", "--synthetic", str(tmp_path / "s.pt")], capsys)
     assert code == 2
     one_line(err, f"{tmp_path / 's.pt'}: not a readable synthetic-set file")
     assert not marker.exists()
@@ -169,7 +161,7 @@ def test_permission_denied_through_the_cli(tmp_path, monkeypatch, capsys):
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(torch, "save", denied)
-    code, err = _run(["distill", *TINY, "--out", str(tmp_path / "run")], capsys)
+    code, err = run_main(["distill", *TINY, "--out", str(tmp_path / "run")], capsys)
     assert code == 1
     one_line(err, f"could not write {tmp_path / 'run' / 'state.pt'}: Permission denied; nothing was written")
     assert sorted(os.listdir(tmp_path / "run")) == ["config.json"]
@@ -184,7 +176,7 @@ def test_read_only_folder(tmp_path, capsys):
     try:
         with pytest.raises(SaveError, match="Permission denied; its last version is kept"):
             results.atomic_save({"a": 2}, str(ro / "x.pt"))
-        code, err = _run(["distill", *TINY, "--out", str(ro / "run")], capsys)
+        code, err = run_main(["distill", *TINY, "--out", str(ro / "run")], capsys)
         assert code == 2
         one_line(err, "argument --out: cannot write in", "(permission denied)")
     finally:
@@ -231,7 +223,7 @@ def test_corrupt_run_json(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "run.json").write_text('{"digest": ')
-    code, err = _run(["distill", *TINY, "--classes-per-chunk", "5", "--out", str(out)], capsys)
+    code, err = run_main(["distill", *TINY, "--classes-per-chunk", "5", "--out", str(out)], capsys)
     assert code == 2
     one_line(err, f"{out / 'run.json'}: corrupt run description")
 
@@ -251,7 +243,7 @@ def test_corrupt_run_folder_files(tmp_path, capsys, name, content, expected):
         (out / name).write_bytes(content)
     else:
         torch.save(content, str(out / name))
-    code, err = _run(["distill", *TINY, "--out", str(out)], capsys)
+    code, err = run_main(["distill", *TINY, "--out", str(out)], capsys)
     assert code == 2
     one_line(err, f"{out / name}", expected[len(name):])
 
@@ -265,7 +257,7 @@ def test_corrupt_run_folder_files(tmp_path, capsys, name, content, expected):
 ])
 def test_synthetic_set_not_in_dcs_format(tmp_path, capsys, obj, expected):
     torch.save(obj, str(tmp_path / "s.pt"))
-    code, err = _run(["evaluate", "--synthetic", str(tmp_path / "s.pt")], capsys)
+    code, err = run_main(["evaluate", "--synthetic", str(tmp_path / "s.pt")], capsys)
     assert code == 2
     one_line(err, f"{tmp_path / 's.pt'}: ", expected)
 
