@@ -6,7 +6,9 @@ command line shows its traceback.
 """
 from __future__ import annotations
 
-__all__ = ["InputError", "SaveError", "first_line"]
+import re
+
+__all__ = ["InputError", "SaveError", "first_line", "load_failure"]
 
 
 class InputError(ValueError):
@@ -24,3 +26,12 @@ def first_line(err: BaseException) -> str:
     """An exception's message on one line (torch's load errors, for one, span many)."""
     lines = str(err).strip().splitlines()
     return lines[0] if lines else ""
+
+
+def load_failure(err: BaseException) -> tuple:
+    """(refused, detail) of a ``torch.load(..., weights_only=True)`` failure: ``refused`` when
+    the file names a global (code to call) that weights_only would not call, ``detail`` one
+    line saying what is wrong."""
+    found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\. |\n|$)", str(err), re.S)
+    detail = found.group(1) if found else f"{type(err).__name__}: {first_line(err)}"
+    return detail.startswith("Unsupported global"), detail

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 from . import data as datasets
 from .backends import resolve
 from .distill import DISTILLERS, bn_teacher
-from .errors import InputError, first_line
+from .errors import InputError, first_line, load_failure
 from .evaluate import evaluate_synthetic, format_table, test_clusters
 from .metadd_loss import MetaDDLoss
 from .models import get_model
@@ -67,12 +66,12 @@ def _load_checkpoint(path: str, what: str):
     containers only, so a crafted file cannot run code); InputError naming the file otherwise."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # weights_only refused a global: not a file this program wrote
-        raise InputError(f"{path}: refused: the {what} holds objects other than tensors and plain containers "
-                         f"({first_line(err)}); delete it to start over") from err
-    except Exception as err:  # any other read failure means a corrupt file
-        raise InputError(f"{path}: corrupt {what} ({type(err).__name__}: {first_line(err)}); "
-                         f"delete it to start over") from err
+    except Exception as err:  # any read failure: a corrupt file, or one that names code to run
+        refused, detail = load_failure(err)
+        if refused:
+            raise InputError(f"{path}: refused: the {what} holds more than tensors and plain containers "
+                             f"({detail}); delete it to start over") from err
+        raise InputError(f"{path}: corrupt {what} ({detail}); delete it to start over") from err
 
 
 def _load_into(module: nn.Module, state_dict, path: str, what: str) -> None:

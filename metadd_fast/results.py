@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import InputError, SaveError, first_line
+from .errors import InputError, SaveError, load_failure
 
 __all__ = ["atomic_write", "atomic_save", "atomic_write_json", "load_json_object", "save_synthetic", "load_synthetic",
            "save_image_grid", "save_cam_figure"]
@@ -74,8 +74,9 @@ def load_synthetic(path: str) -> tuple:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any failure to read is a bad file
-        raise InputError(f"{path}: not a readable synthetic-set file ({type(err).__name__}: "
-                         f"{first_line(err)})") from err
+        refused, detail = load_failure(err)
+        raise InputError(f"{path}: not a readable synthetic-set file ({'refused: ' if refused else ''}"
+                         f"{detail})") from err
     expected = "expected DC's format {'data': [(images (N, C, H, W) float, labels (N,) int)]}"
     try:
         images, labels = obj["data"][0]

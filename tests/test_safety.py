@@ -68,7 +68,7 @@ def test_crafted_synthetic_set_is_refused(tmp_path, capsys):
     torch.save({"data": [(Payload(marker), torch.arange(3))]}, str(tmp_path / "s.pt"))
     code, err = run_main(["evaluate", "--synthetic", str(tmp_path / "s.pt")], capsys)
     assert code == 2
-    one_line(err, f"{tmp_path / 's.pt'}: not a readable synthetic-set file")
+    one_line(err, f"{tmp_path / 's.pt'}: not a readable synthetic-set file (refused: Unsupported global")
     assert not marker.exists()
 
 
