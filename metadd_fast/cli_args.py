@@ -193,7 +193,8 @@ def check_distill(args) -> None:
     if args.device is not None:
         _check_device(args.device)
     if args.pin_memory and (args.device is None or not args.device.startswith("cuda")):
-        raise flag_error("--pin-memory", f"pinned host memory serves a CUDA --device, got {args.device}")
+        raise flag_error("--pin-memory", f"pinned host memory serves a CUDA --device, got "
+                                         f"{args.device or 'none (cpu)'}")
 
 
 def _check_device(text: str) -> None:
