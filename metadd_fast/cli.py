@@ -1,18 +1,16 @@
 """The ``metadd-fast`` command line: distill, evaluate, bench, demo, info."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import subprocess
 import sys
 
+from . import cli_args as ca
+from .errors import InputError, SaveError
+
 __all__ = ["main"]
-
-
-def _floats_or_none(text: str):
-    return None if text.lower() in ("none", "") else float(text)
 
 
 def _add_distill(sub):
@@ -21,37 +19,38 @@ def _add_distill(sub):
                                    "(state.pt, every --checkpoint-every steps) and, at the end, synthetic.pt "
                                    "(DC's format) and PNGs. Re-running the same command continues an "
                                    "interrupted run; --restart discards it.")
-    p.add_argument("--dataset", default="digits", help="digits (embedded), cifar10, cifar100 or folder")
-    p.add_argument("--data-path", default=None, help="local path of cifar batches or an image folder root")
-    p.add_argument("--size", type=int, default=16, help="image size for digits (16 or 32) or folders")
+    _add_data_flags(p)
     p.add_argument("--method", default="dm", choices=["dm", "dc", "sre2l"], help="distillation method")
-    p.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
-    p.add_argument("--iterations", type=int, default=200, help="synthetic-image updates")
-    p.add_argument("--lr", type=float, default=None, help="image learning rate (default: the method's)")
-    p.add_argument("--batch-real", type=int, default=128, help="real images per class per step")
-    p.add_argument("--arch", default="ConvNet", help="network the method matches through")
-    p.add_argument("--metadd-weight", type=float, default=0.0, help="weight of the MetaDD term (0: off)")
-    p.add_argument("--metadd-models", default="ConvNet,ConvNetD1,AlexNet,LeNet",
-                   help="comma-separated zoo networks, trained on the real data, for MetaDD")
-    p.add_argument("--metadd-alpha", type=_floats_or_none, default=None,
-                   help="CVaR tail of the MetaDD term over synthetic images (none: mean)")
-    p.add_argument("--robust-alpha", type=_floats_or_none, default=None,
-                   help="robust DD: CVaR tail over groups of real images (nearest synthetic image of the class)")
-    p.add_argument("--robust-weight", type=float, default=1.0,
+    p.add_argument("--ipc", type=ca.positive_int, default=10, help="synthetic images per class")
+    p.add_argument("--iterations", type=ca.positive_int, default=200, help="synthetic-image updates")
+    p.add_argument("--lr", type=ca.positive_float, default=None, help="image learning rate (default: the method's)")
+    p.add_argument("--batch-real", type=ca.positive_int, default=128, help="real images per class per step")
+    p.add_argument("--arch", type=ca.model_name, default="ConvNet", help="network the method matches through")
+    p.add_argument("--metadd-weight", type=ca.nonnegative_float, default=0.0,
+                   help="weight of the MetaDD term (0: off)")
+    p.add_argument("--metadd-models", type=ca.model_names, default=None,
+                   help="comma-separated zoo networks (at least 2), trained on the real data, for MetaDD "
+                        "(default: ConvNet,ConvNetD1,AlexNet,LeNet)")
+    p.add_argument("--metadd-alpha", type=ca.alpha_or_none, default=None,
+                   help="CVaR tail in (0, 1] of the MetaDD term over synthetic images (none: mean)")
+    p.add_argument("--robust-alpha", type=ca.alpha_or_none, default=None,
+                   help="robust DD: CVaR tail in (0, 1] over groups of real images (nearest synthetic image of "
+                        "the class)")
+    p.add_argument("--robust-weight", type=ca.positive_float, default=1.0,
                    help="robust DD: the CVaR term's weight (times the number of classes), added to the method's loss")
     p.add_argument("--zca", action="store_true",
                    help="distill in regularised-ZCA space fitted on the train images (CIFAR-style runs, as "
                         "MTT/KIP); synthetic.pt is saved un-whitened, the transform in zca.pt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
+    p.add_argument("--seed", type=ca.seed_int, default=0)
+    p.add_argument("--checkpoint-every", type=ca.positive_int, default=25, help="steps between checkpoints")
     p.add_argument("--out", required=True, help="output folder (resumed if it holds this run)")
     p.add_argument("--restart", action="store_true", help="discard a previous run in --out")
     p.add_argument("--resume", action="store_true", help="require a previous run in --out to continue")
-    p.add_argument("--classes-per-chunk", type=int, default=None,
+    p.add_argument("--classes-per-chunk", type=ca.positive_int, default=None,
                    help="large-IPC engine (dm): optimize this many classes at a time into a memory-mapped "
                         "synthetic set, one checkpoint per chunk; under torchrun the chunks are sharded "
                         "across ranks (gloo on CPU, NCCL on GPU) and rank 0 writes the result")
-    p.add_argument("--cvar-chunks", type=int, default=1,
+    p.add_argument("--cvar-chunks", type=ca.positive_int, default=1,
                    help="large-IPC engine with --robust-alpha: chunks optimized together under one CVaR over "
                         "all their groups (split across ranks; a multiple of the world size)")
     p.add_argument("--device", default=None,
@@ -68,13 +67,20 @@ def _add_evaluate(sub):
                                    "half), test on the real test split; mean +- std, and worst-group accuracy "
                                    "over k-means clusters of the test set.")
     p.add_argument("--synthetic", required=True, help="a synthetic.pt in DC's format")
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--data-path", default=None)
-    p.add_argument("--size", type=int, default=16)
-    p.add_argument("--archs", default="ConvNet,ConvNetD2,AlexNet,LeNet", help="comma-separated zoo networks")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=300)
+    _add_data_flags(p)
+    p.add_argument("--archs", type=ca.model_names, default="ConvNet,ConvNetD2,AlexNet,LeNet",
+                   help="comma-separated zoo networks")
+    p.add_argument("--seeds", type=ca.positive_int, default=3)
+    p.add_argument("--epochs", type=ca.positive_int, default=300)
     p.add_argument("--json", default=None, help="also write the results here")
+
+
+def _add_data_flags(p):
+    p.add_argument("--dataset", default="digits", choices=["digits", "cifar10", "cifar100", "folder"],
+                   help="digits (embedded), cifar10, cifar100 or folder (class sub-folders of images)")
+    p.add_argument("--data-path", default=None, help="local path of cifar batches or an image folder root")
+    p.add_argument("--size", type=ca.image_size, default=None,
+                   help="image size in [8, 1024] for digits (default 16) or folders (default: the first image's)")
 
 
 def _add_bench(sub):
@@ -83,7 +89,7 @@ def _add_bench(sub):
                                    "bandwidth, appended to benchmarks/results/results.csv.")
     p.add_argument("--quick", action="store_true", help="the small workloads only (a few minutes on a CPU)")
     p.add_argument("--ops", nargs="+", default=None, help="ops to run (default: all)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
 
 
 def _add_demo(sub):
@@ -91,9 +97,10 @@ def _add_demo(sub):
                        description="Distills the embedded digits with DM at IPC 10 three ways, evaluates each on "
                                    "four zoo networks, prints the table and writes PNGs to --out.")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--iterations", type=int, default=80, help="DM updates per variant")
-    p.add_argument("--seeds", type=int, default=2, help="evaluation seeds per architecture")
-    p.add_argument("--epochs", type=int, default=30, help="evaluation training epochs (batch 16, no augmentation)")
+    p.add_argument("--iterations", type=ca.positive_int, default=80, help="DM updates per variant")
+    p.add_argument("--seeds", type=ca.positive_int, default=2, help="evaluation seeds per architecture")
+    p.add_argument("--epochs", type=ca.positive_int, default=30,
+                   help="evaluation training epochs (batch 16, no augmentation)")
 
 
 def _info() -> dict:
@@ -132,11 +139,10 @@ def _bench(args) -> int:
     return subprocess.call(cmd)
 
 
-def _distill_chunked(args) -> int:
+def _distill_chunked(args, train) -> int:
     import torch
     import torch.distributed as dist
 
-    from .data import load
     from .engine import DatasetSource, EngineConfig, run_chunked
 
     device = args.device
@@ -151,11 +157,12 @@ def _distill_chunked(args) -> int:
                        lr=args.lr, seed=args.seed, robust_alpha=args.robust_alpha, cvar_chunks=args.cvar_chunks,
                        device=device, pin_memory=args.pin_memory)
     try:
-        run = run_chunked(cfg, DatasetSource(load(args.dataset, "train", path=args.data_path, size=args.size)),
-                          args.out)
-    except ValueError as err:
-        print(f"metadd-fast distill: {err}", file=sys.stderr)
-        return 2
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        try:
+            cfg.check(world)
+        except ValueError as err:
+            raise InputError(str(err)) from err
+        run = run_chunked(cfg, DatasetSource(train), args.out)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -164,76 +171,99 @@ def _distill_chunked(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="metadd-fast", description="Fused kernels and tools for dataset "
-                                     "distillation: MetaDD (cross-architecture CAM variance) and robust DD (CVaR).")
+RUN_FILES = ("config.json", "state.pt", "synthetic.pt", "run.json", "synthetic.f32")
+
+
+def _discard_run(out: str) -> None:
+    """--restart: remove a previous run's files from ``out`` (and nothing else)."""
+    import shutil
+
+    for f in RUN_FILES:
+        if os.path.exists(os.path.join(out, f)):
+            os.remove(os.path.join(out, f))
+    shutil.rmtree(os.path.join(out, "chunks"), ignore_errors=True)
+
+
+def _distill(args) -> int:
+    from . import pipeline
+    from .data import load
+
+    ca.check_distill(args)
+    args.metadd_models = args.metadd_models or pipeline.DistillConfig.metadd_models
+    train = load(args.dataset, "train", path=args.data_path, size=args.size)
+    ca.check_train_data(args, train)
+    if args.restart:
+        _discard_run(args.out)
+    if args.classes_per_chunk:
+        return _distill_chunked(args, train)
+    cfg = pipeline.DistillConfig(
+        dataset=args.dataset, data_path=args.data_path, size=args.size, method=args.method, ipc=args.ipc,
+        iterations=args.iterations, lr=args.lr, batch_real=args.batch_real, arch=args.arch,
+        metadd_weight=args.metadd_weight, metadd_models=tuple(args.metadd_models),
+        metadd_alpha=args.metadd_alpha, robust_alpha=args.robust_alpha, robust_weight=args.robust_weight,
+        zca=args.zca, seed=args.seed, checkpoint_every=args.checkpoint_every)
+    run = pipeline.run_distill(cfg, args.out, train=train)
+    print(f"wrote {os.path.join(args.out, 'synthetic.pt')} ({run['seconds']:.0f} s)")
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .data import load
+    from .evaluate import evaluate_synthetic, format_table
+    from .results import atomic_write_json, load_synthetic
+
+    ca.check_evaluate(args)
+    images, labels = load_synthetic(args.synthetic)
+    test = load(args.dataset, "test", path=args.data_path, size=args.size)
+    ca.check_synthetic(args, images, labels, test)
+    res = evaluate_synthetic(images, labels, test, args.archs, seeds=args.seeds, epochs=args.epochs)
+    print(format_table({os.path.basename(os.path.dirname(os.path.abspath(args.synthetic))) or "synthetic": res}))
+    if args.json:
+        atomic_write_json(res, args.json)
+    return 0
+
+
+def _demo(args) -> int:
+    from . import pipeline
+
+    ca.check_out("--out", args.out)
+    pipeline.run_demo(args.out, iterations=args.iterations, seeds=args.seeds, epochs=args.epochs)
+    return 0
+
+
+def _print_info(args) -> int:
+    print(json.dumps(_info(), indent=1))
+    return 0
+
+
+COMMANDS = {"distill": _distill, "evaluate": _evaluate, "bench": _bench, "demo": _demo, "info": _print_info}
+
+
+def build_parser() -> ca.OneLineParser:
+    parser = ca.OneLineParser(prog="metadd-fast", description="Fused kernels and tools for dataset "
+                              "distillation: MetaDD (cross-architecture CAM variance) and robust DD (CVaR).")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_distill(sub)
     _add_evaluate(sub)
     _add_bench(sub)
     _add_demo(sub)
     sub.add_parser("info", help="versions, backends built, devices: what a bug report needs")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.command == "info":
-        print(json.dumps(_info(), indent=1))
-        return 0
-    if args.command == "bench":
-        return _bench(args)
-    from . import pipeline
 
-    if args.command == "demo":
-        pipeline.run_demo(args.out, iterations=args.iterations, seeds=args.seeds, epochs=args.epochs)
-        return 0
-    if args.command == "distill":
-        if args.restart and os.path.isdir(args.out):
-            import shutil
-
-            for f in ("config.json", "state.pt", "synthetic.pt", "run.json", "synthetic.f32"):
-                if os.path.exists(os.path.join(args.out, f)):
-                    os.remove(os.path.join(args.out, f))
-            shutil.rmtree(os.path.join(args.out, "chunks"), ignore_errors=True)
-        if args.resume and not os.path.exists(os.path.join(args.out, "config.json")) and \
-                not os.path.exists(os.path.join(args.out, "run.json")):
-            print(f"metadd-fast distill: --resume: {args.out} holds no run to continue", file=sys.stderr)
-            return 2
-        if args.classes_per_chunk:
-            if args.zca:
-                print("metadd-fast distill: --zca: not available with the large-IPC engine (--classes-per-chunk)",
-                      file=sys.stderr)
-                return 2
-            return _distill_chunked(args)
-        cfg = pipeline.DistillConfig(
-            dataset=args.dataset, data_path=args.data_path, size=args.size, method=args.method, ipc=args.ipc,
-            iterations=args.iterations, lr=args.lr, batch_real=args.batch_real, arch=args.arch,
-            metadd_weight=args.metadd_weight, metadd_models=tuple(args.metadd_models.split(",")),
-            metadd_alpha=args.metadd_alpha, robust_alpha=args.robust_alpha,
-            robust_weight=args.robust_weight, zca=args.zca, seed=args.seed,
-            checkpoint_every=args.checkpoint_every)
-        try:
-            run = pipeline.run_distill(cfg, args.out)
-        except ValueError as err:
-            print(f"metadd-fast distill: {err}", file=sys.stderr)
-            return 2
-        print(f"wrote {os.path.join(args.out, 'synthetic.pt')} ({run['seconds']:.0f} s)")
-        return 0
-    # evaluate
-    from .data import load
-    from .evaluate import evaluate_synthetic, format_table
-    from .results import load_synthetic
-
+def main(argv=None) -> int:
+    """Parse and check every argument, then run the command. A bad argument or input file ends
+    in one line and status 2, a failed write (disk full, permission) in one line and status 1;
+    any other error is a bug and keeps its traceback."""
+    args = build_parser().parse_args(argv)
     try:
-        images, labels = load_synthetic(args.synthetic)
-        test = load(args.dataset, "test", path=args.data_path, size=args.size)
-    except ValueError as err:
-        print(f"metadd-fast evaluate: {err}", file=sys.stderr)
+        return COMMANDS[args.command](args)
+    except InputError as err:
+        print(f"metadd-fast {args.command}: {err}", file=sys.stderr)
         return 2
-    res = evaluate_synthetic(images, labels, test, args.archs.split(","), seeds=args.seeds, epochs=args.epochs)
-    print(format_table({os.path.basename(os.path.dirname(os.path.abspath(args.synthetic))) or "synthetic": res}))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    return 0
+    except SaveError as err:
+        print(f"metadd-fast {args.command}: {err.strerror}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

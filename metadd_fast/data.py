@@ -2,7 +2,8 @@
 
 Every loader returns a :class:`Dataset` of normalized float32 images (N, C, H, W)
 and int64 labels. Nothing is downloaded: CIFAR and image folders are read from a
-local path, and a corrupt or unexpected file raises a ValueError that names it.
+local path, read as data (no file can run code), and a missing, corrupt or unexpected
+file raises an :class:`~metadd_fast.errors.InputError` (a ValueError) that names it.
 
 - ``load_digits(split, size)``: the 1,797 8x8 digits of scikit-learn, resized to
   ``size`` (16 or 32), with a fixed stratified 70/30 train/test split.
@@ -13,14 +14,19 @@ local path, and a corrupt or unexpected file raises a ValueError that names it.
 """
 from __future__ import annotations
 
+import codecs
+import io
 import os
 import pickle
 import tarfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .errors import InputError
 
 __all__ = ["Dataset", "load_digits", "load_cifar", "load_image_folder", "load", "class_batches"]
 
@@ -102,18 +108,63 @@ CIFAR_STATS = {
 }
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Reads a CIFAR batch as data: dicts, lists, bytes, str, numbers and numpy arrays. The
+    only globals it resolves are the ones numpy array (and scalar) reconstruction names, so a
+    crafted file cannot call anything else."""
+
+    _ALLOWED = {
+        ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
+        ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(1))[0],
+        ("numpy._core.multiarray", "scalar"): np.int64(0).__reduce__()[0],
+        ("numpy.core.multiarray", "scalar"): np.int64(0).__reduce__()[0],
+        ("numpy._core.numeric", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0],  # protocol 5
+        ("numpy.core.numeric", "_frombuffer"): np.zeros(1).__reduce_ex__(5)[0],
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,  # how protocol 2 spells bytes
+    }
+
+    def find_class(self, module, name):
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refused global {module}.{name} (a CIFAR batch holds only data)") from None
+
+
 def _unpickle(blob: bytes, where: str) -> dict:
     try:
-        d = pickle.loads(blob, encoding="bytes")
-    except Exception as err:  # any unpickling failure is a corrupt file
-        raise ValueError(f"{where}: not a readable CIFAR pickle batch ({type(err).__name__}: {err})") from err
+        d = _BatchUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except Exception as err:  # any unpickling failure is a corrupt (or hostile) file
+        raise InputError(f"{where}: not a readable CIFAR pickle batch ({type(err).__name__}: {err})") from err
     if not isinstance(d, dict) or b"data" not in d:
-        raise ValueError(f"{where}: not a CIFAR batch (no b'data' entry)")
+        raise InputError(f"{where}: not a CIFAR batch (no b'data' entry)")
     return d
 
 
+def _batch_arrays(d: dict, key: bytes, num_classes: int, where: str) -> tuple:
+    """(pixels (n, 3072) uint8, labels (n,) int64) of one batch, checked: integer pixels in
+    0..255, integer labels in [0, num_classes), one label per image."""
+    data = np.asarray(d[b"data"]) if isinstance(d[b"data"], (np.ndarray, list)) else None
+    if data is None or data.ndim != 2 or data.shape[1] != 3072 or data.dtype.kind not in "iub":
+        raise InputError(f"{where}: expected b'data' as (n, 3072) integer pixels, got "
+                         f"{type(d[b'data']).__name__} {getattr(data, 'shape', '')} {getattr(data, 'dtype', '')}")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise InputError(f"{where}: pixel values must be in 0..255, found {data.min()}..{data.max()}")
+    labels = d.get(key)
+    labels = np.asarray(labels) if isinstance(labels, (np.ndarray, list)) else None
+    if labels is None or labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu":
+        raise InputError(f"{where}: expected {key!r} as {data.shape[0]} integer labels (one per image)")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise InputError(f"{where}: label {bad[0]} is outside 0..{num_classes - 1}")
+    return data.astype(np.uint8), labels.astype(np.int64)
+
+
 def load_cifar(path: str, split: str = "train", name: str = "cifar10") -> Dataset:
-    """CIFAR-10/100 from the python-version batches in ``path`` (folder or .tar.gz archive)."""
+    """CIFAR-10/100 from the python-version batches in ``path`` (folder or .tar.gz archive),
+    read as data (no code in a batch file is run); InputError naming the file if one is
+    missing, truncated, corrupt or out of range."""
     _check_split(split)
     if name not in CIFAR_STATS:
         raise ValueError(f"name: expected 'cifar10' or 'cifar100', got {name!r}")
@@ -125,15 +176,13 @@ def load_cifar(path: str, split: str = "train", name: str = "cifar10") -> Datase
     blobs = _read_members(path, files)
     data, labels = [], []
     for f, blob in zip(files, blobs):
-        d = _unpickle(blob, os.path.join(path, f))
-        arr = np.asarray(d[b"data"], dtype=np.uint8)
-        if arr.ndim != 2 or arr.shape[1] != 3072 or key not in d or len(d[key]) != arr.shape[0]:
-            raise ValueError(f"{os.path.join(path, f)}: expected (n, 3072) uint8 data and n {key.decode()}")
-        data.append(arr)
-        labels.extend(d[key])
+        where = os.path.join(path, f)
+        pixels, y = _batch_arrays(_unpickle(blob, where), key, num_classes, where)
+        data.append(pixels)
+        labels.append(y)
     pixels = torch.from_numpy(np.concatenate(data)).view(-1, 3, 32, 32).float() / 255.0
     mean, std = CIFAR_STATS[name]
-    return _normalized(name, pixels, labels, num_classes, mean, std)
+    return _normalized(name, pixels, np.concatenate(labels), num_classes, mean, std)
 
 
 def _read_members(path: str, files: list) -> list:
@@ -142,23 +191,27 @@ def _read_members(path: str, files: list) -> list:
         found = {f: os.path.join(root, f) for root, _, names in os.walk(path) for f in names}
         missing = [f for f in files if f not in found]
         if missing:
-            raise ValueError(f"path: {path} has no {', '.join(missing)}")
+            raise InputError(f"path: {path} has no {', '.join(missing)}")
         out = []
         for f in files:
-            with open(found[f], "rb") as fh:
-                out.append(fh.read())
+            try:
+                with open(found[f], "rb") as fh:
+                    out.append(fh.read())
+            except OSError as err:
+                raise InputError(f"{found[f]}: cannot be read ({err.strerror})") from err
         return out
     if not os.path.exists(path):
-        raise ValueError(f"path: {path} does not exist")
+        raise InputError(f"path: {path} does not exist")
     try:
         with tarfile.open(path) as tar:
             members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
             missing = [f for f in files if f not in members]
             if missing:
-                raise ValueError(f"path: archive {path} has no {', '.join(missing)}")
+                raise InputError(f"path: archive {path} has no {', '.join(missing)}")
             return [tar.extractfile(members[f]).read() for f in files]
-    except tarfile.TarError as err:
-        raise ValueError(f"path: {path} is neither a folder nor a readable tar archive ({err})") from err
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+        raise InputError(f"{path}: not a folder nor a complete, readable tar archive "
+                         f"({type(err).__name__}: {err})") from err
 
 
 def load_image_folder(root: str, size=None) -> Dataset:
@@ -167,16 +220,16 @@ def load_image_folder(root: str, size=None) -> Dataset:
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isdir(root):
-        raise ValueError(f"root: {root} is not a folder")
+        raise InputError(f"root: {root} is not a folder")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not classes:
-        raise ValueError(f"root: {root} has no class sub-folders")
+        raise InputError(f"root: {root} has no class sub-folders")
     files = []
     for label, c in enumerate(classes):
         for dirpath, _, names in sorted(os.walk(os.path.join(root, c))):
             files += [(os.path.join(dirpath, n), label) for n in sorted(names) if n.lower().endswith(_IMAGE_EXT)]
     if not files:
-        raise ValueError(f"root: {root} has no images ({', '.join(_IMAGE_EXT)})")
+        raise InputError(f"root: {root} has no images ({', '.join(_IMAGE_EXT)})")
     size = (size, size) if isinstance(size, int) else size
     pixels = []
     for path, _ in files:
@@ -186,8 +239,8 @@ def load_image_folder(root: str, size=None) -> Dataset:
                 size = size or (im.height, im.width)
                 im = im.resize((size[1], size[0]), Image.BILINEAR)
                 pixels.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()))
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"{path}: not a readable image ({err})") from err
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as err:
+            raise InputError(f"{path}: not a readable image ({err})") from err
     pix = torch.stack(pixels).permute(0, 3, 1, 2).float() / 255.0
     return _normalized(os.path.basename(os.path.normpath(root)), pix, [l for _, l in files], len(classes))
 
@@ -199,11 +252,11 @@ def load(name: str, split: str = "train", *, path: str = None, size: int = None)
         return load_digits(split, size or 16)
     if name in CIFAR_STATS:
         if path is None:
-            raise ValueError(f"path: {name} needs the folder or .tar.gz of its python-version batches")
+            raise InputError(f"path: {name} needs the folder or .tar.gz of its python-version batches")
         return load_cifar(path, split, name)
     if name == "folder":
         if path is None:
-            raise ValueError("path: the image-folder dataset needs its root folder")
+            raise InputError("path: the image-folder dataset needs its root folder")
         return load_image_folder(os.path.join(path, split) if os.path.isdir(os.path.join(path, split)) else path,
                                  size)
     raise ValueError(f"name: expected 'digits', 'cifar10', 'cifar100' or 'folder', got {name!r}")

@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from .cvar import check_alpha, cvar
 from .data import Dataset
 from .distill import DISTILLERS
-from .results import atomic_save, save_synthetic
+from .errors import InputError
+from .results import atomic_save, atomic_write_json, load_json_object, save_synthetic
 
 __all__ = ["EngineConfig", "SyntheticStore", "RandomImageSource", "DatasetSource", "run_chunked"]
 
@@ -182,10 +183,10 @@ def _read_marker(path: str, digest: str) -> bool:
     try:
         marker = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any read failure is a corrupt marker
-        raise ValueError(f"{path}: corrupt chunk checkpoint ({type(err).__name__}); delete it to redo the chunk") \
+        raise InputError(f"{path}: corrupt chunk checkpoint ({type(err).__name__}); delete it to redo the chunk") \
             from err
     if not isinstance(marker, dict) or marker.get("digest") != digest:
-        raise ValueError(f"{path}: checkpoint of another run (config or data differ); use another --out")
+        raise InputError(f"{path}: checkpoint of another run (config or data differ); use another --out")
     return True
 
 
@@ -203,14 +204,10 @@ def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bo
     run_file = os.path.join(out, "run.json")
     if rank == 0:
         if os.path.exists(run_file):
-            with open(run_file) as f:
-                have = json.load(f).get("digest")
-            if have != digest:
-                raise ValueError(f"out: {out} holds a different run; use another --out")
+            if load_json_object(run_file, "run description", "delete it or use --restart").get("digest") != digest:
+                raise InputError(f"out: {out} holds a different run; use another --out")
         else:
-            with open(run_file + ".tmp", "w") as f:
-                json.dump({"digest": digest, "config": dataclasses.asdict(cfg), "source": source.key}, f)
-            os.replace(run_file + ".tmp", run_file)
+            atomic_write_json({"digest": digest, "config": dataclasses.asdict(cfg), "source": source.key}, run_file)
     if distributed:
         dist.barrier(group)
     n = source.num_classes

@@ -31,7 +31,9 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test: Dataset
                        seeds: int = 3, epochs: int = 300, lr: float = 0.01, batch_size: int = 256,
                        augment: Optional[str] = DEFAULT_STRATEGY, clusters: Optional[torch.Tensor] = None,
                        progress: bool = True) -> dict:
-    """{arch: {"acc": [per seed], "mean", "std", "worst_group": [per seed], "worst_group_mean"}}."""
+    """{arch: {"acc": [per seed], "mean", "std", "worst_group": [per seed], "worst_group_mean"}}.
+    images (N, C, H, W) float of the test set's C, H, W; labels (N,) int in [0, test.num_classes)."""
+    _check_args(images, labels, test, archs, seeds, epochs)
     clusters = test_clusters(test) if clusters is None else clusters
     aug = DiffAugment(augment) if augment else None
     out = {}
@@ -50,6 +52,23 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test: Dataset
         r["std"] = statistics.pstdev(r["acc"])
         r["worst_group_mean"] = statistics.fmean(r["worst_group"])
     return out
+
+
+def _check_args(images, labels, test: Dataset, archs, seeds, epochs) -> None:
+    for name, value in (("seeds", seeds), ("epochs", epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if isinstance(archs, str) or len(archs) == 0:
+        raise ValueError(f"archs: expected a non-empty sequence of zoo network names, got {archs!r}")
+    if images.dim() != 4 or tuple(images.shape[1:]) != tuple(test.images.shape[1:]):
+        raise ValueError(f"images: expected (N, {', '.join(map(str, test.images.shape[1:]))}) like the test set, "
+                         f"got {tuple(images.shape)}")
+    if labels.shape != images.shape[:1] or labels.is_floating_point() or images.shape[0] == 0:
+        raise ValueError(f"labels: expected (N,) ints for N = {images.shape[0]} >= 1 images, got "
+                         f"{tuple(labels.shape)} {labels.dtype}")
+    if int(labels.min()) < 0 or int(labels.max()) >= test.num_classes:
+        raise ValueError(f"labels: expected values in [0, {test.num_classes}), got {int(labels.min())}.."
+                         f"{int(labels.max())}")
 
 
 def format_table(results: dict) -> str:

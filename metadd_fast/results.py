@@ -1,21 +1,66 @@
-"""Saving what a run produces: DC-format synthetic sets, atomic checkpoints, PNG figures."""
+"""Saving what a run produces (DC-format synthetic sets, checkpoints, JSON, PNG figures), each write
+atomic and cleaned up on failure, and reading a synthetic set back as data."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["atomic_save", "save_synthetic", "load_synthetic", "save_image_grid", "save_cam_figure"]
+from .errors import InputError, SaveError, load_failure
+
+__all__ = ["atomic_write", "atomic_save", "atomic_write_json", "load_json_object", "save_synthetic", "load_synthetic",
+           "save_image_grid", "save_cam_figure"]
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` writes the file to a temporary path beside ``path``, then an atomic
+    rename: a run killed at any moment leaves either the old file or the new one, never half
+    of one. On any failure the temporary file is removed; an OSError (disk full, permission)
+    becomes a :class:`SaveError` that names ``path`` and says whether its last version is kept."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        if isinstance(err, OSError) and not isinstance(err, SaveError):
+            kept = "its last version is kept" if os.path.exists(path) else "nothing was written"
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            raise SaveError(err.errno, f"could not write {path}: {reason}; {kept}") from err
+        raise
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file beside ``path``, then an atomic rename: a run killed at
-    any moment leaves either the old file or the new one, never half of one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save of ``obj`` (tensors and plain containers, so that torch.load(weights_only=True)
+    reads it back) through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_json_object(path: str, what: str, remedy: str) -> dict:
+    """The JSON object in ``path`` (a run's description); InputError naming the file, ``what``
+    it should hold and the ``remedy`` if it cannot be read or is not an object."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: corrupt {what} ({err}); {remedy}") from err
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: corrupt {what} (not a JSON object); {remedy}")
+    return obj
+
+
+def atomic_write_json(obj, path: str) -> None:
+    """``obj`` as indented JSON through :func:`atomic_write`."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+
+    atomic_write(path, write)
 
 
 def save_synthetic(path: str, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -24,18 +69,32 @@ def save_synthetic(path: str, images: torch.Tensor, labels: torch.Tensor) -> Non
 
 
 def load_synthetic(path: str) -> tuple:
-    """(images, labels) from a DC-format file; ValueError if it is not one."""
+    """(images (N, C, H, W) float32, labels (N,) int64) from a DC-format file, read as data
+    (torch.load with weights_only=True); InputError naming the file if it is not one."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any failure to read is a bad file
-        raise ValueError(f"{path}: not a readable synthetic-set file ({type(err).__name__}: {err})") from err
+        refused, detail = load_failure(err)
+        raise InputError(f"{path}: not a readable synthetic-set file ({'refused: ' if refused else ''}"
+                         f"{detail})") from err
+    expected = "expected DC's format {'data': [(images (N, C, H, W) float, labels (N,) int)]}"
     try:
         images, labels = obj["data"][0]
-        assert isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor)
-        assert images.dim() == 4 and labels.shape == (images.shape[0],)
-    except (KeyError, IndexError, TypeError, ValueError, AssertionError) as err:
-        raise ValueError(f"{path}: expected DC's format {{'data': [(images (N, C, H, W), labels (N,))]}}") from err
-    return images, labels
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        raise InputError(f"{path}: {expected}") from err
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise InputError(f"{path}: {expected}, got {type(images).__name__} and {type(labels).__name__}")
+    if images.dim() != 4 or not images.is_floating_point() or images.shape[0] < 1:
+        raise InputError(f"{path}: {expected}, got images of shape {tuple(images.shape)} and dtype {images.dtype}")
+    if labels.shape != (images.shape[0],) or labels.is_floating_point() or labels.is_complex() or \
+            labels.dtype == torch.bool:
+        raise InputError(f"{path}: {expected}, got labels of shape {tuple(labels.shape)} and dtype {labels.dtype} "
+                         f"for {images.shape[0]} images")
+    if not torch.isfinite(images).all():
+        raise InputError(f"{path}: the synthetic images hold NaN or Inf")
+    if int(labels.min()) < 0:
+        raise InputError(f"{path}: negative label {int(labels.min())}")
+    return images.float(), labels.long()
 
 
 def _plt():
@@ -46,6 +105,13 @@ def _plt():
 
     return plt
 
+
+def _save_figure(plt, fig, path: str) -> None:
+    """Write ``fig`` as a PNG through :func:`atomic_write` and close it, whatever happens."""
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
 
 def save_image_grid(path: str, pixels: torch.Tensor, labels: torch.Tensor, title: str = "") -> None:
     """PNG grid of images in [0, 1] (N, C, H, W): one row per class."""
@@ -61,8 +127,7 @@ def save_image_grid(path: str, pixels: torch.Tensor, labels: torch.Tensor, title
             axes[r, j].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
 
 
 def save_cam_figure(path: str, pixels: torch.Tensor, maps: torch.Tensor, arch_names: Sequence[str],
@@ -83,5 +148,4 @@ def save_cam_figure(path: str, pixels: torch.Tensor, maps: torch.Tensor, arch_na
         axes[0, k].set_title(name, fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
