@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,23 @@ __all__ = ["main"]
 
 def _floats_or_none(text: str):
     return None if text.lower() in ("none", "") else float(text)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _engine_only(args) -> list:
+    """The large-IPC engine's flags given without --classes-per-chunk (where nothing reads them)."""
+    given = {"--teacher": args.teacher is not None, "--cvar-chunks": args.cvar_chunks is not None,
+             "--device": args.device is not None, "--pin-memory": args.pin_memory}
+    return [flag for flag, on in given.items() if on]
 
 
 def _add_distill(sub):
@@ -31,8 +49,10 @@ def _add_distill(sub):
     p.add_argument("--batch-real", type=int, default=128, help="real images per class per step")
     p.add_argument("--arch", default="ConvNet", help="network the method matches through")
     p.add_argument("--metadd-weight", type=float, default=0.0, help="weight of the MetaDD term (0: off)")
-    p.add_argument("--metadd-models", default="ConvNet,ConvNetD1,AlexNet,LeNet",
-                   help="comma-separated zoo networks, trained on the real data, for MetaDD")
+    p.add_argument("--metadd-models", default=None,
+                   help="comma-separated networks for MetaDD (default ConvNet,ConvNetD1,AlexNet,LeNet: zoo "
+                        "networks trained on the real data); with --classes-per-chunk each may be "
+                        "[torchvision:|timm:]ARCH=PATH, a state_dict file (read with weights_only=True)")
     p.add_argument("--metadd-alpha", type=_floats_or_none, default=None,
                    help="CVaR tail of the MetaDD term over synthetic images (none: mean)")
     p.add_argument("--robust-alpha", type=_floats_or_none, default=None,
@@ -42,13 +62,16 @@ def _add_distill(sub):
     p.add_argument("--out", required=True, help="output folder (resumed if it holds this run)")
     p.add_argument("--restart", action="store_true", help="discard a previous run in --out")
     p.add_argument("--resume", action="store_true", help="require a previous run in --out to continue")
-    p.add_argument("--classes-per-chunk", type=int, default=None,
-                   help="large-IPC engine (dm): optimize this many classes at a time into a memory-mapped "
-                        "synthetic set, one checkpoint per chunk; under torchrun the chunks are sharded "
-                        "across ranks (gloo on CPU, NCCL on GPU) and rank 0 writes the result")
-    p.add_argument("--cvar-chunks", type=int, default=1,
-                   help="large-IPC engine with --robust-alpha: chunks optimized together under one CVaR over "
-                        "all their groups (split across ranks; a multiple of the world size)")
+    p.add_argument("--classes-per-chunk", type=_positive_int, default=None,
+                   help="large-IPC engine (dm, dc, sre2l): optimize this many classes at a time into a "
+                        "memory-mapped synthetic set, one checkpoint per chunk; under torchrun the chunks are "
+                        "sharded across ranks (gloo on CPU, NCCL on GPU) and rank 0 writes the result")
+    p.add_argument("--cvar-chunks", type=_positive_int, default=None,
+                   help="large-IPC engine with --robust-alpha (dm, sre2l): chunks optimized together under one "
+                        "CVaR over all their groups (split across ranks; a multiple of the world size)")
+    p.add_argument("--teacher", default=None,
+                   help="large-IPC engine, sre2l: the teacher, [torchvision:|timm:]ARCH=PATH (a state_dict "
+                        "file) or a zoo ARCH trained on the real data (default ConvNetBN)")
     p.add_argument("--device", default=None,
                    help="large-IPC engine: device of the chunk being optimized (default: cpu; under torchrun "
                         "on GPUs, cuda:<local rank>)")
@@ -133,6 +156,7 @@ def _distill_chunked(args) -> int:
 
     from .data import load
     from .engine import DatasetSource, EngineConfig, run_chunked
+    from .pipeline import DistillConfig
 
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -141,15 +165,24 @@ def _distill_chunked(args) -> int:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.set_device(torch.device(device))
+    metadd_models = args.metadd_models if args.metadd_models is not None else \
+        (",".join(DistillConfig.metadd_models) if args.metadd_weight else None)
+    teacher = args.teacher if args.teacher is not None or args.method != "sre2l" else "ConvNetBN"
     cfg = EngineConfig(method=args.method, ipc=args.ipc, iterations=args.iterations,
                        classes_per_chunk=args.classes_per_chunk, batch_real=args.batch_real, arch=args.arch,
-                       lr=args.lr, seed=args.seed, robust_alpha=args.robust_alpha, cvar_chunks=args.cvar_chunks,
+                       lr=args.lr, seed=args.seed, robust_alpha=args.robust_alpha, cvar_chunks=args.cvar_chunks or 1,
+                       metadd_weight=args.metadd_weight, metadd_alpha=args.metadd_alpha, teacher=teacher,
+                       metadd_models=tuple(metadd_models.split(",")) if metadd_models else (),
                        device=device, pin_memory=args.pin_memory)
     try:
         run = run_chunked(cfg, DatasetSource(load(args.dataset, "train", path=args.data_path, size=args.size)),
                           args.out)
-    except ValueError as err:
-        print(f"metadd-fast distill: {err}", file=sys.stderr)
+    except ValueError as err:  # the engine names its config fields: say them as flags
+        field, sep, rest = str(err).partition(": ")
+        flag = f"--{field.replace('_', '-')}" if sep and field.isidentifier() else field
+        rest = re.sub(r"\b([a-z]+(?:_[a-z]+)+)\b", lambda m: f"--{m[1].replace('_', '-')}"
+                      if m[1] in EngineConfig.__dataclass_fields__ else m[1], rest)
+        print(f"metadd-fast distill: {flag}{sep}{rest}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():
@@ -194,10 +227,16 @@ def main(argv=None) -> int:
             return 2
         if args.classes_per_chunk:
             return _distill_chunked(args)
+        if _engine_only(args):
+            print(f"metadd-fast distill: {_engine_only(args)[0]}: acts only with --classes-per-chunk (the "
+                  f"large-IPC engine)", file=sys.stderr)
+            return 2
         cfg = pipeline.DistillConfig(
             dataset=args.dataset, data_path=args.data_path, size=args.size, method=args.method, ipc=args.ipc,
             iterations=args.iterations, lr=args.lr, batch_real=args.batch_real, arch=args.arch,
-            metadd_weight=args.metadd_weight, metadd_models=tuple(args.metadd_models.split(",")),
+            metadd_weight=args.metadd_weight,
+            metadd_models=tuple(args.metadd_models.split(",")) if args.metadd_models
+            else pipeline.DistillConfig.metadd_models,
             metadd_alpha=args.metadd_alpha, robust_alpha=args.robust_alpha, seed=args.seed,
             checkpoint_every=args.checkpoint_every)
         try:

@@ -41,7 +41,7 @@ class Distiller:
     def __init__(self, real: Dataset, ipc: int, *, lr: Optional[float] = None, batch_real: int = 128,
                  arch: str = "ConvNet", init: str = "real", metadd: Optional[MetaDDLoss] = None,
                  metadd_weight: float = 0.0, robust_alpha: Optional[float] = None,
-                 augment: Optional[str] = DEFAULT_STRATEGY, seed: int = 0, device=None):
+                 augment: Optional[str] = DEFAULT_STRATEGY, seed: int = 0, device=None, label_offset: int = 0):
         if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
             raise ValueError(f"ipc: expected a positive int, got {ipc!r}")
         if init not in ("real", "noise"):
@@ -60,6 +60,9 @@ class Distiller:
         if short:
             raise ValueError(f"ipc: classes {short} have fewer than {ipc} real images")
         self.labels = torch.arange(real.num_classes).repeat_interleave(ipc).to(self.device)
+        # The labels the teacher and the MetaDD networks see: the chunked engine gives each
+        # distiller a chunk of classes, whose class 0 is class ``label_offset`` of those networks.
+        self.global_labels = self.labels + label_offset
         if init == "real":
             pick = [idx[torch.randperm(len(idx), generator=self.gen)[:ipc]] for idx in self.by_class]
             images = real.images[torch.cat(pick)].clone()
@@ -93,16 +96,28 @@ class Distiller:
     def match_loss(self) -> Tensor:
         raise NotImplementedError
 
-    def step(self) -> dict:
-        """One update of the synthetic images; returns the loss terms as floats."""
-        self.optimizer.zero_grad(set_to_none=True)
-        terms = {"match": self.match_loss()}
-        if self.metadd is not None and self.metadd_weight:
-            terms["metadd"] = self.metadd(self.images, self.labels)
-        total = terms["match"] + self.metadd_weight * terms.get("metadd", 0.0)
-        total.backward()
+    def _metadd_terms(self) -> dict:
+        if self.metadd is None or not self.metadd_weight:
+            return {}
+        return {"metadd": self.metadd_weight * self.metadd(self.images, self.global_labels)}
+
+    def loss_terms(self) -> dict:
+        """The weighted scalar terms of one step, except a robust CVaR from ``group_losses()``."""
+        return {"match": self.match_loss(), **self._metadd_terms()}
+
+    def finish_step(self) -> None:
         self.optimizer.step()
         self.iteration += 1
+
+    def step(self) -> dict:
+        """One update of the synthetic images; returns the (weighted) loss terms as floats."""
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self.loss_terms()
+        if self.robust_alpha is not None and hasattr(self, "group_losses"):
+            values, groups = self.group_losses()
+            terms["robust"] = cvar(values, self.robust_alpha, groups, len(self.labels))
+        sum(terms.values()).backward()
+        self.finish_step()
         return {k: float(v.detach()) for k, v in terms.items()}
 
     def state_dict(self) -> dict:
@@ -136,6 +151,11 @@ class DM(Distiller):
         """Per-real-image losses and their groups (the nearest synthetic image of the class)."""
         per_real = ((e_real - e_syn.mean(0)) ** 2).sum(1)
         return per_real, nearest_centroid(e_real.detach(), e_syn.detach())[0]
+
+    def loss_terms(self) -> dict:
+        if self.robust_alpha is None:
+            return super().loss_terms()
+        return self._metadd_terms()  # robust DD: the matching is the CVaR over group_losses()
 
     def match_loss(self) -> Tensor:
         loss = 0.0
@@ -208,21 +228,21 @@ class DC(Distiller):
             loss = loss + _grad_distance(g_syn, g_real)
         return loss
 
-    def step(self) -> dict:
-        out = super().step()
+    def finish_step(self) -> None:
+        super().finish_step()
         opt = torch.optim.SGD(self.net.parameters(), lr=self.lr_net, momentum=0.5)
         x = self.images.detach()
         for _ in range(self.inner_steps):
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(self.net(self._aug(x, self._seed())), self.labels).backward()
             opt.step()
-        return out
 
 
 class SRe2L(Distiller):
     """Recover: CE(teacher(x_syn), y) + r_bn * sum over BatchNorm layers of
     ||mu(x) - running_mean||_2 + ||var(x) - running_var||_2; Adam on the images.
-    With robust_alpha: the CVaR over synthetic images of their cross-entropy."""
+    With robust_alpha: the CVaR over synthetic images of their cross-entropy (``group_losses``:
+    each image its own group). Labels are ``global_labels``: the teacher's classes."""
 
     default_lr = 0.05
 
@@ -232,11 +252,14 @@ class SRe2L(Distiller):
             raise ValueError("teacher: SRe2L needs a network with BatchNorm2d layers")
         super().__init__(real, ipc, **kw)
         self.teacher, self.r_bn, self.bns = teacher.eval().requires_grad_(False).to(self.device), r_bn, bns
+        self._logits: Optional[Tensor] = None  # robust: this step's logits, for group_losses()
 
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.images], lr=lr, betas=(0.5, 0.9))
 
     def match_loss(self) -> Tensor:
+        """CE + r_bn * BN-statistics term; with robust_alpha the BN term alone (the CE enters
+        through ``group_losses()``, which reads this pass's logits)."""
         stats = []
 
         def hook(m, inputs, output):
@@ -250,11 +273,17 @@ class SRe2L(Distiller):
         finally:
             for h in hooks:
                 h.remove()
-        if self.robust_alpha is None:
-            ce = F.cross_entropy(logits, self.labels)
-        else:
-            ce = cvar(F.cross_entropy(logits, self.labels, reduction="none"), self.robust_alpha)
-        return ce + self.r_bn * sum(stats)
+        if self.robust_alpha is not None:
+            self._logits = logits
+            return self.r_bn * sum(stats)
+        return F.cross_entropy(logits, self.global_labels) + self.r_bn * sum(stats)
+
+    def group_losses(self) -> tuple:
+        """(per-image cross-entropy (n,), group ids arange(n)) of the logits of the last
+        ``loss_terms()``: the robust CVaR is over the synthetic images."""
+        logits, self._logits = self._logits, None
+        return (F.cross_entropy(logits, self.global_labels, reduction="none"),
+                torch.arange(len(self.labels), device=self.device))
 
 
 def bn_teacher(real: Dataset, *, epochs: int = 20, seed: int = 0) -> nn.Module:
