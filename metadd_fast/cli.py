@@ -217,7 +217,7 @@ def main(argv=None) -> int:
         if args.restart and os.path.isdir(args.out):
             import shutil
 
-            for f in ("config.json", "state.pt", "synthetic.pt", "run.json", "synthetic.f32"):
+            for f in ("config.json", "state.pt", "synthetic.pt", "run.json", "synthetic.f32", "groups.pt"):
                 if os.path.exists(os.path.join(args.out, f)):
                     os.remove(os.path.join(args.out, f))
             shutil.rmtree(os.path.join(args.out, "chunks"), ignore_errors=True)

@@ -77,4 +77,4 @@ def test_chunked_robust_distill_and_its_bad_options(tmp_path, capsys):
         config = json.load(f)["config"]
     assert config["robust_alpha"] == 0.5 and config["cvar_chunks"] == 2
     assert main(args + ["--pin-memory", "--restart"]) == 2
-    assert "pin_memory: pinned host memory serves a CUDA device" in capsys.readouterr().err
+    assert "--pin-memory: pinned host memory serves a CUDA device" in capsys.readouterr().err
