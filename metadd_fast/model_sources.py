@@ -124,7 +124,11 @@ def _cached_zoo_model(net: nn.Module, train: Callable, cache: str, key: dict,
     """Train ``net`` on ``train()`` (a Dataset) unless ``cache`` holds it for ``key``."""
     blob = json.dumps(key, sort_keys=True)
     if os.path.exists(cache):
-        saved = torch.load(cache, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(cache, map_location="cpu", weights_only=True)
+        except Exception as err:  # any read failure: a corrupt cache file
+            raise ValueError(f"{cache}: corrupt cached network ({type(err).__name__}); delete it to train "
+                             f"the network again") from err
         if isinstance(saved, dict) and saved.get("key") == blob:
             net.load_state_dict(saved["state_dict"])
             return net

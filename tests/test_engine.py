@@ -20,7 +20,7 @@ from metadd_fast.adapters import cam_target
 from metadd_fast.cli import main
 from metadd_fast.data import Dataset
 from metadd_fast.distill import SRe2L
-from metadd_fast.engine import EngineConfig, RandomImageSource, run_chunked
+from metadd_fast.engine import EngineConfig, RandomImageSource, _load_networks, run_chunked
 from metadd_fast.grouping import class_nearest_groups
 from metadd_fast.model_sources import load_model, parse_spec
 from metadd_fast.models import MobileNetV2, ResNet18ImageNet, get_model
@@ -90,11 +90,16 @@ def test_two_gloo_ranks_give_the_one_process_result(tmp_path, make):
 
 
 @pytest.mark.parametrize("make", [_sre2l, _dc], ids=["sre2l", "dc"])
-def test_the_metadd_weight_changes_the_result(tmp_path, make):
-    cfg = make(tmp_path)
+def test_the_metadd_term_acts(tmp_path, make):
+    """With --metadd-weight the synthetic set differs, and its MetaDD loss (cross-architecture
+    CAM variance under the run's own networks and global labels) is lower than without."""
+    cfg = dict(make(tmp_path), metadd_weight=50.0, iterations=4)
     on = _single(cfg, str(tmp_path / "on"))["images"].clone()
-    off = _single(dict(cfg, metadd_weight=0.0, metadd_models=()), str(tmp_path / "off"))["images"]
+    off = _single(dict(cfg, metadd_weight=0.0, metadd_models=()), str(tmp_path / "off"))["images"].clone()
     assert torch.isfinite(on).all() and not torch.equal(on, off)
+    metadd = _load_networks(EngineConfig(**cfg), _source(), str(tmp_path / "on")).metadd
+    labels = torch.arange(6).repeat_interleave(2)
+    assert float(metadd(on, labels)) < 0.95 * float(metadd(off, labels))
 
 
 SCRIPT = textwrap.dedent("""
@@ -285,6 +290,11 @@ def test_networks_load_from_state_dict_files_and_other_files_are_refused(tmp_pat
     with pytest.raises(ValueError, match=re.escape(f"--metadd-models: {path} does not fit ConvNetD1=")):
         load_model(parse_spec(f"ConvNetD1={path}", "--metadd-models"), "--metadd-models", channel=3,
                    num_classes=6, im_size=(8, 8))
+    cache = tmp_path / "cache.pt"
+    cache.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match=re.escape(f"{cache}: corrupt cached network")):
+        load_model(parse_spec("ConvNetD1", "--metadd-models"), "--metadd-models", channel=3, num_classes=6,
+                   im_size=(8, 8), train=_source().dataset, cache=str(cache))
     with pytest.raises(ValueError, match="does not fit"):  # the right network for 10 classes, not 6
         load_model(parse_spec(f"ConvNetBN={path}", "--teacher"), "--teacher", channel=3, num_classes=10,
                    im_size=(8, 8))
