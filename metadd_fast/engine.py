@@ -345,8 +345,10 @@ def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bo
     ``shape`` (C, H, W), ``num_outputs`` (the classes of the teacher and MetaDD networks, of
     which the source's are the first), ``key`` (its identity) and ``dataset()`` (all of it,
     to train zoo networks on)) in class chunks into ``out``. In a distributed run pass ``group`` (or rely on the
-    default group); rank 0 returns {"images" (backed by ``synthetic.f32``), "labels", "seconds"},
-    other ranks None."""
+    default group); rank 0 returns {"images" (classes * ipc, C, H, W) float32 backed by
+    ``synthetic.f32``, "labels" (classes * ipc,) int64, "seconds" (from the first chunk, the
+    networks loaded), and with robust_alpha "group_sizes" (classes * ipc,) int64}, other
+    ranks None."""
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank(group) if distributed else 0
     world = dist.get_world_size(group) if distributed else 1
