@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -28,9 +29,10 @@ def _add_distill(sub):
     p.add_argument("--arch", type=ca.model_name, default="ConvNet", help="network the method matches through")
     p.add_argument("--metadd-weight", type=ca.nonnegative_float, default=0.0,
                    help="weight of the MetaDD term (0: off)")
-    p.add_argument("--metadd-models", type=ca.model_names, default=None,
-                   help="comma-separated zoo networks (at least 2), trained on the real data, for MetaDD "
-                        "(default: ConvNet,ConvNetD1,AlexNet,LeNet)")
+    p.add_argument("--metadd-models", type=ca.model_specs, default=None,
+                   help="comma-separated networks (at least 2) for MetaDD (default ConvNet,ConvNetD1,AlexNet,LeNet: "
+                        "zoo networks trained on the real data); with --classes-per-chunk each may be "
+                        "[torchvision:|timm:]ARCH=PATH, a state_dict file (read with weights_only=True)")
     p.add_argument("--metadd-alpha", type=ca.alpha_or_none, default=None,
                    help="CVaR tail in (0, 1] of the MetaDD term over synthetic images (none: mean)")
     p.add_argument("--robust-alpha", type=ca.alpha_or_none, default=None,
@@ -47,12 +49,15 @@ def _add_distill(sub):
     p.add_argument("--restart", action="store_true", help="discard a previous run in --out")
     p.add_argument("--resume", action="store_true", help="require a previous run in --out to continue")
     p.add_argument("--classes-per-chunk", type=ca.positive_int, default=None,
-                   help="large-IPC engine (dm): optimize this many classes at a time into a memory-mapped "
-                        "synthetic set, one checkpoint per chunk; under torchrun the chunks are sharded "
-                        "across ranks (gloo on CPU, NCCL on GPU) and rank 0 writes the result")
+                   help="large-IPC engine (dm, dc, sre2l): optimize this many classes at a time into a "
+                        "memory-mapped synthetic set, one checkpoint per chunk; under torchrun the chunks are "
+                        "sharded across ranks (gloo on CPU, NCCL on GPU) and rank 0 writes the result")
     p.add_argument("--cvar-chunks", type=ca.positive_int, default=1,
                    help="large-IPC engine with --robust-alpha: chunks optimized together under one CVaR over "
                         "all their groups (split across ranks; a multiple of the world size)")
+    p.add_argument("--teacher", type=ca.model_spec, default=None,
+                   help="large-IPC engine, sre2l: the teacher, [torchvision:|timm:]ARCH=PATH (a state_dict "
+                        "file) or a zoo ARCH trained on the real data (default ConvNetBN)")
     p.add_argument("--device", default=None,
                    help="large-IPC engine: device of the chunk being optimized (default: cpu; under torchrun "
                         "on GPUs, cuda:<local rank>)")
@@ -139,6 +144,20 @@ def _bench(args) -> int:
     return subprocess.call(cmd)
 
 
+def _as_flag_error(err: ValueError) -> InputError:
+    """The engine's ValueError ("field: message", naming EngineConfig fields) as the CLI's
+    one-line error naming flags; any other ValueError is a bug and is raised as it is."""
+    from .engine import EngineConfig
+
+    fields = EngineConfig.__dataclass_fields__
+    field, sep, rest = str(err).partition(": ")
+    if not sep or field not in fields:
+        raise err
+    rest = re.sub(r"\b([a-z]+(?:_[a-z]+)+)\b", lambda m: f"--{m[1].replace('_', '-')}" if m[1] in fields else m[1],
+                  rest)
+    return InputError(f"--{field.replace('_', '-')}: {rest}")
+
+
 def _distill_chunked(args, train) -> int:
     import torch
     import torch.distributed as dist
@@ -152,17 +171,21 @@ def _distill_chunked(args, train) -> int:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.set_device(torch.device(device))
+    teacher = args.teacher if args.teacher is not None or args.method != "sre2l" else "ConvNetBN"
     cfg = EngineConfig(method=args.method, ipc=args.ipc, iterations=args.iterations,
                        classes_per_chunk=args.classes_per_chunk, batch_real=args.batch_real, arch=args.arch,
-                       lr=args.lr, seed=args.seed, robust_alpha=args.robust_alpha, cvar_chunks=args.cvar_chunks,
+                       lr=args.lr, seed=args.seed, robust_alpha=args.robust_alpha, robust_weight=args.robust_weight,
+                       cvar_chunks=args.cvar_chunks, metadd_weight=args.metadd_weight,
+                       metadd_alpha=args.metadd_alpha, teacher=teacher,
+                       metadd_models=tuple(args.metadd_models) if args.metadd_weight else (),
                        device=device, pin_memory=args.pin_memory)
     try:
         world = dist.get_world_size() if dist.is_initialized() else 1
         try:
             cfg.check(world)
-        except ValueError as err:
-            raise InputError(str(err)) from err
-        run = run_chunked(cfg, DatasetSource(train), args.out)
+            run = run_chunked(cfg, DatasetSource(train), args.out)
+        except ValueError as err:  # the engine names its config fields: say them as flags
+            raise _as_flag_error(err) from err
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -171,7 +194,7 @@ def _distill_chunked(args, train) -> int:
     return 0
 
 
-RUN_FILES = ("config.json", "state.pt", "synthetic.pt", "run.json", "synthetic.f32")
+RUN_FILES = ("config.json", "state.pt", "synthetic.pt", "run.json", "synthetic.f32", "groups.pt")
 
 
 def _discard_run(out: str) -> None:

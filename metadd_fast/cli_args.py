@@ -122,6 +122,33 @@ def model_names(text: str) -> tuple:
     return names
 
 
+def model_spec(text: str) -> str:
+    """A network spec ``[SOURCE:]ARCH[=PATH]`` (metadd_fast.model_sources): a zoo name, or a
+    zoo/torchvision/timm architecture with a local state_dict file."""
+    from .model_sources import parse_spec
+
+    try:
+        parse_spec(text, "spec")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).partition(": ")[2]) from None
+    return text.strip()
+
+
+def model_specs(text: str) -> tuple:
+    """Comma-separated network specs (see :func:`model_spec`), none twice."""
+    specs = tuple(model_spec(part) for part in text.split(","))
+    if len(set(specs)) != len(specs):
+        raise argparse.ArgumentTypeError(f"expected distinct names, got {text!r}")
+    return specs
+
+
+def _zoo_names(specs) -> list:
+    """The zoo architectures among network specs."""
+    from .model_sources import parse_spec
+
+    return [spec.arch for spec in (parse_spec(s, "spec") for s in specs) if spec.source == "zoo"]
+
+
 def check_out(flag: str, out: str) -> None:
     """``out`` can be the output folder: a folder, or a path that can be created as one."""
     if os.path.exists(out) and not os.path.isdir(out):
@@ -182,16 +209,17 @@ def check_distill(args) -> None:
         raise flag_error("--robust-weight", "has no effect without --robust-alpha")
     if args.classes_per_chunk is None:
         for flag, given in (("--cvar-chunks", args.cvar_chunks != 1), ("--device", args.device is not None),
-                            ("--pin-memory", args.pin_memory)):
+                            ("--pin-memory", args.pin_memory), ("--teacher", args.teacher is not None)):
             if given:
                 raise flag_error(flag, "applies to the large-IPC engine only; add --classes-per-chunk")
+        if args.metadd_models is not None and any(":" in s or "=" in s for s in args.metadd_models):
+            raise flag_error("--metadd-models", "[SOURCE:]ARCH=PATH networks need the large-IPC engine "
+                                                "(--classes-per-chunk); without it give zoo names")
         return
     if args.zca:
         raise flag_error("--zca", "not available with the large-IPC engine (--classes-per-chunk)")
-    if args.method != "dm":
-        raise flag_error("--classes-per-chunk", f"the large-IPC engine runs --method dm, got {args.method}")
-    if args.metadd_weight:
-        raise flag_error("--metadd-weight", "the large-IPC engine (--classes-per-chunk) has no MetaDD term")
+    if args.teacher is not None and args.method != "sre2l":
+        raise flag_error("--teacher", f"only --method sre2l uses a teacher, got --method {args.method}")
     if args.cvar_chunks != 1 and args.robust_alpha is None:
         raise flag_error("--cvar-chunks", "couples chunks under robust DD's CVaR; add --robust-alpha")
     if args.device is not None:
@@ -246,7 +274,7 @@ def check_train_data(args, train) -> None:
                                   f"class {counts.index(min(counts))}), got {args.ipc}")
     check_models("--arch", [args.arch], train)
     if args.metadd_weight:
-        check_models("--metadd-models", args.metadd_models, train)
+        check_models("--metadd-models", _zoo_names(args.metadd_models), train)
 
 
 def check_synthetic(args, images, labels, test) -> None:

@@ -72,7 +72,7 @@ class Distiller:
                  arch: str = "ConvNet", init: str = "real", metadd: Optional[MetaDDLoss] = None,
                  metadd_weight: float = 0.0, robust_alpha: Optional[float] = None, robust_weight: float = 1.0,
                  embedding: Optional[Embedding] = None, augment: Optional[str] = DEFAULT_STRATEGY, seed: int = 0,
-                 device=None):
+                 device=None, label_offset: int = 0):
         if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
             raise ValueError(f"ipc: expected a positive int, got {ipc!r}")
         if init not in ("real", "noise"):
@@ -99,6 +99,9 @@ class Distiller:
         if short:
             raise ValueError(f"ipc: classes {short} have fewer than {ipc} real images")
         self.labels = torch.arange(real.num_classes).repeat_interleave(ipc).to(self.device)
+        # The labels the teacher and the MetaDD networks see: the chunked engine gives each
+        # distiller a chunk of classes, whose class 0 is class ``label_offset`` of those networks.
+        self.global_labels = self.labels + label_offset
         if init == "real":
             pick = [idx[torch.randperm(len(idx), generator=self.gen)[:ipc]] for idx in self.by_class]
             images = real.images[torch.cat(pick)].clone()
@@ -163,7 +166,7 @@ class Distiller:
         """Every weighted scalar term of the step except robust DD's CVaR: {"match", ["metadd"]}."""
         terms = {"match": self.match_loss()}
         if self.metadd is not None and self.metadd_weight:
-            terms["metadd"] = self.metadd_weight * self.metadd(self.images, self.labels)
+            terms["metadd"] = self.metadd_weight * self.metadd(self.images, self.global_labels)
         return terms
 
     def group_losses(self) -> tuple[Tensor, Tensor]:
@@ -390,7 +393,7 @@ class SRe2L(Distiller):
         finally:
             for h in hooks:
                 h.remove()
-        return F.cross_entropy(logits, self.labels) + self.r_bn * sum(stats)
+        return F.cross_entropy(logits, self.global_labels) + self.r_bn * sum(stats)
 
     def group_losses(self) -> tuple[Tensor, Tensor]:
         seed = self._context()["seed"]

@@ -11,14 +11,14 @@ chunk, not on N.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .kmeans import kmeans, nearest_centroid
 
-__all__ = ["embed", "nearest_groups", "kmeans_groups"]
+__all__ = ["embed", "nearest_groups", "class_nearest_groups", "kmeans_groups"]
 
 Images = Union[Tensor, Iterable]
 
@@ -78,6 +78,25 @@ def nearest_groups(net: Callable, real: Images, synthetic: Tensor, *, batch_size
            for e in _embedded(net, real, batch_size, device)]
     if not ids:
         raise ValueError("real: expected at least one image, got none")
+    return torch.cat(ids)
+
+
+def class_nearest_groups(net: Callable, real_of_class: Callable, classes: Sequence[int], synthetic: Tensor,
+                         ipc: int, *, batch_size: int = 256, device=None, backend: Optional[str] = None) -> Tensor:
+    """Robust DD's groups over every real image of ``classes``: each image joins its nearest
+    synthetic image of its own class. ``real_of_class(c)`` gives class c's real images
+    (n_c, C, H, W); ``synthetic`` (len(classes) * ipc, C, H, W) holds ``ipc`` images per
+    class in the order of ``classes``. Returns (sum n_c,) int64 ids in [0, len(classes) * ipc),
+    class by class. One class's images and one batch of embeddings are alive at a time:
+    memory does not depend on the number of classes or on the real set's size beyond a class."""
+    if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
+        raise ValueError(f"ipc: expected a positive int, got {ipc!r}")
+    if synthetic.shape[0] != len(classes) * ipc:
+        raise ValueError(f"synthetic: expected {len(classes)} classes x {ipc} images, got {synthetic.shape[0]}")
+    ids = [nearest_groups(net, real_of_class(c), synthetic[i * ipc:(i + 1) * ipc], batch_size=batch_size,
+                          device=device, backend=backend) + i * ipc for i, c in enumerate(classes)]
+    if not ids:
+        raise ValueError("classes: expected at least one class, got none")
     return torch.cat(ids)
 
 

@@ -14,6 +14,11 @@ are used). ``embed(x)`` gives the features the classifier sees, for grouping.
 - ResNet18 (BasicBlocks, instance norm, global average pooling + linear head) and
   ResNet18_AP (strides replaced by average pooling, flatten head).
 - LeNet (MLP head: Grad-CAM).
+- ConvNetBN: ConvNet with BatchNorm (SRe2L's default teacher on small images).
+- ResNet18ImageNet and MobileNetV2: ImageNet-form networks (stride-2 stems, BatchNorm,
+  global average pooling + linear head) in torchvision's layout and parameter names, so
+  torchvision state_dicts load; they cost what torchvision's do (the CIFAR-form ResNet18
+  above keeps full resolution through its first stage: about 15x at 224x224).
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ConvNet", "AlexNet", "VGG11", "ResNet18", "ResNet18_AP", "LeNet", "MODELS", "get_model"]
+__all__ = ["ConvNet", "AlexNet", "VGG11", "ResNet18", "ResNet18_AP", "LeNet", "ResNet18ImageNet", "MobileNetV2",
+           "MODELS", "get_model"]
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -183,8 +189,127 @@ class LeNet(_Zoo):
                                         nn.Linear(84, num_classes))
 
 
+# ---- ImageNet-form networks (torchvision layouts and parameter names) ----------------------
+
+
+class _INBasicBlock(nn.Module):
+    """torchvision's BasicBlock: conv1/bn1/conv2/bn2 and a ``downsample`` (conv 1x1, bn) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet18ImageNet(nn.Module):
+    """ResNet-18 in its ImageNet form: 7x7 stride-2 stem, 3x3 stride-2 max-pool, four stages
+    of BasicBlocks (BatchNorm), global average pooling, ``fc``. Module and parameter names
+    are torchvision's, so a torchvision ``resnet18`` state_dict loads (strict). Input
+    (B, channel, H, W) with H, W >= 33 (the map after the stem and 3 strides is H/32);
+    output (B, num_classes). CAM layer ``layer4`` (B, 512, H/32, W/32), head ``fc``."""
+
+    cam_layer = "layer4"
+    cam_head = "fc"
+
+    def __init__(self, channel: int = 3, num_classes: int = 1000, im_size=(224, 224)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channel, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin, stages = 64, []
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            stages.append(nn.Sequential(_INBasicBlock(cin, cout, stride), _INBasicBlock(cout, cout, 1)))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+
+    def embed(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.avgpool(self.layer4(self.layer3(self.layer2(self.layer1(x))))).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.embed(x))
+
+
+def _divisible(v: float, divisor: int = 8) -> int:
+    """MobileNet's channel rounding: the nearest multiple of ``divisor``, never below 90% of v."""
+    out = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return out + divisor if out < 0.9 * v else out
+
+
+def _conv_bn_relu6(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+
+class _InvertedResidual(nn.Module):
+    """1x1 expansion (unless t = 1), 3x3 depthwise, linear 1x1 projection; identity shortcut
+    when the shape is kept. torchvision's layout (``conv`` holds the layers)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers = [_conv_bn_relu6(cin, hidden, 1)] if expand != 1 else []
+        layers += [_conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden), nn.Conv2d(hidden, cout, 1, bias=False),
+                   nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """A MobileNetV2-style network: stride-2 3x3 stem, inverted residual blocks
+    (expansion t, channels c, repeats n, first stride s), a 1x1 conv to 1280 (times
+    ``width`` when above 1), global average pooling and a linear head (``classifier``:
+    dropout, linear). BatchNorm and ReLU6 throughout; module and parameter names are
+    torchvision's ``mobilenet_v2``. Input (B, channel, H, W) with H, W >= 17 (the map is
+    H/32); output (B, num_classes). CAM layer ``features`` (B, 1280, H/32, W/32), head
+    ``classifier``."""
+
+    cam_layer = "features"
+    cam_head = "classifier"
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1))
+
+    def __init__(self, channel: int = 3, num_classes: int = 1000, width: float = 1.0, dropout: float = 0.2,
+                 im_size=(224, 224)):
+        super().__init__()
+        cin, last = _divisible(32 * width), _divisible(1280 * max(1.0, width))
+        layers = [_conv_bn_relu6(channel, cin, 3, 2)]
+        for t, c, n, s in self.SETTINGS:
+            cout = _divisible(c * width)
+            for i in range(n):
+                layers.append(_InvertedResidual(cin, cout, s if i == 0 else 1, t))
+                cin = cout
+        layers.append(_conv_bn_relu6(cin, last, 1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(last, num_classes))
+
+    def embed(self, x):
+        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+
+    def forward(self, x):
+        return self.classifier(self.embed(x))
+
+
 MODELS = {
     "ConvNet": ConvNet,
+    "ConvNetBN": partial(ConvNet, norm="batchnorm"),
     "ConvNetD1": partial(ConvNet, depth=1),
     "ConvNetD2": partial(ConvNet, depth=2),
     "ConvNetD3": partial(ConvNet, depth=3),
@@ -194,6 +319,8 @@ MODELS = {
     "ResNet18": ResNet18,
     "ResNet18_AP": ResNet18_AP,
     "LeNet": LeNet,
+    "ResNet18ImageNet": ResNet18ImageNet,
+    "MobileNetV2": MobileNetV2,
 }
 
 

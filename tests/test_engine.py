@@ -1,4 +1,6 @@
-"""Large-IPC engine: class chunks, class sharding over gloo ranks, kill -9 and resume, bounded memory."""
+"""Large-IPC engine: class chunks, class sharding over gloo ranks, kill -9 and resume, bounded memory;
+SRe2L/DC/DM with MetaDD and robust DD; networks from state_dict files; the ImageNet-form networks."""
+import json
 import os
 import re
 import signal
@@ -13,7 +15,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import free_port
 
-from metadd_fast.engine import EngineConfig, RandomImageSource, run_chunked
+import metadd_fast as mf
+from metadd_fast.adapters import cam_target
+from metadd_fast.cli import main
+from metadd_fast.data import Dataset
+from metadd_fast.distill import SRe2L
+from metadd_fast.engine import EngineConfig, RandomImageSource, _load_networks, run_chunked
+from metadd_fast.grouping import class_nearest_groups
+from metadd_fast.model_sources import load_model, parse_spec
+from metadd_fast.models import MobileNetV2, ResNet18ImageNet, get_model
 
 CFG = dict(ipc=2, iterations=2, classes_per_chunk=2, batch_real=6, arch="ConvNetD1")
 SHAPE = (3, 8, 8)
@@ -21,6 +31,29 @@ SHAPE = (3, 8, 8)
 
 def _source(num_classes=6):
     return RandomImageSource(num_classes, 6, SHAPE, seed=3)
+
+
+def _weights(folder, arch, num_classes=6, shape=SHAPE, seed=0):
+    """A state_dict file of a zoo network (random weights): what a user's checkpoint holds."""
+    torch.manual_seed(seed)
+    path = os.path.join(str(folder), f"{arch}_{num_classes}_{shape[-1]}.pt")
+    torch.save(get_model(arch, shape[0], num_classes, shape[1:]).state_dict(), path)
+    return path
+
+
+def _metadd(folder):
+    """MetaDD on two networks: one from a state_dict file, one zoo network trained on the real data."""
+    return dict(metadd_weight=1.0, metadd_models=(f"ConvNetD1={_weights(folder, 'ConvNetD1')}", "ConvNetD2"),
+                pretrain_epochs=1)
+
+
+def _sre2l(folder):
+    """SRe2L (zoo ConvNetBN teacher trained on the real data) + MetaDD + robust DD, two chunks per CVaR."""
+    return dict(CFG, method="sre2l", teacher="ConvNetBN", robust_alpha=0.5, cvar_chunks=2, **_metadd(folder))
+
+
+def _dc(folder):
+    return dict(CFG, method="dc", robust_alpha=0.5, **_metadd(folder))
 
 
 def _worker(rank, world, port, out, cfg=CFG):
@@ -40,45 +73,68 @@ def _single(cfg, out):
     finally:
         torch.set_num_threads(2)
 
-def test_two_gloo_ranks_give_the_one_process_result(tmp_path):
-    single = _single(CFG, str(tmp_path / "one"))
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+@pytest.mark.parametrize("make", [_sre2l, _dc], ids=["sre2l+metadd+robust", "dc+metadd+robust"])
+def test_two_gloo_ranks_give_the_one_process_result(tmp_path, make):
+    """Rank 0 trains and caches the zoo networks, rank 1 reads them; SRe2L's CVaR couples the
+    chunks of a round across the ranks, DC's chunks are independent."""
+    cfg = make(tmp_path)
+    single = _single(cfg, str(tmp_path / "one"))
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "two"), cfg), nprocs=2, join=True)
     images, labels = torch.load(tmp_path / "two" / "synthetic.pt")["data"][0]
+    assert torch.isfinite(images).all()
     assert torch.equal(images, single["images"]) and torch.equal(labels, single["labels"])
     assert images.shape == (12, *SHAPE) and not torch.equal(images[:2], images[2:4])
+    trained = ["01_metadd_models_ConvNetD2.pt"] if cfg["method"] == "dc" else \
+        ["00_teacher_ConvNetBN.pt", "02_metadd_models_ConvNetD2.pt"]  # zoo networks without a file
+    assert sorted(os.listdir(tmp_path / "two" / "models")) == trained
+
+
+@pytest.mark.parametrize("make", [_sre2l, _dc], ids=["sre2l", "dc"])
+def test_the_metadd_term_acts(tmp_path, make):
+    """With --metadd-weight the synthetic set differs, and its MetaDD loss (cross-architecture
+    CAM variance under the run's own networks and global labels) is lower than without."""
+    cfg = dict(make(tmp_path), metadd_weight=50.0, iterations=4)
+    on = _single(cfg, str(tmp_path / "on"))["images"].clone()
+    off = _single(dict(cfg, metadd_weight=0.0, metadd_models=()), str(tmp_path / "off"))["images"].clone()
+    assert torch.isfinite(on).all() and not torch.equal(on, off)
+    metadd = _load_networks(EngineConfig(**cfg), _source(), str(tmp_path / "on")).metadd
+    labels = torch.arange(6).repeat_interleave(2)
+    assert float(metadd(on, labels)) < 0.95 * float(metadd(off, labels))
 
 
 SCRIPT = textwrap.dedent("""
-    import sys, time, torch
+    import json, sys, time, torch
     from metadd_fast import engine
     torch.set_num_threads(1)
-    real_step = engine.DISTILLERS["dm"].step
-    def slow_step(self):  # slow enough to be killed mid-run
+    cfg = engine.EngineConfig(**json.loads(sys.argv[3]))
+    real_finish = engine.DISTILLERS[cfg.method].finish_step
+    def slow_finish(self):  # slow enough to be killed mid-run
         time.sleep(0.15)
-        return real_step(self)
-    engine.DISTILLERS["dm"].step = slow_step
-    cfg = engine.EngineConfig(ipc=2, iterations=2, classes_per_chunk=2, batch_real=6, arch="ConvNetD1")
+        return real_finish(self)
+    engine.DISTILLERS[cfg.method].finish_step = slow_finish
     engine.run_chunked(cfg, engine.RandomImageSource(int(sys.argv[2]), 6, (3, 8, 8), seed=3), sys.argv[1],
                        progress=False)
 """)
 
 
-def _run(out, classes=6):
-    return [sys.executable, "-c", SCRIPT, out, str(classes)]
+def _run(out, cfg, classes=6):
+    return [sys.executable, "-c", SCRIPT, out, str(classes), json.dumps(cfg)]
 
 
-def test_kill_9_mid_run_then_resume_gives_the_same_result(tmp_path):
+@pytest.mark.parametrize("make", [_sre2l, _dc], ids=["sre2l+metadd+robust", "dc+metadd+robust"])
+def test_kill_9_mid_run_then_resume_gives_the_same_result(tmp_path, make):
+    cfg = make(tmp_path)
     full = tmp_path / "full"
-    subprocess.run(_run(str(full)), check=True)
+    subprocess.run(_run(str(full), cfg), check=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_run(str(killed)))
+    proc = subprocess.Popen(_run(str(killed), cfg))
     deadline = time.time() + 120
     while not (killed / "chunks" / "chunk_00000.pt").exists() and time.time() < deadline:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "synthetic.pt").exists(), "killed before the end"
-    subprocess.run(_run(str(killed)), check=True)
+    subprocess.run(_run(str(killed), cfg), check=True)
     a = torch.load(full / "synthetic.pt")["data"][0]
     b = torch.load(killed / "synthetic.pt")["data"][0]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -96,25 +152,34 @@ def test_corrupt_or_foreign_checkpoints_are_refused(tmp_path):
     with pytest.raises(ValueError, match="checkpoint of another run"):
         run_chunked(cfg, _source(), str(tmp_path), progress=False)
     with pytest.raises(ValueError, match="method"):
-        run_chunked(EngineConfig(**dict(CFG, method="dc")), _source(), str(tmp_path / "x"), progress=False)
+        run_chunked(EngineConfig(**dict(CFG, method="mtt")), _source(), str(tmp_path / "x"), progress=False)
 
 
 MEMORY = textwrap.dedent("""
-    import resource, sys, torch
+    import json, resource, sys, torch
     from metadd_fast import engine
     torch.set_num_threads(1)
-    cfg = engine.EngineConfig(ipc=2, iterations=1, classes_per_chunk=4, batch_real=16, arch="ConvNetD1")
+    cfg = engine.EngineConfig(**json.loads(sys.argv[3]))
     engine.run_chunked(cfg, engine.RandomImageSource(int(sys.argv[2]), 64, (3, 32, 32)), sys.argv[1],
                        progress=False)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """)
 
 
-def test_memory_does_not_grow_with_the_number_of_classes(tmp_path):
+@pytest.mark.parametrize("method", ["dm", "sre2l", "dc"])
+def test_memory_does_not_grow_with_the_number_of_classes(tmp_path, method):
+    """SRe2L and DC with MetaDD (networks from state_dict files, as at scale) and robust DD."""
     peak = {}
     for classes in (20, 80):
-        out = subprocess.run([sys.executable, "-c", MEMORY, str(tmp_path / str(classes)), str(classes)],
-                             capture_output=True, text=True, check=True)
+        shape = (3, 32, 32)
+        cfg = dict(ipc=2, iterations=1, classes_per_chunk=4, batch_real=16, arch="ConvNetD1", method=method)
+        if method != "dm":
+            cfg.update(robust_alpha=0.5, metadd_weight=1.0, metadd_models=tuple(
+                f"{a}={_weights(tmp_path, a, classes, shape)}" for a in ("ConvNetD1", "ConvNetD2")))
+        if method == "sre2l":
+            cfg.update(teacher=f"ConvNetBN={_weights(tmp_path, 'ConvNetBN', classes, shape)}", cvar_chunks=2)
+        out = subprocess.run([sys.executable, "-c", MEMORY, str(tmp_path / str(classes)), str(classes),
+                              json.dumps(cfg)], capture_output=True, text=True, check=True)
         peak[classes] = int(out.stdout.split()[-1])
     assert peak[80] <= 1.10 * peak[20], peak
 
@@ -130,6 +195,10 @@ def test_cross_rank_cvar_two_gloo_ranks_give_the_one_process_result(tmp_path):
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "two"), ROBUST), nprocs=2, join=True)
     images = torch.load(tmp_path / "two" / "synthetic.pt")["data"][0][0]
     assert torch.isfinite(images).all() and torch.equal(images, single["images"])
+    # Every real image (6 classes x 6) is in the group of one synthetic image of its class.
+    sizes = torch.load(tmp_path / "two" / "groups.pt")["group_sizes"]
+    assert torch.equal(sizes, single["group_sizes"]) and sizes.shape == (12,) and int(sizes.sum()) == 36
+    assert all(int(sizes[2 * c:2 * c + 2].sum()) == 6 for c in range(6))
     # The coupling is real: each chunk with its own CVaR (what ranks that did not talk would get) differs.
     alone = _single(dict(ROBUST, cvar_chunks=1), str(tmp_path / "alone"))
     assert not torch.equal(alone["images"][:8], single["images"][:8])
@@ -154,14 +223,188 @@ def test_a_round_with_a_missing_chunk_marker_is_redone_whole(tmp_path):
     (dict(robust_alpha=1.5), 1, "alpha"),
     (dict(classes_per_chunk=0), 1, "classes_per_chunk"),
     (dict(pin_memory=True), 1, "pin_memory: pinned host memory serves a CUDA device"),
-    (dict(method="dc"), 1, "method"),
+    (dict(method="mtt"), 1, "method: expected one of dm, dc, sre2l"),
+    (dict(method="dc"), 1, "cvar_chunks: coupling chunks needs robust_alpha and a method whose robust term"),
+    (dict(robust_alpha=None), 1, "cvar_chunks: coupling chunks needs robust_alpha"),
+    (dict(method="sre2l"), 1, "teacher: sre2l needs a teacher"),
+    (dict(teacher="ConvNetBN"), 1, "teacher: sre2l needs a teacher and only sre2l uses one"),
+    (dict(metadd_weight=1.0, metadd_models=("ConvNet",)), 1, "metadd_models: MetaDD needs at least 2 networks"),
+    (dict(metadd_models=("ConvNet", "LeNet")), 1, "metadd_weight: metadd_models and metadd_alpha act only"),
+    (dict(metadd_alpha=0.5), 1, "metadd_weight: metadd_models and metadd_alpha act only"),
+    (dict(metadd_weight=-1.0), 1, "metadd_weight: expected a finite float >= 0"),
+    (dict(metadd_weight=1.0, metadd_models=("ConvNet", "NoNet")), 1, "metadd_models: unknown zoo network 'NoNet'"),
+    (dict(metadd_weight=1.0, metadd_models=("ConvNet", "LeNet=/no/such.pt")), 1, "metadd_models: /no/such.pt: no "),
+    (dict(arch="NoNet"), 1, "arch: expected one of"),
 ])
 def test_bad_engine_config_is_refused(change, world, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         EngineConfig(**dict(ROBUST, **change)).check(world)
 
 
+def test_class_nearest_groups_streams_classes_and_matches_brute_force():
+    torch.manual_seed(0)
+    real = {c: torch.randn(n, 3, 5, 5) for c, n in ((4, 7), (9, 1), (2, 13))}
+    synthetic = torch.randn(9, 3, 5, 5)
+    net = torch.nn.Conv2d(3, 4, 3)
+    asked = []
+    ids = class_nearest_groups(net, lambda c: asked.append(c) or real[c], [4, 9, 2], synthetic, 3, batch_size=4)
+    with torch.no_grad():
+        want = torch.cat([torch.cdist(net(real[c]).flatten(1), net(synthetic[3 * i:3 * i + 3]).flatten(1)).argmin(1)
+                          + 3 * i for i, c in enumerate([4, 9, 2])])
+    assert asked == [4, 9, 2] and ids.dtype == torch.int64 and torch.equal(ids, want)
+    with pytest.raises(ValueError, match="synthetic: expected 3 classes x 2 images"):
+        class_nearest_groups(net, real.get, [4, 9, 2], synthetic, 2)
+
+
 def test_device_and_pinning_do_not_change_the_run_identity():
     a = EngineConfig(**ROBUST)
     assert a.digest("k") == EngineConfig(**dict(ROBUST, device="cpu")).digest("k")
     assert a.digest("k") != EngineConfig(**dict(ROBUST, robust_alpha=0.4)).digest("k")
+
+
+# ---- networks from the user's files ----------------------------------------------------------
+
+
+class _Payload:
+    """A pickled object that would run code when unpickled without weights_only."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_networks_load_from_state_dict_files_and_other_files_are_refused(tmp_path):
+    path = _weights(tmp_path, "ConvNetBN", 6)
+    net = load_model(parse_spec(f"ConvNetBN={path}", "--teacher"), "--teacher", channel=3, num_classes=6,
+                     im_size=(8, 8))
+    saved = torch.load(path, weights_only=True)
+    assert not net.training and all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
+    nested = str(tmp_path / "nested.pt")
+    torch.save({"state_dict": saved, "epoch": 3}, nested)
+    load_model(parse_spec(f"ConvNetBN={nested}", "--teacher"), "--teacher", channel=3, num_classes=6, im_size=(8, 8))
+    bad = {"code.pt": _Payload(), "list.pt": [torch.zeros(2)], "strings.pt": {"a": "b"}}
+    for name, obj in bad.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(ValueError, match=re.escape(f"--teacher: {tmp_path / name}: ")):
+            load_model(parse_spec(f"ConvNetBN={tmp_path / name}", "--teacher"), "--teacher", channel=3,
+                       num_classes=6, im_size=(8, 8))
+    with pytest.raises(ValueError, match=re.escape(f"--metadd-models: {path} does not fit ConvNetD1=")):
+        load_model(parse_spec(f"ConvNetD1={path}", "--metadd-models"), "--metadd-models", channel=3,
+                   num_classes=6, im_size=(8, 8))
+    cache = tmp_path / "cache.pt"
+    cache.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match=re.escape(f"{cache}: corrupt cached network")):
+        load_model(parse_spec("ConvNetD1", "--metadd-models"), "--metadd-models", channel=3, num_classes=6,
+                   im_size=(8, 8), train=_source().dataset, cache=str(cache))
+    with pytest.raises(ValueError, match="does not fit"):  # the right network for 10 classes, not 6
+        load_model(parse_spec(f"ConvNetBN={path}", "--teacher"), "--teacher", channel=3, num_classes=10,
+                   im_size=(8, 8))
+
+
+def test_library_networks_need_a_local_file_and_an_importable_library(tmp_path):
+    with pytest.raises(ValueError, match=r"--teacher: torchvision:resnet18 needs a local weights file"):
+        parse_spec("torchvision:resnet18", "--teacher")
+    with pytest.raises(ValueError, match=r"--teacher: unknown source 'hub'"):
+        parse_spec("hub:resnet18=x.pt", "--teacher")
+    path = _weights(tmp_path, "ConvNetD1")
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # not importable here (the CPU torch): the clear refusal
+        with pytest.raises(ValueError, match=r"--teacher: torchvision:resnet18=.*: torchvision does not import"):
+            load_model(parse_spec(f"torchvision:resnet18={path}", "--teacher"), "--teacher", channel=3,
+                       num_classes=6, im_size=(8, 8))
+    else:  # importable: the file (a ConvNet's) does not fit a resnet18
+        with pytest.raises(ValueError, match="does not fit torchvision:resnet18"):
+            load_model(parse_spec(f"torchvision:resnet18={path}", "--teacher"), "--teacher", channel=3,
+                       num_classes=6, im_size=(8, 8))
+
+
+def test_cli_engine_runs_metadd_and_refuses_what_it_would_ignore(tmp_path, capsys):
+    """On the digits (1 channel, 16x16, 10 classes): --metadd-weight changes the chunked result;
+    flags the engine would not read end in exit 2 naming the flag."""
+    a, b = (_weights(tmp_path, arch, 10, (1, 16, 16)) for arch in ("ConvNetD1", "LeNet"))
+    base = ["distill", "--method", "dm", "--ipc", "1", "--iterations", "1", "--batch-real", "4",
+            "--arch", "ConvNetD1", "--classes-per-chunk", "5"]
+    models = ["--metadd-models", f"ConvNetD1={a},LeNet={b}"]
+    assert main(base + ["--out", str(tmp_path / "off")]) == 0
+    assert main(base + ["--metadd-weight", "1", *models, "--out", str(tmp_path / "on")]) == 0
+    off, on = (torch.load(tmp_path / f / "synthetic.pt")["data"][0][0] for f in ("off", "on"))
+    assert torch.isfinite(on).all() and not torch.equal(on, off)
+    capsys.readouterr()
+    refused = [(base + models, "--metadd-models: has no effect without --metadd-weight > 0"),
+               (base + ["--metadd-alpha", "0.5"], "--metadd-alpha: has no effect without --metadd-weight"),
+               (base + ["--teacher", "ConvNetBN"], "--teacher: only --method sre2l uses a teacher"),
+               (base + ["--cvar-chunks", "2"], "--cvar-chunks: couples chunks under robust DD's CVaR"),
+               (base + ["--robust-alpha", "2"], "--robust-alpha: expected a float in (0, 1]"),
+               (base[:-2] + ["--teacher", "ConvNetBN"], "--teacher: applies to the large-IPC engine only"),
+               (base[:-2] + ["--cvar-chunks", "2"], "--cvar-chunks: applies to the large-IPC engine only"),
+               (base[:-1] + ["0"], "--classes-per-chunk: expected a positive int")]
+    for argv, words in refused:
+        try:
+            code = main(argv + ["--out", str(tmp_path / "refused")])
+        except SystemExit as exit_:  # argparse's own refusal
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code == 2 and words in err and "Traceback" not in err, (argv, err)
+
+
+# ---- ImageNet-form networks ------------------------------------------------------------------
+
+
+# torchvision's resnet18 / mobilenet_v2: parameter counts, state_dict sizes, and names of each part.
+TORCHVISION = {
+    "ResNet18ImageNet": (11_689_512, 122, ["conv1.weight", "bn1.running_var", "layer1.1.conv2.weight",
+                                           "layer2.0.downsample.0.weight", "layer4.0.downsample.1.num_batches_tracked",
+                                           "fc.weight", "fc.bias"]),
+    "MobileNetV2": (3_504_872, 314, ["features.0.0.weight", "features.0.1.running_mean", "features.1.conv.0.0.weight",
+                                     "features.1.conv.1.weight", "features.2.conv.0.0.weight",
+                                     "features.2.conv.1.0.weight", "features.17.conv.3.bias", "features.18.0.weight",
+                                     "classifier.1.weight"]),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(TORCHVISION))
+def test_imagenet_form_networks_have_torchvision_layouts(tmp_path, arch):
+    params, entries, names = TORCHVISION[arch]
+    net = get_model(arch, 3, 1000, (224, 224))
+    state = net.state_dict()
+    assert sum(p.numel() for p in net.parameters()) == params and len(state) == entries
+    assert all(n in state for n in names), [n for n in names if n not in state]
+    # A torchvision-named state_dict file round-trips into a fresh network through the loader.
+    for v in state.values():
+        if v.is_floating_point():
+            v.normal_()
+    path = str(tmp_path / "tv.pt")
+    torch.save(state, path)
+    again = load_model(parse_spec(f"{arch}={path}", "--teacher"), "--teacher", channel=3, num_classes=1000,
+                       im_size=(224, 224))
+    assert all(torch.equal(v, state[k]) for k, v in again.state_dict().items())
+
+
+@pytest.mark.parametrize("cls, kw, channels", [(ResNet18ImageNet, {}, 512), (MobileNetV2, dict(width=0.35), 1280)])
+def test_imagenet_form_networks_shapes_cams_metadd_and_sre2l(cls, kw, channels):
+    torch.manual_seed(0)
+    net = cls(channel=3, num_classes=5, **kw).eval()
+    for size, fmap in ((64, 2), (33, 2), (96, 3)):
+        x = torch.randn(2, 3, size, size)
+        assert net(x).shape == (2, 5) and net.embed(x).shape == (2, channels)
+        t = cam_target(net)
+        t.probe(x)
+        A, logits = t.run(x)
+        assert t.kind == "linear" and A.shape == (2, channels, fmap, fmap)
+        # The head is linear over the pooled map: logits = fc(mean A), the CAM's premise.
+        head = net.fc if cls is ResNet18ImageNet else net.classifier[1]
+        torch.testing.assert_close(logits, head(A.mean(dim=(2, 3))))
+    other = cls(channel=3, num_classes=5, **kw)
+    x = torch.randn(3, 3, 64, 64, requires_grad=True)
+    loss = mf.MetaDDLoss([net, other])(x, torch.tensor([0, 3, 4]))
+    (g,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(loss) and loss > 0 and torch.isfinite(g).all() and g.abs().sum() > 0
+    # As SRe2L's teacher (BatchNorm statistics from a few real batches).
+    real = Dataset("r", torch.randn(12, 3, 40, 40), torch.arange(3).repeat_interleave(4), 3, (0.0,) * 3, (1.0,) * 3)
+    teacher = cls(channel=3, num_classes=3, **kw).train()
+    with torch.no_grad():
+        teacher(real.images)
+    d = SRe2L(real, 2, teacher=teacher, seed=0, augment=None)
+    before = d.images.detach().clone()
+    terms = d.step()
+    assert all(torch.isfinite(torch.tensor(v)) for v in terms.values()) and not torch.equal(d.images, before)
