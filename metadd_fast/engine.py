@@ -153,7 +153,7 @@ class EngineConfig:
         self.specs()
         if self.cvar_chunks > 1 and not self.coupled():
             raise ValueError("cvar_chunks: coupling chunks needs robust_alpha")
-        if self.coupled() and self.cvar_chunks % world:
+        if self.coupled() and self.cvar_chunks > 1 and self.cvar_chunks % world:
                 raise ValueError(f"cvar_chunks: the {self.cvar_chunks} chunks of a round cannot be split evenly "
                                  f"over {world} ranks; use a multiple of the world size")
         if self.pin_memory and torch.device(self.device or "cpu").type != "cuda":
