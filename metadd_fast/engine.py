@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .cvar import check_alpha, cvar
+from .ops.cvar import check_alpha, cvar
 from .data import Dataset
 from .distill import DISTILLERS
 from .results import atomic_save, save_synthetic

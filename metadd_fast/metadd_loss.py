@@ -22,12 +22,14 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-from . import backends, checks, reference
 from .adapters import CAMTarget, cam_target
-from .cam import fused_maps, map_variance_op
-from .cam_args import NORMS
-from .cvar import check_alpha, cvar
+from .ops import backends, checks
+from .ops.cam_args import NORMS
+from .ops.cam_maps import cam_maps_of_parts
+from .ops.cvar import check_alpha, cvar
+from .ops.map_variance import map_variance
 
 __all__ = ["MetaDDLoss"]
 
@@ -104,7 +106,7 @@ class MetaDDLoss(nn.Module):
     # ---- pieces ---------------------------------------------------------------------------
 
     def _parts(self, t: CAMTarget, images: Tensor, labels: Tensor, create_graph: bool):
-        """(A, weight in SPEC form, labels or None) of one model on ``images``."""
+        """(A, weight in the form of docs/ops.md section 1, labels or None) of one model on ``images``."""
         A, logits = t.run(images, leaf=not create_graph and self._gradcam(t))
         if self._gradcam(t):
             return A, t.gradcam_weights(A, logits, labels, create_graph), None
@@ -114,18 +116,11 @@ class MetaDDLoss(nn.Module):
         return self.mode == "gradcam" or t.kind == "gradcam"
 
     def _maps(self, parts, out_size, backend: str) -> Tensor:
-        """U (K, B, S_h*S_w) from per-model parts."""
-        if backend == "reference":
-            raw = [reference.raw_cam(A, W, y) for A, W, y in parts]
-            return reference.normalized_maps(raw, out_size, self.relu, self.norm, self.eps).flatten(2)
-        heads = [W.reshape(W.shape[0], W.shape[1], -1) for _, W, _ in parts]
-        rows = [y if y is not None else torch.arange(A.shape[0], device=A.device) for A, _, y in parts]
-        return fused_maps([A for A, _, _ in parts], heads, rows, out_size, self.relu, self.norm, self.eps, backend)
+        """U (K, B, S_h*S_w) from per-model parts, checked (labels' range, map size)."""
+        return cam_maps_of_parts(parts, out_size, self.relu, self.norm, self.eps, backend)
 
     def _variance(self, U: Tensor, backend: str) -> Tensor:
-        if backend == "reference":
-            return U.var(dim=0, unbiased=False).mean(dim=-1)
-        return map_variance_op(U, backend)
+        return map_variance(U, backend=backend)
 
     def _reduce(self, v: Tensor, groups: Optional[Tensor], backend: str) -> Tensor:
         if self.alpha is None:
@@ -218,6 +213,7 @@ class _Streamed(torch.autograd.Function):
         return loss.detach()
 
     @staticmethod
+    @once_differentiable  # the image gradient is computed without a graph: no silent second order
     def backward(ctx, grad):
         images, labels, dU = ctx.saved_tensors
         g = ctx.loss_fn.images_grad(images, labels, dU * grad, ctx.out_size, ctx.backend, ctx.amp)

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data as datasets
-from .backends import resolve
+from .ops.backends import resolve
 from .distill import DISTILLERS, bn_teacher
 from .evaluate import evaluate_synthetic, format_table, test_clusters
 from .metadd_loss import MetaDDLoss

@@ -217,13 +217,13 @@ def test_bad_dual_and_metacam_inputs():
         mf.cvar(torch.randn(4), 0.5, process_group=object())
 
 
-def test_opcheck_and_compile(fused_backend):
+def test_opcheck():
     x = torch.randn(30, requires_grad=True)
     g = torch.randint(0, 6, (30,))
-    torch.library.opcheck(torch.ops.metadd_fast.cvar.default, (x, g, 6, 0.3, fused_backend))
-    torch.library.opcheck(torch.ops.metadd_fast.cvar.default, (x, None, 0, 0.37, fused_backend))
+    torch.library.opcheck(torch.ops.metadd_fast.cvar.default, (x, g, 6, 0.3))
+    torch.library.opcheck(torch.ops.metadd_fast.cvar.default, (x, None, 0, 0.37))
     e = torch.tensor(0.1, requires_grad=True)
-    torch.library.opcheck(torch.ops.metadd_fast.cvar_dual.default, (x, e, 0.3, fused_backend))
+    torch.library.opcheck(torch.ops.metadd_fast.cvar_dual.default, (x, e, 0.3))
 
 
 def test_torch_compile_fullgraph():
