@@ -92,3 +92,18 @@ def kmeans(x: Tensor, k: int, *, iters: int = 50, init: Union[str, Tensor] = "k-
                 break
         index, _ = nearest_centroid(x, C, backend=backend)
     return C, index
+
+
+def kmeans_reference(x: torch.Tensor, init: torch.Tensor, iters: int = 50, tol: float = 1e-4):
+    """Lloyd's algorithm as a plain loop, one cluster at a time, from the centroids ``init``
+    (an empty cluster keeps its centroid). Returns (centroids, index)."""
+    C = init.clone()
+    threshold = tol * float(x.var(dim=0, unbiased=False).mean())
+    for _ in range(iters):
+        index = torch.cdist(x, C).argmin(dim=1)
+        new = torch.stack([x[index == j].mean(dim=0) if (index == j).any() else C[j] for j in range(C.shape[0])])
+        shift = float(((new - C) ** 2).sum())
+        C = new
+        if shift <= threshold:
+            break
+    return C, torch.cdist(x, C).argmin(dim=1)

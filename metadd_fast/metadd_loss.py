@@ -22,7 +22,6 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from .adapters import CAMTarget, cam_target
 from .ops import backends, checks
@@ -213,8 +212,13 @@ class _Streamed(torch.autograd.Function):
         return loss.detach()
 
     @staticmethod
-    @once_differentiable  # the image gradient is computed without a graph: no silent second order
     def backward(ctx, grad):
         images, labels, dU = ctx.saved_tensors
         g = ctx.loss_fn.images_grad(images, labels, dU * grad, ctx.out_size, ctx.backend, ctx.amp)
+        if torch.is_grad_enabled():  # create_graph=True: g has no graph; say so rather than drop the second order
+            g = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, 1)(g.detach().requires_grad_())
         return g, None, None, None, None, None
+
+
+_NO_DOUBLE_BACKWARD = (b"MetaDDLoss(memory='stream'): double backward (the gradient of a gradient) is not implemented; "
+                       b"use memory='keep' with backend='reference' for higher-order gradients (docs/ops.md section 7)")

@@ -1,4 +1,4 @@
-"""cvar / cvar_dual / metacam_cvar against a float64 reference written from the SPEC formula."""
+"""cvar / cvar_dual / metacam_cvar against a float64 reference written from the formula of docs/ops.md section 4."""
 import math
 import re
 
@@ -11,7 +11,7 @@ from metadd_fast import reference
 
 
 def spec_cvar(L, alpha):
-    """The SPEC formula on a Python list, with its gradient wrt L (ties by lower index)."""
+    """The formula of docs/ops.md section 4 on a Python list, with its gradient wrt L (ties by lower index)."""
     n = len(L)
     a = alpha * n
     if abs(a - round(a)) < 1e-9:

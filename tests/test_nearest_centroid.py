@@ -1,4 +1,4 @@
-"""nearest_centroid / kmeans / grouping against float64 oracles (SPEC section 3).
+"""nearest_centroid / kmeans / grouping against float64 oracles (docs/ops.md section 5).
 
 Exactness contract under test: the index equals the float64 oracle's on every row,
 near-tied centroids included (rows the float32 expansion cannot separate are

@@ -312,3 +312,30 @@ def test_torch_compile_fullgraph_first_call_in_a_fresh_process(mode):
 def test_readme_subpackages_are_attributes():
     for name in ("ops", "reference", "grouping", "models", "distill", "engine", "cli"):
         assert hasattr(mf, name), name
+
+
+# --- MetaDDLoss goes through the checked entry points ------------------------------------
+
+def _metadd_models():
+    """Two nets whose CAMs come from their heads (flatten, linear): the labels reach the CAM op."""
+    from metadd_fast.models import get_model
+
+    return [get_model(n, 3, 10, (16, 16)).double() for n in ("ConvNet", "ResNet18")]
+
+
+@pytest.mark.parametrize("memory", ["stream", "keep"])
+def test_metadd_loss_checks_label_range(fused_backend, memory):
+    loss_fn = mf.MetaDDLoss(_metadd_models(), memory=memory, backend=fused_backend)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=re.escape("labels: expected values in [0, 10), got values in [")):
+        loss_fn(x, torch.tensor([1, 10, 2]))
+
+
+@pytest.mark.parametrize("memory", ["stream", "keep"])
+def test_metadd_loss_double_backward_raises(fused_backend, memory):
+    loss_fn = mf.MetaDDLoss(_metadd_models(), memory=memory, backend=fused_backend)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(loss_fn(x, torch.tensor([1, 4, 2])), x, create_graph=True)
+    assert g.grad_fn is not None  # never a silent first-order result
+    with pytest.raises(RuntimeError, match="differentiate|double backward"):
+        g.sum().backward()

@@ -13,9 +13,9 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .. import reference
 from . import backends, checks
 from .cam_args import NORM_CODES, CamArgs, check_label_range, parse_cam_args, parse_cam_part
 from .registry import FusedOp, KernelOp, dispatch_context, not_twice_differentiable
@@ -154,7 +154,7 @@ def class_activation_maps(
     args = parse_cam_args(features, weights, labels, out_size, relu, norm, eps)
     name = backend_for(args, backend)
     if name == "reference":
-        return reference.class_activation_maps(args.features, args.weights, args.labels, out_size=args.out_size,
+        return cam_maps_reference(args.features, args.weights, args.labels, out_size=args.out_size,
                                                relu=relu, norm=norm, eps=args.eps)
     with dispatch_context(name, args.device):
         maps, _ = cam_maps_op(*fused_inputs(args), *args.out_size, args.relu, NORM_CODES[args.norm], args.eps)
@@ -173,8 +173,8 @@ def cam_maps_of_parts(parts: Sequence[tuple], out_size: tuple, relu: bool, norm:
     device = checks.same_device([(f"features[{k}]", A) for k, A in enumerate(features)])
     name = check_map_size(features, out_size, backend, backends.resolve(backend, device))
     if name == "reference":
-        raw = [reference.raw_cam(A, W, y) for A, W, y in parts]
-        return reference.normalized_maps(raw, out_size, relu, norm, eps).flatten(2)
+        raw = [raw_cam(A, W, y) for A, W, y in parts]
+        return normalized_maps(raw, out_size, relu, norm, eps).flatten(2)
     rows = []
     for k, (A, W, y, layout) in enumerate(checked):
         if y is not None and name != "cpp":  # the C++ kernels check the rows as they read them
@@ -184,3 +184,56 @@ def cam_maps_of_parts(parts: Sequence[tuple], out_size: tuple, relu: bool, norm:
     with dispatch_context(name, device):
         maps, _ = cam_maps_op(*prepare_inputs(features, heads, rows), *out_size, relu, NORM_CODES[norm], float(eps))
     return maps
+
+
+# --- the plain-PyTorch reference (float64 test oracle, benchmarks' autograd baseline) -----------
+
+def raw_cam(feature: torch.Tensor, weight: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+    """Raw class activation map z (B, H, W) of one architecture.
+
+    feature: (B, C, H, W). weight: (N, C) linear head, (N, C, H, W) or (N, C*H*W)
+    flatten head (both with ``labels`` (B,)), or (B, C) per-sample weights
+    (``labels=None``).
+    """
+    B, C, H, W = feature.shape
+    if labels is None:
+        return torch.einsum("bc,bchw->bhw", weight, feature)
+    if weight.dim() == 2 and weight.shape[1] == C:
+        return torch.einsum("bc,bchw->bhw", weight[labels], feature)
+    return torch.einsum("bchw,bchw->bhw", weight.reshape(-1, C, H, W)[labels], feature)
+
+
+def normalized_maps(raw, out_size, relu: bool = True, norm: str = "minmax", eps: float = 1e-8) -> torch.Tensor:
+    """Steps 2-4 of docs/ops.md section 1 on K raw maps (B, H_k, W_k): rectify, normalize, resize, stack."""
+    maps = []
+    for r in raw:
+        if relu:
+            r = torch.relu(r)
+        if norm == "minmax":
+            lo = r.amin(dim=(1, 2), keepdim=True)
+            hi = r.amax(dim=(1, 2), keepdim=True)
+            r = (r - lo) / (hi - lo + eps)
+        elif norm == "max":
+            r = r / (r.amax(dim=(1, 2), keepdim=True) + eps)
+        u = F.interpolate(r[:, None], size=tuple(out_size), mode="bilinear", align_corners=False)
+        maps.append(u[:, 0])
+    return torch.stack(maps)
+
+
+def cam_maps_reference(
+    features: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    labels: Optional[torch.Tensor] = None,
+    *,
+    out_size=None,
+    relu: bool = True,
+    norm: str = "minmax",
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Stack of the K normalized, resized CAMs: (K, B, S_h, S_w)."""
+    if out_size is None:
+        out_size = (max(f.shape[2] for f in features), max(f.shape[3] for f in features))
+    elif isinstance(out_size, int):
+        out_size = (out_size, out_size)
+    raw = [raw_cam(feature, weight, labels) for feature, weight in zip(features, weights)]
+    return normalized_maps(raw, out_size, relu, norm, eps)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
+
 from torch import Tensor, nn
 
-from .. import reference
 from .cam_args import NORM_CODES, REDUCTIONS, parse_cam_args
-from .cam_maps import (MAPS_SCHEMA_ARGS, backend_for, cam_maps_backward_fake, cam_maps_fake, fused_inputs, maps_grads,
-                       save_maps)
+from .cam_maps import (MAPS_SCHEMA_ARGS, backend_for, cam_maps_backward_fake, cam_maps_fake, cam_maps_reference,
+                       fused_inputs, maps_grads, save_maps)
 from .checks import choice
 from .registry import FusedOp, KernelOp, dispatch_context, not_twice_differentiable
 
@@ -87,7 +88,7 @@ def cam_variance(
     args = parse_cam_args(features, weights, labels, out_size, relu, norm, eps)
     name = backend_for(args, backend)
     if name == "reference":
-        return reference.cam_variance(args.features, args.weights, args.labels, out_size=args.out_size, relu=relu,
+        return cam_variance_reference(args.features, args.weights, args.labels, out_size=args.out_size, relu=relu,
                                       norm=norm, eps=args.eps, reduction=reduction)
     with dispatch_context(name, args.device):
         v, _, _ = cam_variance_op(*fused_inputs(args), *args.out_size, args.relu, NORM_CODES[args.norm], args.eps)
@@ -113,3 +114,26 @@ class CAMVariance(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+# --- the plain-PyTorch reference ------------------------------------------------------------
+
+def cam_variance_reference(
+    features: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    labels: Optional[torch.Tensor] = None,
+    *,
+    out_size=None,
+    relu: bool = True,
+    norm: str = "minmax",
+    eps: float = 1e-8,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Mean over pixels of the population variance across architectures, per image, then reduced."""
+    maps = cam_maps_reference(features, weights, labels, out_size=out_size, relu=relu, norm=norm, eps=eps)
+    v = maps.var(dim=0, unbiased=False).mean(dim=(1, 2))
+    if reduction == "mean":
+        return v.mean()
+    if reduction == "sum":
+        return v.sum()
+    return v

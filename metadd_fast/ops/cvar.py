@@ -19,15 +19,15 @@ every rank gets the CVaR of the union and the gradient of its own values.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .. import reference
 from . import backends, checks
-from .cam_variance import cam_variance
+from .cam_variance import cam_variance, cam_variance_reference
 from .registry import FusedOp, KernelOp, device_kernels, dispatch_context, linear_in_grad
 
 __all__ = ["cvar", "cvar_dual", "metacam_cvar", "CVaR"]
@@ -189,7 +189,7 @@ def cvar(values: Tensor, alpha: float, groups: Optional[Tensor] = None, num_grou
         with dispatch_context(name, values.device):
             return _DistributedCVaR.apply(values, groups, num_groups, alpha, process_group)
     if name == "reference":
-        return reference.cvar(values, alpha, groups, num_groups)
+        return cvar_reference(values, alpha, groups, num_groups)
     with dispatch_context(name, values.device):
         loss, _, _ = cvar_op(values, groups, num_groups, alpha)
     return loss
@@ -255,7 +255,7 @@ def cvar_dual(values: Tensor, eta, alpha: float, *, backend: Optional[str] = Non
         eta = torch.tensor(float(eta), dtype=_acc(values.dtype), device=values.device)
     name = backends.resolve(backend, values.device)
     if name == "reference":
-        return reference.cvar_dual(values, eta.reshape(()), alpha)
+        return cvar_dual_reference(values, eta.reshape(()), alpha)
     with dispatch_context(name, values.device):
         loss, _ = cvar_dual_op(values.contiguous(), eta.reshape(()), alpha)
     return loss
@@ -289,3 +289,44 @@ class CVaR(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, num_groups={self.num_groups}"
+
+
+# --- the plain-PyTorch reference ------------------------------------------------------------
+
+def group_means(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Means L_j (n,) of the non-empty groups, in increasing group id."""
+    sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, groups, values)
+    counts = torch.bincount(groups, minlength=num_groups)
+    nonempty = counts > 0
+    return sums[nonempty] / counts[nonempty].to(values.dtype)
+
+
+def cvar_reference(values: torch.Tensor, alpha: float, groups: Optional[torch.Tensor] = None,
+         num_groups: Optional[int] = None) -> torch.Tensor:
+    """Upper-tail CVaR: (1/a) (sum_{r<=f} L_(r) + (a - f) L_(f+1)), a = alpha n, f = floor(a),
+    L sorted descending with ties by lower index (docs/ops.md section 4)."""
+    if groups is None:
+        L = values
+    else:
+        L = group_means(values, groups, num_groups if num_groups is not None else int(groups.max()) + 1)
+    n = L.numel()
+    a = alpha * n
+    if abs(a - round(a)) < 1e-9:
+        a = float(round(a))
+    f = math.floor(a)
+    top = torch.sort(L, descending=True, stable=True).values
+    out = top[:f].sum() / a
+    if f < n and a > f:
+        out = out + (a - f) / a * top[f]
+    return out
+
+
+def cvar_dual_reference(values: torch.Tensor, eta, alpha: float) -> torch.Tensor:
+    """Rockafellar-Uryasev form: eta + (1/(alpha N)) sum_i max(values_i - eta, 0)."""
+    return eta + torch.relu(values - eta).sum() / (alpha * values.numel())
+
+
+def metacam_cvar_reference(features, weights, labels, alpha: float, groups=None, num_groups=None, **cam_options):
+    """CVaR over images (or groups) of the per-image CAM variance."""
+    v = cam_variance_reference(features, weights, labels, reduction="none", **cam_options)
+    return cvar_reference(v, alpha, groups, num_groups)

@@ -68,6 +68,11 @@ def map_variance(maps: Tensor, *, backend: Optional[str] = None) -> Tensor:
         raise TypeError(f"maps: expected float32 or float64, got {maps.dtype}")
     name = backends.resolve(backend, maps.device)
     if name == "reference":
-        return maps.var(dim=0, unbiased=False).mean(dim=-1)
+        return map_variance_reference(maps)
     with dispatch_context(name, maps.device):
         return map_variance_op(maps if maps.is_contiguous() else maps.contiguous())
+
+
+def map_variance_reference(maps: Tensor) -> Tensor:
+    """Plain PyTorch: the population variance over the K maps, averaged over the P pixels."""
+    return maps.var(dim=0, unbiased=False).mean(dim=-1)

@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import reference
 from . import backends, checks
 from .registry import KernelOp, dispatch_context
 
@@ -69,6 +68,17 @@ def nearest_centroid(x: Tensor, centroids: Tensor, *, backend: Optional[str] = N
     name = backends.resolve(backend, device)
     with torch.no_grad():
         if name == "reference":
-            return reference.nearest_centroid(x, centroids)
+            return nearest_centroid_reference(x, centroids)
         with dispatch_context(name, device):
             return nearest_centroid_op(x.detach(), centroids.detach())
+
+
+def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 4096):
+    """(index, sqdist) by torch.cdist + argmin, in row chunks so the (chunk, M) block fits."""
+    index, sqdist = [], []
+    for start in range(0, x.shape[0], chunk):
+        d = torch.cdist(x[start:start + chunk], centroids) ** 2
+        i = d.argmin(dim=1)
+        index.append(i)
+        sqdist.append(d.gather(1, i[:, None])[:, 0])
+    return torch.cat(index), torch.cat(sqdist)

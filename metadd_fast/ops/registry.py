@@ -32,6 +32,7 @@ __all__ = ["LIBRARY", "KernelOp", "FusedOp", "TritonOnCPU", "dispatch_context", 
 LIBRARY = torch.library.Library("metadd_fast", "DEF")
 
 _TRITON_KERNELS: dict = {}  # OpOverload -> its Triton kernel, for TritonOnCPU
+_NO_MODE = contextlib.nullcontext()  # reentrant: one for every call
 
 
 class TritonOnCPU(TorchDispatchMode):
@@ -48,7 +49,7 @@ def _triton_on_cpu_active() -> bool:
 def dispatch_context(name: str, device: torch.device):
     """The context to call the ops in for the resolved backend ``name`` (docs/ops.md section 8):
     :class:`TritonOnCPU` for ``"triton"`` on CPU tensors, else a null context."""
-    return TritonOnCPU() if name == "triton" and device.type == "cpu" else contextlib.nullcontext()
+    return TritonOnCPU() if name == "triton" and device.type == "cpu" else _NO_MODE
 
 
 def device_kernels(device: torch.device):
@@ -139,10 +140,10 @@ def _eager_function(setup_context: Callable, grad: Callable) -> type:
     # staticmethod makes Function.apply bind arguments through inspect.signature, ~30 us a call.
     class EagerOp(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, layout, kernel, backward, *flat):
+        def forward(ctx, layout, kernel, backward, device, *flat):
             inputs = _unflatten(layout, flat)
             output = kernel(*inputs)
-            ctx.layout, ctx.backward = layout, backward
+            ctx.layout, ctx.backward, ctx.device = layout, backward, device
             setup_context(ctx, inputs, output)
             return output
 
@@ -150,7 +151,7 @@ def _eager_function(setup_context: Callable, grad: Callable) -> type:
         def backward(ctx, *grads):
             # create_graph=True: the registered backward op, whose autograd gives the second order.
             backward = ctx.backward.op if torch.is_grad_enabled() else ctx.backward.kernel(ctx.device)
-            return (None, None, None, *_flatten_grads(ctx.layout, grad(ctx, backward, *grads)))
+            return (None, None, None, None, *_flatten_grads(ctx.layout, grad(ctx, backward, *grads)))
 
     return EagerOp
 
@@ -175,7 +176,7 @@ class FusedOp:
             ctx.triton_on_cpu = _triton_on_cpu_active()
 
         def registered_grad(ctx, *grads):
-            with TritonOnCPU() if ctx.triton_on_cpu else contextlib.nullcontext():
+            with TritonOnCPU() if ctx.triton_on_cpu else _NO_MODE:
                 return grad(ctx, backward.op, *grads)
 
         def double_setup_mode(ctx, inputs, output):
@@ -183,7 +184,7 @@ class FusedOp:
             ctx.triton_on_cpu = _triton_on_cpu_active()
 
         def registered_double_grad(ctx, *grads):
-            with TritonOnCPU() if ctx.triton_on_cpu else contextlib.nullcontext():
+            with TritonOnCPU() if ctx.triton_on_cpu else _NO_MODE:
                 return double_grad(ctx, *grads)
 
         torch.library.register_autograd(f"metadd_fast::{forward.name}", registered_grad, setup_context=setup,
@@ -191,11 +192,7 @@ class FusedOp:
         torch.library.register_autograd(f"metadd_fast::{backward.name}", registered_double_grad,
                                         setup_context=double_setup_mode, lib=LIBRARY)
 
-        def eager_setup(ctx, inputs, output):
-            setup_context(ctx, inputs, output)
-            ctx.device = next(t.device for t in _flatten(inputs)[1] if isinstance(t, torch.Tensor))
-
-        self._eager = _eager_function(eager_setup, grad)
+        self._eager = _eager_function(setup_context, grad)
 
     def __call__(self, *args):
         layout, flat = _flatten(args)
@@ -206,7 +203,7 @@ class FusedOp:
         if kernel is None or self.backward.kernels.get(device.type) is None:
             return self.op(*args)  # the dispatcher says what is missing
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat):
-            return self._eager.apply(layout, kernel, self.backward, *flat)
+            return self._eager.apply(layout, kernel, self.backward, device, *flat)
         return kernel(*args)  # nothing to differentiate
 
 
