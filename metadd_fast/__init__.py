@@ -7,7 +7,7 @@ each registered as a ``torch.library`` op when this package is imported. Every o
 takes ``backend=None|"triton"|"cpp"|"reference"``; :mod:`metadd_fast.reference` holds
 their plain-PyTorch versions. The application: :func:`kmeans`, :class:`MetaDDLoss` (the
 memory-lean multi-architecture loss on images), :mod:`grouping`, :mod:`models`,
-:mod:`distill`, :mod:`engine` and the CLI (:mod:`cli`).
+:mod:`distill`, :mod:`engine` and the CLI (``python -m metadd_fast.cli``).
 """
 from . import ops, reference
 from .ops import (BACKENDS, CAMVariance, CVaR, available, cam_variance, class_activation_maps, cvar, cvar_dual,
@@ -15,10 +15,11 @@ from .ops import (BACKENDS, CAMVariance, CVaR, available, cam_variance, class_ac
 from .kmeans import kmeans
 from .adapters import CAMTarget, cam_target
 from .metadd_loss import MetaDDLoss
-from . import cli, distill, engine, grouping, models
+# Not cli: `python -m metadd_fast.cli` would then find it imported before it runs (a runpy warning).
+from . import distill, engine, grouping, models
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "available", "reference", "ops", "class_activation_maps", "cam_variance", "CAMVariance",
            "cvar", "cvar_dual", "metacam_cvar", "CVaR", "nearest_centroid", "kmeans", "CAMTarget", "cam_target",
-           "MetaDDLoss", "grouping", "models", "distill", "engine", "cli"]
+           "MetaDDLoss", "grouping", "models", "distill", "engine"]

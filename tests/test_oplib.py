@@ -310,7 +310,7 @@ def test_torch_compile_fullgraph_first_call_in_a_fresh_process(mode):
 
 
 def test_readme_subpackages_are_attributes():
-    for name in ("ops", "reference", "grouping", "models", "distill", "engine", "cli"):
+    for name in ("ops", "reference", "grouping", "models", "distill", "engine"):
         assert hasattr(mf, name), name
 
 
