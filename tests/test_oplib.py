@@ -214,7 +214,7 @@ def test_meta_tensors_go_through_every_op(index):
 
 
 @pytest.mark.parametrize("index", range(7))
-def test_fake_tensors_go_through_every_op(fused_backend, index):
+def test_fake_tensors_go_through_every_op(index):
     with FakeTensorMode() as mode:
         def t(shape, dtype=torch.float32):
             return mode.from_tensor(_make("cpu")(shape, dtype))
