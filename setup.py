@@ -11,7 +11,7 @@ setup(
     name="metadd_fast",
     version="0.1.0",
     description="Fused GPU (Triton) and CPU (C++) kernels for dataset distillation: MetaDD CAM variance, CVaR",
-    packages=["metadd_fast", "metadd_fast.kernels"],
+    packages=["metadd_fast", "metadd_fast.ops", "metadd_fast.kernels"],
     package_dir={"metadd_fast": "metadd_fast", "metadd_fast.kernels": "kernels"},
     python_requires=">=3.9",
     install_requires=["torch>=2.3", "numpy", "tqdm"],

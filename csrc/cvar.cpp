@@ -1,4 +1,4 @@
-// CPU kernels of the CVaR tail loss (SPEC section 2).
+// CPU kernels of the CVaR tail loss (docs/ops.md section 4).
 //
 //   cvar_group_stats: one pass over values -> float64 group sums and int64 counts.
 //   cvar_tail: L (n,) float32/float64, or float64 group sums with their counts (the
@@ -8,14 +8,13 @@
 //              NaN ranks above everything, as in torch.sort(descending=True).
 //   cvar_values_grad: one pass over values: grad_i = g * w[group_i] / count[group_i].
 //   cvar_dual_forward/backward: eta + sum_i max(v_i - eta, 0) / (alpha N) and its gradient.
-//   cvar_autograd: the op as one C++ autograd node (eager calls on the CPU).
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include "index_range.h"
+#include "ops.h"
 
 #include <algorithm>
 #include <cmath>
@@ -260,51 +259,6 @@ std::vector<at::Tensor> cvar_dual_backward(const at::Tensor& grad, const at::Ten
   });
   at::Tensor geta = grad.to(at::kDouble) * (1.0 - above.to(at::kDouble) * scale);
   return {gv, geta.to(eta.scalar_type())};
-}
-
-// ---------------------------------------------------------------------------------------------
-// The CPU CVaR as one C++ autograd node, for eager calls (metadd_fast.cvar.cvar): the forward is
-// cvar_group_stats + cvar_tail as metadd_fast.cvar._cvar_forward composes them, the backward
-// cvar_values_grad, and no Python runs in between. At 50k values the Python autograd node and
-// its backward cost more than the kernels. torch.compile and opcheck see the custom op instead.
-namespace {
-
-struct CVaRNode : public torch::autograd::Function<CVaRNode> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& values,
-                            const std::optional<at::Tensor>& group_ids, int64_t num_groups, double alpha) {
-    const auto acc = at::toOpMathType(values.scalar_type());
-    at::Tensor loss, w, counts, groups;
-    if (group_ids.has_value()) {
-      groups = *group_ids;
-      auto stats = cvar_group_stats(values.contiguous(), groups, num_groups);
-      counts = stats[1];
-      auto tail = cvar_tail(stats[0], counts, alpha);
-      loss = tail[0].to(acc);
-      w = tail[1];
-    } else {
-      auto tail = cvar_tail(values.to(acc).contiguous(), std::nullopt, alpha);
-      loss = tail[0];
-      w = tail[1];
-    }
-    ctx->save_for_backward({values, groups, w, counts});
-    return loss;
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor &values = saved[0], &groups = saved[1], &w = saved[2], &counts = saved[3];
-    const auto optional = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
-    at::Tensor d_values = cvar_values_grad(grads[0].contiguous(), w, optional(counts), optional(groups), values);
-    return {d_values, at::Tensor(), at::Tensor(), at::Tensor()};
-  }
-};
-
-}  // namespace
-
-at::Tensor cvar_autograd(const at::Tensor& values, const std::optional<at::Tensor>& groups, int64_t num_groups,
-                         double alpha) {
-  return CVaRNode::apply(values, groups, num_groups, alpha);
 }
 
 }  // namespace metadd

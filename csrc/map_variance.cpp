@@ -1,4 +1,4 @@
-// CPU kernels of the cross-architecture variance (SPEC section 1, steps 5-6).
+// CPU kernels of the cross-architecture variance (docs/ops.md section 2).
 //
 // U (K, B, P) in float32 or float64: v[b] = (1/P) sum_p (1/K) sum_k (U[k,b,p] - m[b,p])^2,
 // m the mean over k. Two passes over k per pixel (mean, then squared deviations).
@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include "cam_common.h"
+#include "ops.h"
 
 namespace metadd {
 namespace {

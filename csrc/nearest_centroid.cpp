@@ -1,4 +1,4 @@
-// CPU kernel of the nearest-centroid assignment (SPEC section 3).
+// CPU kernel of the nearest-centroid assignment (docs/ops.md section 5).
 //
 // x (N, D) and c (M, D) float32 or float64 (same dtype), cn (M,) = ||c_j||^2 and
 // cmax () = max_j ||c_j||. Rows go in blocks of kRows (at::parallel_for, OpenMP);
@@ -14,6 +14,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+
+#include "ops.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused CAM op, one architecture per launch (SPEC section 1, steps 1-4).
+"""Triton kernels of the fused CAM op, one architecture per launch (docs/ops.md section 1).
 
 Shapes, for one architecture with B images:
   A     (B, C, H, W)  features, float16/bfloat16/float32/float64, contiguous

@@ -1,4 +1,4 @@
-"""Triton kernels of the CVaR tail loss (SPEC section 2).
+"""Triton kernels of the CVaR tail loss (docs/ops.md section 4).
 
 Launchers share their signatures with metadd_fast._C:
   cvar_group_stats(values (N,), groups (N,) int64, num_groups) -> [sums float64, counts int64]
@@ -9,7 +9,7 @@ Launchers share their signatures with metadd_fast._C:
   cvar_dual_backward(grad (), values, eta, alpha, above) -> [d values, d eta]
 
 The tail is ordered by torch.sort(descending=True, stable=True): ties rank by lower
-index and NaN ranks first, as the SPEC and torch.sort say. The fraction a = alpha*n
+index and NaN ranks first, as docs/ops.md section 4 and torch.sort say. The fraction a = alpha*n
 is computed on the device (n, the number of non-empty groups, is data), so no op
 synchronizes with the host.
 """

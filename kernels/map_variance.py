@@ -1,4 +1,4 @@
-"""Triton kernels of the cross-architecture map variance (SPEC section 1, steps 5-6).
+"""Triton kernels of the cross-architecture map variance (docs/ops.md section 2).
 
 U (K, B, P) float32/float64 -> v (B,): v[b] = (1/P) sum_p (1/K) sum_k (U[k,b,p] - m[b,p])^2,
 m the mean over k, computed in two passes over the k-block held in registers.

@@ -1,4 +1,4 @@
-"""Triton kernel of the nearest-centroid assignment (SPEC section 3).
+"""Triton kernel of the nearest-centroid assignment (docs/ops.md section 5).
 
   nearest_centroid_forward(x (N, D), c (M, D), cn (M,), cmax ()) -> [index (N,) int64,
       sqdist (N,), refine (N,) bool]

@@ -111,7 +111,8 @@ def _add_demo(sub):
 def _info() -> dict:
     import torch
 
-    from . import __version__, backends
+    from . import __version__
+    from .ops import backends
 
     info = {"metadd_fast": __version__, "python": platform.python_version(), "platform": platform.platform(),
             "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
@@ -125,7 +126,7 @@ def _info() -> dict:
         info["triton"] = None
     info["triton_interpret"] = backends.triton_interpreting()
     for name in ("cpp", "triton"):
-        info[f"backend_{name}"] = "available" if backends.available(name) else f"missing: {backends._load(name)}"
+        info[f"backend_{name}"] = "available" if backends.available(name) else f"missing: {backends.unavailable_reason(name)}"
     return info
 
 

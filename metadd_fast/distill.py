@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .augment import DEFAULT_STRATEGY, DiffAugment
-from .cvar import check_alpha, cvar
+from .ops.cvar import check_alpha, cvar
 from .data import Dataset, class_batches
-from .kmeans import nearest_centroid
+from .ops.nearest_centroid import nearest_centroid
 from .metadd_loss import MetaDDLoss
 from .models import ConvNet, get_model
 

@@ -63,7 +63,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .cvar import cvar
+from .ops.cvar import cvar
 from .data import Dataset
 from .distill import DISTILLERS
 from .errors import InputError

@@ -16,7 +16,8 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .kmeans import kmeans, nearest_centroid
+from .kmeans import kmeans
+from .ops.nearest_centroid import nearest_centroid
 
 __all__ = ["embed", "nearest_groups", "class_nearest_groups", "kmeans_groups"]
 

@@ -1,13 +1,4 @@
-"""Nearest-centroid assignment and k-means without an N x M matrix (SPEC section 3).
-
-``metadd_fast::nearest_centroid`` is a custom op (fake registered; no gradient). Its
-kernels (C++ blocked matrix products on CPU, Triton tl.dot tiles on GPU) keep a
-running best and second-best centroid per row. A row whose two best squared
-distances are closer than the rounding bound of the float32 expansion
-||x||^2 - 2 x.c + ||c||^2 is settled again in float64. So the index is that of the
-float64 oracle, except where two centroids are within float64 rounding
-(about 1e-13 relative), where ties go to the lowest index.
-"""
+"""k-means without an N x M matrix, on the fused nearest-centroid op (docs/ops.md section 5)."""
 from __future__ import annotations
 
 import math
@@ -16,57 +7,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import backends, checks, reference
+from .ops import checks
+from .ops.nearest_centroid import nearest_centroid
 
-__all__ = ["nearest_centroid", "kmeans"]
-
-_EXACT_BLOCK = 1 << 22  # elements of one float64 (rows, M) block in the exact re-check
-
-
-def _exact_rows(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """(index, sqdist) of the rows x against all centroids, in float64, lowest index on ties."""
-    x64, c64 = x.double(), c.double()
-    cn = (c64 * c64).sum(1)
-    step = max(1, _EXACT_BLOCK // max(1, c.shape[0]))
-    index = torch.cat([(cn[None, :] - 2 * x64[s:s + step] @ c64.T).argmin(1) for s in range(0, x.shape[0], step)])
-    return index, ((x64 - c64[index]) ** 2).sum(1)
-
-
-@torch.library.custom_op("metadd_fast::nearest_centroid", mutates_args=())
-def _nearest_centroid(x: Tensor, centroids: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    acc = torch.float64 if x.dtype == torch.float64 or centroids.dtype == torch.float64 else torch.float32
-    xa, ca = x.to(acc).contiguous(), centroids.to(acc).contiguous()
-    cn = (ca * ca).sum(1)
-    index, sqdist, refine = backends.kernels(backend).nearest_centroid_forward(xa, ca, cn, cn.max().sqrt())
-    rows = refine.nonzero().flatten()
-    if rows.numel():
-        index[rows], exact = _exact_rows(xa[rows], ca)
-        sqdist[rows] = exact.to(acc)
-    return index, sqdist.to(x.dtype)
-
-
-@_nearest_centroid.register_fake
-def _(x, centroids, backend):
-    return x.new_empty(x.shape[0], dtype=torch.int64), x.new_empty(x.shape[0])
-
-
-def nearest_centroid(x: Tensor, centroids: Tensor, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
-    """index[i] = argmin_j ||x_i - c_j||^2 (ties: lowest j) and sqdist[i], that minimum.
-
-    x: (N, D), centroids: (M, D), floating, one device. Returns (index (N,) int64,
-    sqdist (N,) in x's dtype). Memory beyond inputs and outputs is O(N + M) plus a
-    small per-thread tile, whatever N * M is. No gradient flows through it.
-    """
-    checks.floating_tensor("x", x, "(rows, D)")
-    checks.floating_tensor("centroids", centroids, "(rows, D)")
-    if x.shape[1] != centroids.shape[1]:
-        raise ValueError(f"centroids: expected D = {x.shape[1]} columns like x, got {centroids.shape[1]}")
-    device = checks.same_device([("x", x), ("centroids", centroids)])
-    name = backends.resolve(backend, device)
-    with torch.no_grad():
-        if name == "reference":
-            return reference.nearest_centroid(x, centroids)
-        return torch.ops.metadd_fast.nearest_centroid(x.detach(), centroids.detach(), name)
+__all__ = ["kmeans"]
 
 
 def _kmeans_pp(x: Tensor, k: int, gen: torch.Generator, backend: Optional[str]) -> Tensor:
@@ -148,3 +92,18 @@ def kmeans(x: Tensor, k: int, *, iters: int = 50, init: Union[str, Tensor] = "k-
                 break
         index, _ = nearest_centroid(x, C, backend=backend)
     return C, index
+
+
+def kmeans_reference(x: torch.Tensor, init: torch.Tensor, iters: int = 50, tol: float = 1e-4):
+    """Lloyd's algorithm as a plain loop, one cluster at a time, from the centroids ``init``
+    (an empty cluster keeps its centroid). Returns (centroids, index)."""
+    C = init.clone()
+    threshold = tol * float(x.var(dim=0, unbiased=False).mean())
+    for _ in range(iters):
+        index = torch.cdist(x, C).argmin(dim=1)
+        new = torch.stack([x[index == j].mean(dim=0) if (index == j).any() else C[j] for j in range(C.shape[0])])
+        shift = float(((new - C) ** 2).sum())
+        C = new
+        if shift <= threshold:
+            break
+    return C, torch.cdist(x, C).argmin(dim=1)

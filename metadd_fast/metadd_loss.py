@@ -23,11 +23,12 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import backends, checks, reference
 from .adapters import CAMTarget, cam_target
-from .cam import fused_maps, map_variance_op
-from .cam_args import NORMS
-from .cvar import check_alpha, cvar
+from .ops import backends, checks
+from .ops.cam_args import NORMS
+from .ops.cam_maps import cam_maps_of_parts
+from .ops.cvar import check_alpha, cvar
+from .ops.map_variance import map_variance
 
 __all__ = ["MetaDDLoss"]
 
@@ -106,7 +107,7 @@ class MetaDDLoss(nn.Module):
     # ---- pieces ---------------------------------------------------------------------------
 
     def _parts(self, t: CAMTarget, images: Tensor, labels: Tensor, create_graph: bool):
-        """(A, weight in SPEC form, labels or None) of one model on ``images``."""
+        """(A, weight in the form of docs/ops.md section 1, labels or None) of one model on ``images``."""
         A, logits = t.run(images, leaf=not create_graph and self._gradcam(t))
         if self._gradcam(t):
             return A, t.gradcam_weights(A, logits, labels, create_graph), None
@@ -116,18 +117,11 @@ class MetaDDLoss(nn.Module):
         return self.mode == "gradcam" or t.kind == "gradcam"
 
     def _maps(self, parts, out_size, backend: str) -> Tensor:
-        """U (K, B, S_h*S_w) from per-model parts."""
-        if backend == "reference":
-            raw = [reference.raw_cam(A, W, y) for A, W, y in parts]
-            return reference.normalized_maps(raw, out_size, self.relu, self.norm, self.eps).flatten(2)
-        heads = [W.reshape(W.shape[0], W.shape[1], -1) for _, W, _ in parts]
-        rows = [y if y is not None else torch.arange(A.shape[0], device=A.device) for A, _, y in parts]
-        return fused_maps([A for A, _, _ in parts], heads, rows, out_size, self.relu, self.norm, self.eps, backend)
+        """U (K, B, S_h*S_w) from per-model parts, checked (labels' range, map size)."""
+        return cam_maps_of_parts(parts, out_size, self.relu, self.norm, self.eps, backend)
 
     def _variance(self, U: Tensor, backend: str) -> Tensor:
-        if backend == "reference":
-            return U.var(dim=0, unbiased=False).mean(dim=-1)
-        return map_variance_op(U, backend)
+        return map_variance(U, backend=backend)
 
     def _reduce(self, v: Tensor, groups: Optional[Tensor], backend: str) -> Tensor:
         if self.alpha is None:
@@ -223,4 +217,10 @@ class _Streamed(torch.autograd.Function):
     def backward(ctx, grad):
         images, labels, dU = ctx.saved_tensors
         g = ctx.loss_fn.images_grad(images, labels, dU * grad, ctx.out_size, ctx.backend, ctx.amp)
+        if torch.is_grad_enabled():  # create_graph=True: g has no graph; say so rather than drop the second order
+            g = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, 1)(g.detach().requires_grad_())
         return g, None, None, None, None, None
+
+
+_NO_DOUBLE_BACKWARD = (b"MetaDDLoss(memory='stream'): double backward (the gradient of a gradient) is not implemented; "
+                       b"use memory='keep' with backend='reference' for higher-order gradients (docs/ops.md section 7)")

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as datasets
-from .backends import resolve
+from .ops.backends import resolve
 from .distill import DISTILLERS, bn_teacher
 from .errors import InputError, first_line, load_failure
 from .evaluate import evaluate_synthetic, format_table, test_clusters

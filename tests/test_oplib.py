@@ -1,20 +1,37 @@
-"""The eager fast path of the fused ops (metadd_fast.oplib) against the registered custom ops:
-same values and gradients bit for bit, and the custom op wherever something traces."""
+"""The op layer (metadd_fast.ops, docs/ops.md section 8): every op registered with torch.library
+when the package is imported, per-device kernels, fake kernels, one autograd formula, the
+eager fast path equal to the registered op, backend="triton" on CPU kept through the
+backward, double backward, opcheck, meta/fake tensors and torch.compile in a fresh process."""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from helpers import make_case
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from metadd_fast import oplib
-from metadd_fast.cam import cam_maps_op, cam_variance_op, map_variance_op, prepare_inputs
-from metadd_fast.cvar import cvar_dual_op, cvar_op
+import metadd_fast as mf
+from metadd_fast.ops import backends, registry
+from metadd_fast.ops.cam_maps import cam_maps_op, prepare_inputs
+from metadd_fast.ops.cam_variance import cam_variance_op
+from metadd_fast.ops.cvar import cvar_dual_op, cvar_op
+from metadd_fast.ops.map_variance import map_variance_op
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = ["cam_maps", "cam_maps_backward", "map_variance", "map_variance_backward", "cam_variance",
+       "cam_variance_backward", "cvar", "cvar_backward", "cvar_dual", "cvar_dual_backward", "nearest_centroid"]
 
 
-def _cam_args(backend):
+def _cam_args(dtype=torch.float32):
     features, weights, labels = make_case(5, [(6, 3, 3), (7, 2, 2), (3, 4, 4)], ("flatten", "linear", "linear"))
-    heads = [w.detach().reshape(w.shape[0], w.shape[1], -1 if w.dim() > 2 else 1).requires_grad_() for w in weights]
+    features = [f.detach().to(dtype).requires_grad_() for f in features]
+    heads = [w.detach().to(dtype).reshape(w.shape[0], w.shape[1], -1 if w.dim() > 2 else 1).requires_grad_()
+             for w in weights]
     features, heads, rows = prepare_inputs(features, heads, [labels] * 3)
-    return (features, heads, rows, 4, 4, True, 2, 1e-8, backend)
+    return (features, heads, rows, 4, 4, True, 2, 1e-8)
 
 
 def _leaves(args):
@@ -32,30 +49,40 @@ def _run(call, args, weight):
     return first.detach(), grads
 
 
-def _cases(backend):
+def _cases():
     g = torch.Generator().manual_seed(3)
     values = torch.randn(40, generator=g, requires_grad=True)
     groups = torch.randint(0, 7, (40,), generator=g)
     maps = torch.rand(3, 5, 16, generator=g, requires_grad=True)
     eta = torch.tensor(0.2, requires_grad=True)
     return [
-        (cam_maps_op, _cam_args(backend)),
-        (cam_variance_op, _cam_args(backend)),
-        (map_variance_op, (maps, backend)),
-        (cvar_op, (values, groups, 7, 0.3, backend)),
-        (cvar_op, (values, None, 0, 0.3, backend)),
-        (cvar_dual_op, (values, eta, 0.3, backend)),
+        (cam_maps_op, _cam_args()),
+        (cam_variance_op, _cam_args()),
+        (map_variance_op, (maps,)),
+        (cvar_op, (values, groups, 7, 0.3)),
+        (cvar_op, (values, None, 0, 0.3)),
+        (cvar_dual_op, (values, eta, 0.3)),
     ]
 
 
+def test_every_op_is_registered_at_import():
+    for name in OPS:
+        op = getattr(torch.ops.metadd_fast, name).default
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA"), name
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Meta"), name
+
+
 @pytest.mark.parametrize("index", range(6))
-def test_eager_path_equals_custom_op(fused_backend, index):
-    fused_op, args = _cases(fused_backend)[index]
-    out = fused_op.op(*args)
-    first = out[0] if isinstance(out, tuple) else out
+def test_eager_path_equals_registered_op(fused_backend, index):
+    fused_op, args = _cases()[index]
+    with registry.dispatch_context(fused_backend, torch.device("cpu")):
+        want_out = fused_op.op(*args)
+    first = want_out[0] if isinstance(want_out, tuple) else want_out
     weight = torch.randn(first.shape)  # a grad_output other than 1
-    want = _run(fused_op.op, args, weight)
-    got = _run(fused_op, args, weight)
+    with registry.dispatch_context(fused_backend, torch.device("cpu")):
+        want = _run(fused_op.op, args, weight)
+        got = _run(fused_op, args, weight)
     assert torch.isfinite(want[0]).all()
     assert torch.equal(got[0], want[0])
     assert len(got[1]) == len(want[1]) > 0
@@ -65,41 +92,250 @@ def test_eager_path_equals_custom_op(fused_backend, index):
 
 def test_eager_path_only_without_tracing():
     x = torch.randn(3)
-    assert oplib.untraced([x, 2, None, "cpp"])
+    assert registry.untraced([x, 2, None, "cpp"])
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(x)
-        assert not oplib.untraced([fake])
-        assert not oplib.untraced([x])  # any dispatch mode sends calls to the custom op
-
-
-def test_fake_tensors_go_through_the_custom_op(fused_backend):
-    maps = torch.rand(3, 5, 16)
-    with FakeTensorMode() as mode:
-        v = map_variance_op(mode.from_tensor(maps), fused_backend)
-    assert v.shape == (5,) and v.dtype == torch.float32
+        assert not registry.untraced([fake])
+        assert not registry.untraced([x])  # any dispatch mode sends calls to the registered op
 
 
 def test_flatten_round_trip():
     args = ([1, 2], 3, None, [], "s")
-    layout, flat = oplib._flatten(args)
-    assert oplib._unflatten(layout, flat) == ([1, 2], 3, None, [], "s")
-    assert oplib._flatten_grads(layout, ([4, 5], None, None, None, None)) == [4, 5, None, None, None]
-    assert oplib._flatten_grads(layout, (None, 6, None, [], None)) == [None, None, 6, None, None]
+    layout, flat = registry._flatten(args)
+    assert registry._unflatten(layout, flat) == ([1, 2], 3, None, [], "s")
+    assert registry._flatten_grads(layout, ([4, 5], None, None, None, None)) == [4, 5, None, None, None]
+    assert registry._flatten_grads(layout, (None, 6, None, [], None)) == [None, None, 6, None, None]
+
+
+def _spy(monkeypatch, calls):
+    for name, ns in (("cpp", backends.CPP), ("triton", backends.TRITON)):
+        for fn in ("cam_maps_forward", "cam_maps_backward", "cvar_group_stats", "cvar_tail", "cvar_values_grad"):
+            real = getattr(ns, fn)
+            monkeypatch.setattr(ns, fn, lambda *a, _real=real, _tag=(name, fn): calls.append(_tag) or _real(*a))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_forced_backend_runs_forward_and_backward(monkeypatch, backend):
+    """backend="triton" on CPU tensors stays on the Triton kernels in the backward too, which
+    runs after the forward has returned; backend="cpp" (and the default) never touches them."""
+    calls = []
+    _spy(monkeypatch, calls)
+    features, weights, labels = make_case(3, [(4, 3, 3), (5, 2, 2)], ("flatten", "linear"))
+    values = torch.randn(12, requires_grad=True)
+    groups = torch.randint(0, 3, (12,))
+    loss = mf.cam_variance(features, weights, labels, backend=backend) + mf.cvar(values, 0.5, groups, 3,
+                                                                                   backend=backend)
+    assert calls and {b for b, _ in calls} == {backend}
+    calls.clear()
+    loss.backward()
+    assert {fn for _, fn in calls} == {"cam_maps_backward", "cvar_values_grad"}
+    assert {b for b, _ in calls} == {backend}
+
+
+def test_default_backend_on_cpu_is_cpp(monkeypatch):
+    calls = []
+    _spy(monkeypatch, calls)
+    features, weights, labels = make_case(3, [(4, 3, 3), (5, 2, 2)], ("flatten", "linear"))
+    mf.cam_variance(features, weights, labels).backward()
+    assert calls and {b for b, _ in calls} == {"cpp"}
+
+
+def _opcheck_cases():
+    x = torch.randn(30, requires_grad=True)
+    g = torch.randint(0, 6, (30,))
+    maps = torch.rand(3, 4, 6, requires_grad=True)
+    cam = _cam_args(torch.float64)
+    unlabelled = ([f.detach() for f in cam[0][:2]], [torch.randn(5, c.shape[1], 1, dtype=torch.float64, requires_grad=True)
+                                                      for c in cam[1][:2]], [torch.arange(5)] * 2, 5, 3, False, 1, 1e-6)
+    e = torch.tensor(0.1, requires_grad=True)
+    with torch.no_grad():
+        _, w, counts = cvar_op.op(x, g, 6, 0.3)
+        _, above = cvar_dual_op.op(x, e, 0.3)
+    return [
+        ("cam_maps", cam), ("cam_maps", unlabelled), ("cam_variance", cam), ("cam_variance", unlabelled),
+        ("map_variance", (maps,)), ("map_variance_backward", (torch.randn(4, requires_grad=True), maps)),
+        ("cvar", (x, g, 6, 0.3)), ("cvar", (x, None, 0, 0.37)),
+        ("cvar_backward", (torch.tensor(1.5, requires_grad=True), w, counts, g, x)),
+        ("cvar_dual", (x, e, 0.3)),
+        ("cvar_dual_backward", (torch.tensor(0.7, requires_grad=True), x, e, 0.3, above)),
+        ("nearest_centroid", (torch.randn(40, 6), torch.randn(9, 6))),
+    ]
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_opcheck(index):
+    name, args = _opcheck_cases()[index]
+    torch.library.opcheck(getattr(torch.ops.metadd_fast, name).default, args)
+
+
+def test_opcheck_cam_backward_ops():
+    """Their schema, fake kernel and AOT tracing (their own gradient is an error: see below)."""
+    features, heads, rows, *rest = _cam_args(torch.float64)
+    features, heads = [f.detach() for f in features], [h.detach() for h in heads]
+    maps, rects = cam_maps_op.op(features, heads, rows, *rest)
+    flags = [[True, False, True], [False, True, True]]
+    args = (torch.randn_like(maps), features, heads, rows, rects, *rest, *flags)
+    torch.library.opcheck(torch.ops.metadd_fast.cam_maps_backward.default, args)
+    args = (torch.randn(maps.shape[1], dtype=maps.dtype), maps, features, heads, rows, rects, *rest, *flags)
+    torch.library.opcheck(torch.ops.metadd_fast.cam_variance_backward.default, args)
+
+
+def _public_calls(t):
+    """(name, call) of every public op on tensors made by ``t(shape, dtype)``."""
+    features = [t((3, 4, 3, 3)), t((3, 5, 2, 2))]
+    weights = [t((6, 4 * 9)), t((6, 5))]
+    labels = t((3,), torch.int64)
+    values, groups = t((20,)), t((20,), torch.int32)
+    return [
+        ("class_activation_maps", lambda: mf.class_activation_maps(features, weights, labels), (2, 3, 3, 3)),
+        ("cam_variance", lambda: mf.cam_variance(features, weights, labels, reduction="none"), (3,)),
+        ("map_variance", lambda: mf.ops.map_variance(t((2, 3, 7))), (3,)),
+        ("cvar", lambda: mf.cvar(values, 0.3, groups, 4), ()),
+        ("cvar_dual", lambda: mf.cvar_dual(values, 0.2, 0.3), ()),
+        ("metacam_cvar", lambda: mf.metacam_cvar(features, weights, labels, 0.5), ()),
+        ("nearest_centroid", lambda: mf.nearest_centroid(t((8, 3)), t((4, 3)))[0], (8,)),
+    ]
+
+
+def _make(device):
+    def t(shape, dtype=torch.float32):
+        if dtype.is_floating_point:
+            return torch.randn(shape, dtype=dtype, device=device)
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    return t
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_meta_tensors_go_through_every_op(index):
+    name, call, shape = _public_calls(_make("meta"))[index]
+    out = call()
+    assert out.device.type == "meta" and tuple(out.shape) == shape, name
+
+
+@pytest.mark.parametrize("index", range(7))
+def test_fake_tensors_go_through_every_op(index):
+    with FakeTensorMode() as mode:
+        def t(shape, dtype=torch.float32):
+            return mode.from_tensor(_make("cpu")(shape, dtype))
+
+        name, call, shape = _public_calls(t)[index]
+        out = call()
+    assert tuple(out.shape) == shape, name
+
+
+# --- double backward ------------------------------------------------------------------------
+
+def test_map_variance_gradgradcheck(fused_backend):
+    maps = torch.rand(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    fn = lambda u: mf.ops.map_variance(u, backend=fused_backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (maps,))
+    assert torch.autograd.gradgradcheck(fn, (maps,), grad_outputs=(torch.randn(4, dtype=torch.float64),))
 
 
 @pytest.mark.parametrize("grouped", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_cpu_cvar_node_equals_custom_op(grouped, dtype):
-    """Eager CPU calls of cvar run one C++ autograd node; it must match the registered op."""
+def test_cvar_gradgradcheck(fused_backend, grouped):
+    values = torch.randn(23, dtype=torch.float64, requires_grad=True)
+    groups = torch.randint(0, 5, (23,)) if grouped else None
+    fn = lambda v: mf.cvar(v, 0.35, groups, 5 if grouped else None, backend=fused_backend)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (values,), grad_outputs=(torch.tensor(1.7, dtype=torch.float64),))
+    # the derivative of the gradient wrt the upstream gradient is the gradient itself
+    grad_out = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(fn(values), values, grad_out, create_graph=True)
+    assert g.grad_fn is not None
+    (dg,) = torch.autograd.grad((g * torch.arange(23.0, dtype=torch.float64)).sum(), grad_out)
+    assert torch.allclose(dg, (g.detach() * torch.arange(23.0, dtype=torch.float64)).sum())
+
+
+def test_cvar_dual_gradgradcheck(fused_backend):
+    values = torch.randn(17, dtype=torch.float64, requires_grad=True)
+    eta = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    fn = lambda v, e: mf.cvar_dual(v, e, 0.4, backend=fused_backend)  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (values, eta))
+
+
+@pytest.mark.parametrize("fn_name", ["cam_variance", "class_activation_maps", "metacam_cvar"])
+def test_cam_double_backward_raises(fused_backend, fn_name):
+    features, weights, labels = make_case(3, [(4, 3, 3), (5, 2, 2)], ("flatten", "linear"))
+    extra = (0.5,) if fn_name == "metacam_cvar" else ()
+    out = getattr(mf, fn_name)(features, weights, labels, *extra, backend=fused_backend)
+    (g,) = torch.autograd.grad(out.sum(), features[0], create_graph=True)
+    assert g.grad_fn is not None  # never a silent first-order result
+    with pytest.raises(NotImplementedError, match=re.escape("double backward")):
+        g.sum().backward()
+
+
+def test_reference_backend_double_backward_works():
+    features, weights, labels = make_case(2, [(3, 2, 2), (2, 2, 2)], ("linear", "linear"), dtype=torch.float64)
+    fn = lambda a, b: mf.cam_variance([a, b], weights, labels, backend="reference", norm="none")  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, tuple(f.detach().requires_grad_() for f in features))
+
+
+# --- torch.compile as the first call of a fresh process -----------------------------------
+
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
     import metadd_fast as mf
 
-    values = torch.randn(57).to(dtype).requires_grad_()
-    groups = torch.randint(0, 9, (57,)) if grouped else None
-    num_groups = 9 if grouped else None
-    loss = mf.cvar(values, 0.3, groups, num_groups, backend="cpp")
-    assert "CVaRNode" in loss.grad_fn.name()
-    want, _, _ = cvar_op.op(values, groups, num_groups or 0, 0.3, "cpp")
-    assert torch.isfinite(want) and torch.equal(loss, want)
-    (got_grad,) = torch.autograd.grad(loss * 2.5, values)
-    (want_grad,) = torch.autograd.grad(want * 2.5, values)
-    assert torch.isfinite(want_grad).all() and want_grad.abs().sum() > 0 and torch.equal(got_grad, want_grad)
+    torch.manual_seed(0)
+    f = [torch.randn(3, 4, 3, 3, requires_grad=True), torch.randn(3, 5, 2, 2, requires_grad=True)]
+    w = [torch.randn(5, 36), torch.randn(5, 5)]
+    y = torch.randint(0, 5, (3,))
+    v, g = torch.randn(20, requires_grad=True), torch.randint(0, 4, (20,))
+
+    def fn(f0, f1, w0, w1, y, v, g):
+        x = f0.flatten(1)
+        return (mf.cam_variance([f0, f1], [w0, w1], y) * 2 + mf.cvar(v, 0.3, g, 4) + mf.cvar_dual(v, 0.1, 0.5)
+                + mf.class_activation_maps([f0, f1], [w0, w1], y).mean() + mf.nearest_centroid(x, x[:2])[1].sum())
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=sys.argv[1] == "dynamic")
+    out = compiled(*f, *w, y, v, g)  # the first call of the process
+    got = torch.autograd.grad(out, f + [v])
+    ref = fn(*f, *w, y, v, g)
+    want = torch.autograd.grad(ref, f + [v])
+    assert torch.allclose(out, ref, rtol=1e-5), (out, ref)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(got, want))
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_torch_compile_fullgraph_first_call_in_a_fresh_process(mode):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, mode], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_readme_subpackages_are_attributes():
+    for name in ("ops", "reference", "grouping", "models", "distill", "engine"):
+        assert hasattr(mf, name), name
+
+
+# --- MetaDDLoss goes through the checked entry points ------------------------------------
+
+def _metadd_models():
+    """Two nets whose CAMs come from their heads (flatten, linear): the labels reach the CAM op."""
+    from metadd_fast.models import get_model
+
+    return [get_model(n, 3, 10, (16, 16)).double() for n in ("ConvNet", "ResNet18")]
+
+
+@pytest.mark.parametrize("memory", ["stream", "keep"])
+def test_metadd_loss_checks_label_range(fused_backend, memory):
+    loss_fn = mf.MetaDDLoss(_metadd_models(), memory=memory, backend=fused_backend)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=re.escape("labels: expected values in [0, 10), got values in [")):
+        loss_fn(x, torch.tensor([1, 10, 2]))
+
+
+@pytest.mark.parametrize("memory", ["stream", "keep"])
+def test_metadd_loss_double_backward_raises(fused_backend, memory):
+    loss_fn = mf.MetaDDLoss(_metadd_models(), memory=memory, backend=fused_backend)
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(loss_fn(x, torch.tensor([1, 4, 2])), x, create_graph=True)
+    assert g.grad_fn is not None  # never a silent first-order result
+    with pytest.raises(RuntimeError, match="differentiate|double backward"):
+        g.sum().backward()

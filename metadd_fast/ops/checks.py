@@ -1,4 +1,4 @@
-"""Argument checks shared by the public ops (SPEC section 4).
+"""Argument checks shared by the public ops (docs/ops.md section 6).
 
 Every check raises ``TypeError`` or ``ValueError`` naming the argument, what was
 expected and what was given, before any kernel runs.
@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -67,8 +68,9 @@ def choice(name: str, value, choices: Sequence) -> None:
 
 
 def index_range(name: str, t: torch.Tensor, upper: int) -> None:
-    """Values of the integer tensor ``t`` lie in [0, upper). Skipped while tracing for torch.compile."""
-    if torch.compiler.is_compiling() or t.numel() == 0:
+    """Values of the integer tensor ``t`` lie in [0, upper). Skipped where the values are not
+    known: while tracing for torch.compile, on meta and fake tensors."""
+    if torch.compiler.is_compiling() or t.numel() == 0 or t.device.type == "meta" or is_fake(t):
         return
     lo, hi = (int(v) for v in torch.aminmax(t))
     if lo < 0 or hi >= upper:

@@ -1,4 +1,4 @@
-"""Validation of the CAM ops' arguments and the weight kinds of SPEC section 1."""
+"""Validation of the CAM ops' arguments and the weight kinds (docs/ops.md sections 1 and 6)."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -59,7 +59,7 @@ def _out_size(out_size, features) -> tuple:
 
 
 def parse_cam_args(features, weights, labels, out_size, relu, norm, eps) -> CamArgs:
-    """Check every argument of ``class_activation_maps``/``cam_variance`` (SPEC section 4), but
+    """Check every argument of ``class_activation_maps``/``cam_variance`` (docs/ops.md section 6), but
     the range of the labels: see :func:`check_label_range`."""
     features = checks.tensor_list("features", features)
     weights = checks.tensor_list("weights", weights)
@@ -102,3 +102,22 @@ def check_label_range(args: CamArgs, backend: str) -> None:
     rows (same message), so only the other backends read them here."""
     if args.labels is not None and backend != "cpp":
         checks.index_range("labels", args.labels, min(h[0] for h in args.heads))
+
+
+def parse_cam_part(k: int, feature, weight, labels) -> tuple:
+    """(feature, weight, labels, head layout (R, C, QW)) of architecture ``k`` after the checks
+    of :func:`parse_cam_args`, but the range of the labels; ``labels`` may be None."""
+    checks.floating_tensor(f"features[{k}]", feature, "(B, C, H, W)")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weights[{k}]: expected a tensor, got {type(weight).__name__}")
+    checks.floating(f"weights[{k}]", weight)
+    named = [(f"features[{k}]", feature), (f"weights[{k}]", weight)]
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels: expected None or an integer tensor, got {type(labels).__name__}")
+        checks.integer("labels", labels)
+        if tuple(labels.shape) != (feature.shape[0],):
+            raise ValueError(f"labels: expected shape ({feature.shape[0]},), got {tuple(labels.shape)}")
+        named.append(("labels", labels))
+    checks.same_device(named)
+    return feature, weight, labels, _head(k, feature, weight, labels is not None)

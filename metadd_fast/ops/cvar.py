@@ -1,14 +1,16 @@
-"""CVaR tail loss over samples or groups, its dual form, and MetaCAM+CVaR (SPEC section 2).
-
-Custom ops (fake + autograd registered, so torch.compile traces them; eager calls skip
-the dispatcher's Python layers, see :mod:`metadd_fast.oplib`):
+"""CVaR tail loss over samples or groups, its dual form, and MetaCAM+CVaR (docs/ops.md section 4).
 
 - ``metadd_fast::cvar``: values (N,) [+ groups (N,)] -> (CVaR, w, counts) where w = dCVaR/dL
   per entry (accumulation dtype) or per group (float64) and counts the group sizes. One pass
   over the values for the group statistics, then the tail selection over the n
   group means (or the N values).
 - ``metadd_fast::cvar_backward``: one pass over the values: d values_i = g * w[g_i] / |g_i|.
+  This is the one CVaR gradient: the eager path, torch.compile and the distributed CVaR
+  all call it.
 - ``metadd_fast::cvar_dual`` / ``cvar_dual_backward``: the Rockafellar-Uryasev form.
+
+Both backwards are linear in the upstream gradient and piecewise constant in the values,
+so their own derivative (double backward) is registered in closed form.
 
 With ``process_group=``, ranks all-reduce their group sums and counts (or
 all-gather their values when there are no groups) before the tail selection, so
@@ -16,15 +18,17 @@ every rank gets the CVaR of the union and the gradient of its own values.
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import backends, checks, reference
-from .cam import cam_variance
-from .oplib import FusedOp, untraced
+from . import backends, checks
+from .cam_variance import cam_variance, cam_variance_reference
+from .registry import FusedOp, KernelOp, device_kernels, dispatch_context, linear_in_grad
 
 __all__ = ["cvar", "cvar_dual", "metacam_cvar", "CVaR"]
 
@@ -42,8 +46,8 @@ def check_alpha(alpha) -> float:
 
 
 def check_cvar_args(values, alpha, groups, num_groups, allow_empty: bool = False) -> tuple:
-    """(alpha, groups as int64 or None, num_groups) after SPEC section 4's checks, except the
-    range of the group ids: see :func:`_check_group_ids`. ``allow_empty``: a rank of a
+    """(alpha, groups as int64 or None, num_groups) after docs/ops.md section 6's checks, except
+    the range of the group ids: see :func:`_check_group_ids`. ``allow_empty``: a rank of a
     distributed CVaR may hold no values (with groups, it must then give num_groups)."""
     checks.floating_tensor("values", values, "(N,)", allow_empty=allow_empty)
     alpha = check_alpha(alpha)
@@ -75,8 +79,8 @@ def _check_group_ids(groups: Optional[Tensor], num_groups: int, backend: str) ->
         checks.index_range("groups", groups, num_groups)
 
 
-def _cvar_forward(impl, values: Tensor, groups: Optional[Tensor], num_groups: int, alpha: float, all_reduce=None):
-    """(CVaR, w, counts) with the backend ``impl``; ``all_reduce`` sums group statistics across ranks."""
+def cvar_forward(impl, values: Tensor, groups: Optional[Tensor], num_groups: int, alpha: float, all_reduce=None):
+    """(CVaR, w, counts) with the launchers ``impl``; ``all_reduce`` sums group statistics across ranks."""
     acc = _acc(values.dtype)
     if groups is None:
         loss, w = impl.cvar_tail(values.to(acc).contiguous(), None, alpha)
@@ -93,12 +97,7 @@ def _cvar_forward(impl, values: Tensor, groups: Optional[Tensor], num_groups: in
     return loss.to(acc), w, counts
 
 
-def _cvar(values: Tensor, groups: Optional[Tensor], num_groups: int, alpha: float,
-          backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(_cvar_forward(backends.kernels(backend), values, groups, num_groups, alpha))
-
-
-def _cvar_fake(values, groups, num_groups, alpha, backend):
+def _cvar_fake(values, groups, num_groups, alpha):
     acc = _acc(values.dtype)
     if groups is None:
         return values.new_empty((), dtype=acc), values.new_empty(values.shape[0], dtype=acc), values.new_empty(
@@ -107,36 +106,40 @@ def _cvar_fake(values, groups, num_groups, alpha, backend):
             values.new_empty(num_groups, dtype=torch.int64))
 
 
-def _cvar_backward(grad: Tensor, weights: Tensor, counts: Tensor, groups: Optional[Tensor], values: Tensor,
-                   backend: str) -> Tensor:
-    impl = backends.kernels(backend)
-    return impl.cvar_values_grad(grad, weights, counts if groups is not None else None, groups, values)
+def _cvar_backward_kernel(impl):
+    def cvar_backward(grad, weights, counts, groups, values):
+        return impl.cvar_values_grad(grad, weights, counts if groups is not None else None, groups, values)
+
+    return cvar_backward
 
 
-def _cvar_backward_fake(grad, weights, counts, groups, values, backend):
-    return torch.empty_like(values)
+cvar_kernel = KernelOp("cvar", "(Tensor values, Tensor? groups, SymInt num_groups, float alpha) -> (Tensor, Tensor, Tensor)",
+                       lambda impl: functools.partial(cvar_forward, impl), _cvar_fake)
+cvar_backward = KernelOp("cvar_backward",
+                         "(Tensor grad, Tensor weights, Tensor counts, Tensor? groups, Tensor values) -> Tensor",
+                         _cvar_backward_kernel, lambda grad, weights, counts, groups, values: torch.empty_like(values))
 
 
 def _cvar_setup(ctx, inputs, output):
-    values, groups, _, _, backend = inputs
-    ctx.save_for_backward(values, groups, output[1], output[2])
-    ctx.backend = backend
+    ctx.save_for_backward(inputs[0], inputs[1], output[1], output[2])
 
 
-def _cvar_grad(ctx, backward, grad, grad_w, grad_counts):
+def cvar_grad(ctx, backward, grad, *unused):
+    """The one CVaR gradient formula (docs/ops.md section 4), by ``backward`` (cvar_backward's arguments)."""
     values, groups, w, counts = ctx.saved_tensors
-    return backward(grad.contiguous(), w, counts, groups, values, ctx.backend), None, None, None, None
+    return backward(grad.contiguous(), w, counts, groups, values), None, None, None
 
 
-cvar_op = FusedOp("cvar", _cvar, _cvar_fake, _cvar_backward, _cvar_backward_fake, _cvar_setup, _cvar_grad)
+cvar_op = FusedOp(cvar_kernel, cvar_backward, _cvar_setup, cvar_grad, *linear_in_grad("cvar_backward"))
 
 
 class _DistributedCVaR(torch.autograd.Function):
-    """CVaR of the values of all ranks of ``group``; each rank gets the gradient of its own values."""
+    """CVaR of the values of all ranks of ``group``; each rank gets the gradient of its own
+    values, from the registered ``cvar_backward`` through :func:`cvar_grad`."""
 
     @staticmethod
-    def forward(ctx, values, groups, num_groups, alpha, backend, group):
-        impl = backends.kernels(backend)
+    def forward(ctx, values, groups, num_groups, alpha, group):
+        impl = device_kernels(values.device)
         if groups is None:
             acc = _acc(values.dtype)
             sizes = [torch.zeros(1, dtype=torch.int64, device=values.device) for _ in range(dist.get_world_size(group))]
@@ -148,18 +151,19 @@ class _DistributedCVaR(torch.autograd.Function):
             dist.all_gather(gathered, padded, group=group)
             loss, w_all = impl.cvar_tail(torch.cat([g[:s] for g, s in zip(gathered, sizes)]), None, alpha)
             start = sum(sizes[: dist.get_rank(group)])
-            w, counts = w_all[start: start + values.numel()].contiguous(), None
+            w, counts = w_all[start: start + values.numel()].contiguous(), values.new_empty(0, dtype=torch.int64)
         else:
-            loss, w, counts = _cvar_forward(impl, values, groups, num_groups, alpha,
-                                            all_reduce=lambda t: dist.all_reduce(t, group=group))
+            loss, w, counts = cvar_forward(impl, values, groups, num_groups, alpha,
+                                           all_reduce=lambda t: dist.all_reduce(t, group=group))
         ctx.save_for_backward(values, groups, w, counts)
-        ctx.impl = impl
+        ctx.triton_on_cpu = impl is backends.TRITON and values.device.type == "cpu"
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        values, groups, w, counts = ctx.saved_tensors
-        return ctx.impl.cvar_values_grad(grad.contiguous(), w, counts, groups, values), None, None, None, None, None
+        name = "triton" if ctx.triton_on_cpu else None
+        with dispatch_context(name, grad.device):
+            return (*cvar_grad(ctx, cvar_backward.op, grad), None)
 
 
 def cvar(values: Tensor, alpha: float, groups: Optional[Tensor] = None, num_groups: Optional[int] = None, *,
@@ -182,47 +186,55 @@ def cvar(values: Tensor, alpha: float, groups: Optional[Tensor] = None, num_grou
             raise ValueError("process_group: torch.distributed is not initialized")
         if name == "reference":
             raise ValueError("process_group: needs a fused backend ('cpp' or 'triton'), got 'reference'")
-        return _DistributedCVaR.apply(values, groups, num_groups, alpha, name, process_group)
+        with dispatch_context(name, values.device):
+            return _DistributedCVaR.apply(values, groups, num_groups, alpha, process_group)
     if name == "reference":
-        return reference.cvar(values, alpha, groups, num_groups)
-    if name == "cpp" and untraced([values, groups]):  # one C++ autograd node: no Python in the backward
-        return backends.kernels("cpp").cvar_autograd(values, groups, num_groups, alpha)
-    loss, _, _ = cvar_op(values, groups, num_groups, alpha, name)
+        return cvar_reference(values, alpha, groups, num_groups)
+    with dispatch_context(name, values.device):
+        loss, _, _ = cvar_op(values, groups, num_groups, alpha)
     return loss
 
 
-def _cvar_dual(values: Tensor, eta: Tensor, alpha: float, backend: str) -> tuple[Tensor, Tensor]:
-    return tuple(backends.kernels(backend).cvar_dual_forward(values, eta, alpha))
+def _cvar_dual_kernel(impl):
+    def cvar_dual(values, eta, alpha):
+        return tuple(impl.cvar_dual_forward(values, eta, alpha))
+
+    return cvar_dual
 
 
-def _cvar_dual_fake(values, eta, alpha, backend):
+def _cvar_dual_backward_kernel(impl):
+    def cvar_dual_backward(grad, values, eta, alpha, above):
+        return tuple(impl.cvar_dual_backward(grad, values, eta, alpha, above))
+
+    return cvar_dual_backward
+
+
+def _cvar_dual_fake(values, eta, alpha):
     acc = _acc(values.dtype)
     return values.new_empty((), dtype=acc), values.new_empty((), dtype=acc)
 
 
-def _cvar_dual_backward(grad: Tensor, values: Tensor, eta: Tensor, alpha: float, above: Tensor,
-                        backend: str) -> tuple[Tensor, Tensor]:
-    return tuple(backends.kernels(backend).cvar_dual_backward(grad, values, eta, alpha, above))
-
-
-def _cvar_dual_backward_fake(grad, values, eta, alpha, above, backend):
-    return torch.empty_like(values), torch.empty_like(eta)
+cvar_dual_kernel = KernelOp("cvar_dual", "(Tensor values, Tensor eta, float alpha) -> (Tensor, Tensor)",
+                            _cvar_dual_kernel, _cvar_dual_fake)
+cvar_dual_backward = KernelOp(
+    "cvar_dual_backward", "(Tensor grad, Tensor values, Tensor eta, float alpha, Tensor above) -> (Tensor, Tensor)",
+    _cvar_dual_backward_kernel, lambda grad, values, eta, alpha, above: (torch.empty_like(values), torch.empty_like(eta)))
 
 
 def _cvar_dual_setup(ctx, inputs, output):
-    values, eta, alpha, backend = inputs
+    values, eta, alpha = inputs
     ctx.save_for_backward(values, eta, output[1])
-    ctx.alpha, ctx.backend = alpha, backend
+    ctx.alpha = alpha
 
 
 def _cvar_dual_grad(ctx, backward, grad, grad_above):
     values, eta, above = ctx.saved_tensors
-    d_values, d_eta = backward(grad.contiguous(), values, eta, ctx.alpha, above, ctx.backend)
-    return d_values, d_eta, None, None
+    d_values, d_eta = backward(grad.contiguous(), values, eta, ctx.alpha, above)
+    return d_values, d_eta, None
 
 
-cvar_dual_op = FusedOp("cvar_dual", _cvar_dual, _cvar_dual_fake, _cvar_dual_backward, _cvar_dual_backward_fake,
-                       _cvar_dual_setup, _cvar_dual_grad)
+cvar_dual_op = FusedOp(cvar_dual_kernel, cvar_dual_backward, _cvar_dual_setup, _cvar_dual_grad,
+                       *linear_in_grad("cvar_dual_backward"))
 
 
 def cvar_dual(values: Tensor, eta, alpha: float, *, backend: Optional[str] = None) -> Tensor:
@@ -243,8 +255,9 @@ def cvar_dual(values: Tensor, eta, alpha: float, *, backend: Optional[str] = Non
         eta = torch.tensor(float(eta), dtype=_acc(values.dtype), device=values.device)
     name = backends.resolve(backend, values.device)
     if name == "reference":
-        return reference.cvar_dual(values, eta.reshape(()), alpha)
-    loss, _ = cvar_dual_op(values.contiguous(), eta.reshape(()), alpha, name)
+        return cvar_dual_reference(values, eta.reshape(()), alpha)
+    with dispatch_context(name, values.device):
+        loss, _ = cvar_dual_op(values.contiguous(), eta.reshape(()), alpha)
     return loss
 
 
@@ -276,3 +289,44 @@ class CVaR(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, num_groups={self.num_groups}"
+
+
+# --- the plain-PyTorch reference ------------------------------------------------------------
+
+def group_means(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Means L_j (n,) of the non-empty groups, in increasing group id."""
+    sums = torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add(0, groups, values)
+    counts = torch.bincount(groups, minlength=num_groups)
+    nonempty = counts > 0
+    return sums[nonempty] / counts[nonempty].to(values.dtype)
+
+
+def cvar_reference(values: torch.Tensor, alpha: float, groups: Optional[torch.Tensor] = None,
+         num_groups: Optional[int] = None) -> torch.Tensor:
+    """Upper-tail CVaR: (1/a) (sum_{r<=f} L_(r) + (a - f) L_(f+1)), a = alpha n, f = floor(a),
+    L sorted descending with ties by lower index (docs/ops.md section 4)."""
+    if groups is None:
+        L = values
+    else:
+        L = group_means(values, groups, num_groups if num_groups is not None else int(groups.max()) + 1)
+    n = L.numel()
+    a = alpha * n
+    if abs(a - round(a)) < 1e-9:
+        a = float(round(a))
+    f = math.floor(a)
+    top = torch.sort(L, descending=True, stable=True).values
+    out = top[:f].sum() / a
+    if f < n and a > f:
+        out = out + (a - f) / a * top[f]
+    return out
+
+
+def cvar_dual_reference(values: torch.Tensor, eta, alpha: float) -> torch.Tensor:
+    """Rockafellar-Uryasev form: eta + (1/(alpha N)) sum_i max(values_i - eta, 0)."""
+    return eta + torch.relu(values - eta).sum() / (alpha * values.numel())
+
+
+def metacam_cvar_reference(features, weights, labels, alpha: float, groups=None, num_groups=None, **cam_options):
+    """CVaR over images (or groups) of the per-image CAM variance."""
+    v = cam_variance_reference(features, weights, labels, reduction="none", **cam_options)
+    return cvar_reference(v, alpha, groups, num_groups)

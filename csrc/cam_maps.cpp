@@ -1,4 +1,4 @@
-// CPU kernels of the fused CAM op (SPEC section 1), parallel over images
+// CPU kernels of the fused CAM op (docs/ops.md section 1), parallel over images
 // with at::parallel_for (OpenMP in PyTorch's CPU builds).
 //
 // Per architecture k, with A (B, C, H, W) in any floating dtype, weights Wt viewed
@@ -14,6 +14,7 @@
 
 #include "cam_common.h"
 #include "index_range.h"
+#include "ops.h"
 
 namespace metadd {
 namespace {

@@ -1,0 +1,84 @@
+"""Nearest-centroid assignment without an N x M matrix (docs/ops.md section 5).
+
+``metadd_fast::nearest_centroid`` (no gradient): its kernels (C++ blocked matrix products
+on CPU, Triton tl.dot tiles on GPU) keep a running best and second-best centroid per
+row. A row whose two best squared distances are closer than the rounding bound of the
+float32 expansion ||x||^2 - 2 x.c + ||c||^2 is settled again in float64. So the index is
+that of the float64 oracle, except where two centroids are within float64 rounding
+(about 1e-13 relative), where ties go to the lowest index.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, checks
+from .registry import KernelOp, dispatch_context
+
+__all__ = ["nearest_centroid"]
+
+_EXACT_BLOCK = 1 << 22  # elements of one float64 (rows, M) block in the exact re-check
+
+
+def _exact_rows(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """(index, sqdist) of the rows x against all centroids, in float64, lowest index on ties."""
+    x64, c64 = x.double(), c.double()
+    cn = (c64 * c64).sum(1)
+    step = max(1, _EXACT_BLOCK // max(1, c.shape[0]))
+    index = torch.cat([(cn[None, :] - 2 * x64[s:s + step] @ c64.T).argmin(1) for s in range(0, x.shape[0], step)])
+    return index, ((x64 - c64[index]) ** 2).sum(1)
+
+
+def _kernel(impl):
+    def nearest_centroid(x, centroids):
+        acc = torch.float64 if x.dtype == torch.float64 or centroids.dtype == torch.float64 else torch.float32
+        xa, ca = x.to(acc).contiguous(), centroids.to(acc).contiguous()
+        cn = (ca * ca).sum(1)
+        index, sqdist, refine = impl.nearest_centroid_forward(xa, ca, cn, cn.max().sqrt())
+        rows = refine.nonzero().flatten()
+        if rows.numel():
+            index[rows], exact = _exact_rows(xa[rows], ca)
+            sqdist[rows] = exact.to(acc)
+        return index, sqdist.to(x.dtype)
+
+    return nearest_centroid
+
+
+def _fake(x, centroids):
+    return x.new_empty(x.shape[0], dtype=torch.int64), x.new_empty(x.shape[0])
+
+
+nearest_centroid_op = KernelOp("nearest_centroid", "(Tensor x, Tensor centroids) -> (Tensor, Tensor)", _kernel, _fake)
+
+
+def nearest_centroid(x: Tensor, centroids: Tensor, *, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """index[i] = argmin_j ||x_i - c_j||^2 (ties: lowest j) and sqdist[i], that minimum.
+
+    x: (N, D), centroids: (M, D), floating, one device. Returns (index (N,) int64,
+    sqdist (N,) in x's dtype). Memory beyond inputs and outputs is O(N + M) plus a
+    small per-thread tile, whatever N * M is. No gradient flows through it.
+    """
+    checks.floating_tensor("x", x, "(rows, D)")
+    checks.floating_tensor("centroids", centroids, "(rows, D)")
+    if x.shape[1] != centroids.shape[1]:
+        raise ValueError(f"centroids: expected D = {x.shape[1]} columns like x, got {centroids.shape[1]}")
+    device = checks.same_device([("x", x), ("centroids", centroids)])
+    name = backends.resolve(backend, device)
+    with torch.no_grad():
+        if name == "reference":
+            return nearest_centroid_reference(x, centroids)
+        with dispatch_context(name, device):
+            return nearest_centroid_op(x.detach(), centroids.detach())
+
+
+def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 4096):
+    """(index, sqdist) by torch.cdist + argmin, in row chunks so the (chunk, M) block fits."""
+    index, sqdist = [], []
+    for start in range(0, x.shape[0], chunk):
+        d = torch.cdist(x[start:start + chunk], centroids) ** 2
+        i = d.argmin(dim=1)
+        index.append(i)
+        sqdist.append(d.gather(1, i[:, None])[:, 0])
+    return torch.cat(index), torch.cat(sqdist)
