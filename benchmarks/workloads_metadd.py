@@ -84,22 +84,14 @@ def min_bytes(inputs, mode: str) -> int:
 
 def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import measure
-    from run import RESULTS, append_rows, run_child
+    from run import RESULTS, append_rows, run_child, run_meta
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None)
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    meta = {"device": measure.device_name(args.device), "torch": torch.__version__, "triton": triton_version,
-            "commit": measure.git_commit()}
+    meta = run_meta(args.device)
     print(f"device: {meta['device']}")
     print(f"{'workload':28} {'provider':12} {'p50 ms':>10} {'x floor':>8} {'x naive':>8} {'extra MB':>9} {'x naive':>8}")
     for workload in args.workloads or (list(WORKLOADS) if args.device == "cuda" else CPU_WORKLOADS):

@@ -20,7 +20,7 @@ the whole batch:
   gradient into the images.
 
 ``memory_budget`` (MB) sets the chunk size from the graph bytes per image measured
-on the first call; without it the budget is a quarter of the graph memory="keep"
+on the first call; without it the budget is a fifth of the graph memory="keep"
 would hold (at most half the device's free memory). ``chunk_size`` sets it directly.
 
 Models stay frozen: they run in eval mode with requires_grad off, and their modes
@@ -255,14 +255,14 @@ class MetaDDLoss(nn.Module):
         groups = self.groups if groups is None else groups
         backend = backends.resolve(self.backend, images.device)
         out_size = self._prepare(images)
-        if self.memory == "keep":
-            return self._reduce(self._variances(images, labels, out_size, backend), groups, backend)
         together = self.alpha is None
-        chunk = self._chunk(images, labels, out_size, backend, together)
-        if not (torch.is_grad_enabled() and images.requires_grad):  # the value alone
+        chunk = self._chunk(images, labels, out_size, backend, together) if self.memory == "stream" else None
+        if not (torch.is_grad_enabled() and images.requires_grad):  # the value alone, no graph kept
             with torch.no_grad():
                 U = self.maps_no_grad(images, labels, out_size, backend, chunk)
                 return self._reduce(self._variance(U, backend), groups, backend)
+        if self.memory == "keep":
+            return self._reduce(self._variances(images, labels, out_size, backend), groups, backend)
         if together:
             return _Chunked.apply(images, labels, self, out_size, backend, chunk)
         return _Streamed.apply(images, labels, groups, self, out_size, backend, chunk)
