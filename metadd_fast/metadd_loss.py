@@ -37,10 +37,10 @@ from torch.autograd.function import once_differentiable
 
 from . import backends, checks, reference
 from .adapters import CAMTarget, cam_target
-from .metadd_budget import chunk_images, saved_bytes
 from .cam import fused_maps, map_variance_op
 from .cam_args import NORMS
 from .cvar import check_alpha, cvar
+from .metadd_budget import chunk_images, saved_bytes
 
 __all__ = ["MetaDDLoss"]
 
