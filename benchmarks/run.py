@@ -96,6 +96,18 @@ def append_rows(path: str, rows: list) -> None:
         w.writerows(rows)
 
 
+def run_meta(device: str) -> dict:
+    """The device, versions and commit that every result row carries."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {"device": measure.device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "commit": measure.git_commit()}
+
+
 def case_rows(op: str, workload: str, device: str, bandwidth: float, meta: dict) -> list:
     """Measure one (op, workload) in each mode for every provider; print its lines; return its CSV rows."""
     mod = op_modules()[op]
@@ -144,14 +156,7 @@ def main():
     ops = args.ops or [op for op in mods if not (args.quick and op == "metadd_loss")]
     if args.quick:
         os.environ["METADD_BENCH_REPS"] = "10"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "none"
-    meta = {"device": measure.device_name(args.device), "torch": torch.__version__, "triton": triton_version,
-            "commit": measure.git_commit()}
+    meta = run_meta(args.device)
     bandwidth = copy_bandwidth(args.device)
     append_rows(args.out, [dict(op="copy", provider="torch", mode="copy", workload="256MiB", metric="bandwidth",
                                 unit="GB/s", p50=f"{bandwidth / 1e9:.2f}", p20="", p80="", **meta)])

@@ -1,11 +1,24 @@
-"""Benchmark workloads of one MetaDDLoss step (see workloads_cam.py for the module interface).
+"""Benchmark workloads of one MetaDDLoss step, against the term's floor and the naive graph.
 
-Providers: "eager" (the naive per-model autograd graph: reference CAMs, every model's
-activations kept), "keep" (fused CAM op, activations kept), "stream" (fused, one
-model alive at a time) and "stream_chunk125" (stream in chunks of 125 images).
-Mode "full" = forward + backward to the images.
+Providers (mode "full" = forward + backward to the images):
+- "floor": what any MetaDD term must do, one forward with grad and one backward to the
+  images of each of the K frozen networks (the backward of its label scores);
+- "eager": the naive per-model autograd graph (reference CAMs, every model's graph kept);
+- "keep" (fused CAM op, every model's graph kept), "stream" (the default: chunks from the
+  default memory budget) and "stream_cvar" (stream with a CVaR, alpha=0.3).
+
+As a script, it prints each provider's time and peak extra memory with its ratio to the
+naive graph's and to the floor's, and appends the rows to benchmarks/results/results.csv:
+
+    python benchmarks/workloads_metadd.py [--device cpu|cuda] [--workloads NAME ...]
+
+(benchmarks/run.py --ops metadd_loss runs the same cases in the common table.)
 """
 from __future__ import annotations
+
+import argparse
+import os
+import sys
 
 import torch
 
@@ -13,13 +26,16 @@ import metadd_fast as mf
 from metadd_fast.models import get_model
 
 ZOO = ("ConvNet", "ResNet18", "VGG11", "AlexNet")
-# name -> (B, image size, channels, classes)
+SKEWED = ("ResNet18", "ConvNetD1", "AlexNet", "LeNet")  # one network holds most of the memory
+# name -> (networks, B, image size, channels, classes)
 WORKLOADS = {
-    "dc_cifar10_ipc50_k4": (500, 32, 3, 10),
-    "dc_cifar10_ipc10_k4": (100, 32, 3, 10),
+    "dc_cifar10_ipc50_k4": (ZOO, 500, 32, 3, 10),
+    "dc_cifar10_ipc50_k4_skewed": (SKEWED, 500, 32, 3, 10),
+    "dc_cifar10_ipc10_k4": (ZOO, 100, 32, 3, 10),
+    "dc_cifar10_ipc10_k4_skewed": (SKEWED, 100, 32, 3, 10),
 }
-CPU_WORKLOADS = ["dc_cifar10_ipc50_k4"]
-PROVIDERS = ("eager", "keep", "stream", "stream_chunk125")
+CPU_WORKLOADS = ["dc_cifar10_ipc50_k4", "dc_cifar10_ipc50_k4_skewed"]
+PROVIDERS = ("floor", "eager", "keep", "stream", "stream_cvar")
 MODES = ("full",)
 TIMING = dict(warmup=1, reps=3)
 MEMORY_CALLS = 1
@@ -28,23 +44,31 @@ _losses: dict = {}
 
 
 def make_inputs(name: str, device: str = "cpu", dtype=torch.float32, seed: int = 0):
-    B, size, channel, classes = WORKLOADS[name]
+    names, B, size, channel, classes = WORKLOADS[name]
     torch.manual_seed(seed)
-    models = [get_model(n, channel, classes, (size, size)).to(device) for n in ZOO]
+    models = [get_model(n, channel, classes, (size, size)).to(device).eval().requires_grad_(False) for n in names]
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(B, channel, size, size, generator=g).to(device, dtype).requires_grad_()
     labels = torch.randint(0, classes, (B,), generator=g).to(device)
     return models, images, labels
 
 
+def floor(models, images, labels):
+    """The sum over the K networks of their label scores: its gradient to the images costs one
+    forward with grad and one backward of each network."""
+    return sum(m(images).gather(1, labels[:, None]).sum() for m in models)
+
+
 def run(op: str, provider: str, inputs):
     models, images, labels = inputs
+    if provider == "floor":
+        return floor(models, images, labels)
     key = (id(models), provider)
     if key not in _losses:
-        memory = "keep" if provider in ("eager", "keep") else "stream"
-        chunk = 125 if provider == "stream_chunk125" else None
-        _losses[key] = mf.MetaDDLoss(models, memory=memory, chunk_size=chunk,
-                                     backend="reference" if provider == "eager" else None)
+        kw = dict(memory="keep" if provider in ("eager", "keep") else "stream",
+                  alpha=0.3 if provider == "stream_cvar" else None,
+                  backend="reference" if provider == "eager" else None)
+        _losses[key] = mf.MetaDDLoss(models, **kw)
     return _losses[key](images, labels)
 
 
@@ -56,3 +80,36 @@ def min_bytes(inputs, mode: str) -> int:
     """The images read and their gradient written (the models' own traffic is not counted)."""
     _, images, _ = inputs
     return 2 * images.numel() * images.element_size()
+
+
+def main():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from run import RESULTS, append_rows, run_child, run_meta
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None)
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args()
+    meta = run_meta(args.device)
+    print(f"device: {meta['device']}")
+    print(f"{'workload':28} {'provider':12} {'p50 ms':>10} {'x floor':>8} {'x naive':>8} {'extra MB':>9} {'x naive':>8}")
+    for workload in args.workloads or (list(WORKLOADS) if args.device == "cuda" else CPU_WORKLOADS):
+        times = run_child("metadd_loss", workload, args.device, "time")["full"]["time"]
+        memory = run_child("metadd_loss", workload, args.device, "memory")["full"]
+        rows = []
+        for p in PROVIDERS:
+            t = times[p][0]
+            ratios = {"time_vs_floor": t / times["floor"][0], "time_vs_naive": t / times["eager"][0],
+                      "memory_vs_naive": memory[p] / memory["eager"]}
+            print(f"{workload:28} {p:12} {t * 1e3:10.1f} {ratios['time_vs_floor']:8.2f} "
+                  f"{ratios['time_vs_naive']:8.2f} {memory[p] / 1e6:9.1f} {ratios['memory_vs_naive']:8.2f}", flush=True)
+            metrics = [("time", "ms", t * 1e3), ("peak_extra_memory", "MB", memory[p] / 1e6)]
+            metrics += [(name, "x", value) for name, value in ratios.items()]
+            rows += [dict(op="metadd_loss", provider=p, mode="full", workload=workload, metric=metric, unit=unit,
+                          p50=f"{value:.4f}", p20="", p80="", **meta) for metric, unit, value in metrics]
+        append_rows(args.out, rows)  # each finished workload is on disk before the next starts
+
+
+if __name__ == "__main__":
+    main()

@@ -5,12 +5,23 @@
     loss.backward()
 
 memory="keep": one forward per model; autograd keeps every model's activations.
-memory="stream" (default): a first pass runs each model alone under no_grad and
-keeps only its CAM maps U_k (B, S_h*S_w); the loss and dloss/dU come from those.
-The backward re-runs one model at a time and pushes its gradient into the images,
-so peak activation memory is that of the largest single model, not the sum over K.
-With ``alpha`` (CVaR over images or groups), the backward re-runs only the images
-whose CVaR weight is non-zero. ``chunk_size`` splits both passes into image chunks.
+memory="stream" (default): the images go through in chunks sized by a memory budget
+(:mod:`metadd_fast.metadd_budget`), so the peak is the budget, not the K graphs of
+the whole batch:
+
+- mean over images (``alpha=None``): each image's loss term depends on that image
+  alone, so each chunk runs all K models with their graphs, and the image gradient
+  of the chunk is taken at once, in the forward call; ``backward`` scales it by the
+  incoming gradient. One forward and one backward per model and image: no re-run.
+- CVaR (``alpha``): the tail is known only once every image's variance is. A first
+  pass runs each model alone under no_grad and keeps only its CAM maps U_k
+  (B, S_h*S_w); the loss and dloss/dU come from those. The backward re-runs one model
+  at a time, only on the images whose CVaR weight is non-zero, and pushes its
+  gradient into the images.
+
+``memory_budget`` (MB) sets the chunk size from the graph bytes per image measured
+on the first call; without it the budget is a fifth of the graph memory="keep"
+would hold (at most half the device's free memory). ``chunk_size`` sets it directly.
 
 Models stay frozen: they run in eval mode with requires_grad off, and their modes
 and flags are restored afterwards; no parameter gradient is ever computed.
@@ -22,6 +33,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .adapters import CAMTarget, cam_target
 from .ops import backends, checks
@@ -29,6 +41,7 @@ from .ops.cam_args import NORMS
 from .ops.cam_maps import cam_maps_of_parts
 from .ops.cvar import check_alpha, cvar
 from .ops.map_variance import map_variance
+from .metadd_budget import chunk_images, saved_bytes
 
 __all__ = ["MetaDDLoss"]
 
@@ -73,7 +86,8 @@ class MetaDDLoss(nn.Module):
     def __init__(self, models: Sequence, *, mode: str = "cam", out_size=None, relu: bool = True,
                  norm: str = "minmax", eps: float = 1e-8, alpha: Optional[float] = None,
                  groups: Optional[Tensor] = None, num_groups: Optional[int] = None, memory: str = "stream",
-                 chunk_size: Optional[int] = None, backend: Optional[str] = None):
+                 chunk_size: Optional[int] = None, memory_budget: Optional[float] = None,
+                 backend: Optional[str] = None):
         super().__init__()
         if isinstance(models, (nn.Module, CAMTarget)) or not isinstance(models, (list, tuple)):
             raise TypeError(f"models: expected a list of networks, got {type(models).__name__}")
@@ -87,14 +101,22 @@ class MetaDDLoss(nn.Module):
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size: expected None or a positive int, got {chunk_size!r}")
+        if memory_budget is not None:
+            if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
+                raise ValueError(f"memory_budget: expected None or a positive number of MB, got {memory_budget!r}")
+            if memory == "keep" or chunk_size is not None:
+                raise ValueError("memory_budget: sets the chunks of memory='stream'; give it without chunk_size "
+                                 "and without memory='keep'")
         # Plain list: the frozen models are not submodules (no parameters of this loss).
         self.targets = [cam_target(m) for m in models]
         for k, t in enumerate(self.targets):  # probe errors and warnings name the network
             t.name = f"models[{k}] ({type(t.model).__name__})"
         self.mode, self.memory, self.chunk_size, self.backend = mode, memory, chunk_size, backend
+        self.memory_budget = memory_budget
         self.out_size, self.relu, self.norm, self.eps = out_size, relu, norm, eps
         self.alpha, self.groups, self.num_groups = alpha, groups, num_groups
         self._map_sizes: dict = {}
+        self._graph_sizes: dict = {}
 
     def extra_repr(self) -> str:
         names = ", ".join(type(t.model).__name__ for t in self.targets)
@@ -145,23 +167,53 @@ class MetaDDLoss(nn.Module):
         sizes = self._map_sizes[key]
         return max(h for h, _ in sizes), max(w for _, w in sizes)
 
-    def _chunks(self, index: Tensor):
-        return index.split(self.chunk_size or max(1, index.numel()))
+    def _graph_bytes(self, images: Tensor, labels: Tensor, out_size, backend: str) -> list:
+        """Graph bytes per image of each model's pass with create_graph (as in :meth:`_variances`
+        and :meth:`images_grad`), measured once per input shape, dtype and autocast state on
+        (at most) 2 images."""
+        key = (tuple(images.shape[1:]), images.dtype, images.device, _autocast_state(images.device.type))
+        if key not in self._graph_sizes:
+            n = min(2, images.shape[0])
+            x, y = images[:n].detach().clone(), labels[:n]
+            sizes = []
+            with _frozen(self.models), torch.enable_grad():
+                for t in self.targets:
+                    run = lambda: self._maps([self._parts(t, x.requires_grad_(), y, create_graph=True)],  # noqa: E731
+                                             out_size, backend)
+                    sizes.append(saved_bytes(t.model, run) / n)
+            self._graph_sizes[key] = sizes
+        return self._graph_sizes[key]
+
+    def _chunk(self, images: Tensor, labels: Tensor, out_size, backend: str, together: bool) -> int:
+        """Images per chunk in stream mode: ``chunk_size``, or what the budget allows when the K
+        models run on a chunk ``together`` (their graphs summed) or one at a time (the largest)."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        sizes = self._graph_bytes(images, labels, out_size, backend)
+        B, K = images.shape[0], len(self.targets)
+        P = out_size[0] * out_size[1]
+        fixed = images.numel() * images.element_size() + (0 if together else 2 * K * B * P * 8)
+        per_image = sum(sizes) if together else max(sizes)
+        return chunk_images(B, int(per_image), int(B * sum(sizes)), fixed, self.memory_budget, images.device)
 
     # ---- the two memory modes -----------------------------------------------------------
 
-    def _keep(self, images, labels, groups, out_size, backend):
+    def _variances(self, images: Tensor, labels: Tensor, out_size, backend: str) -> Tensor:
+        """v (B,): every model's graph kept, one forward each."""
         with _frozen(self.models):
             parts = [self._parts(t, images, labels, create_graph=True) for t in self.targets]
-        return self._reduce(self._variance(self._maps(parts, out_size, backend), backend), groups, backend)
+        return self._variance(self._maps(parts, out_size, backend), backend)
 
-    def maps_no_grad(self, images: Tensor, labels: Tensor, out_size, backend: str) -> Tensor:
-        """U (K, B, P) with one model alive at a time and no graph kept (stream's first pass)."""
+    def maps_no_grad(self, images: Tensor, labels: Tensor, out_size, backend: str,
+                     chunk: Optional[int] = None) -> Tensor:
+        """U (K, B, P) with one model alive at a time, ``chunk`` images at a time (default
+        ``chunk_size``, else all), and no graph kept (the CVaR stream's first pass)."""
         B = images.shape[0]
+        chunk = chunk or self.chunk_size or B
         U = None
         with _frozen(self.models):
             for k, t in enumerate(self.targets):
-                for idx in self._chunks(torch.arange(B, device=images.device)):
+                for idx in torch.arange(B, device=images.device).split(chunk):
                     with torch.set_grad_enabled(self._gradcam(t)):
                         A, W, y = self._parts(t, images[idx].detach(), labels[idx], create_graph=False)
                     with torch.no_grad():
@@ -171,13 +223,15 @@ class MetaDDLoss(nn.Module):
                     U[k, idx] = u
         return U
 
-    def images_grad(self, images: Tensor, labels: Tensor, dU: Tensor, out_size, backend: str, amp) -> Tensor:
-        """d loss / d images from dU (K, B, P), one model at a time, only for images with dU != 0."""
+    def images_grad(self, images: Tensor, labels: Tensor, dU: Tensor, out_size, backend: str, amp,
+                    chunk: int) -> Tensor:
+        """d loss / d images from dU (K, B, P), one model at a time, ``chunk`` images at a time,
+        only for images with dU != 0."""
         grad = torch.zeros_like(images)
         active = (dU != 0).flatten(2).any(-1).any(0).nonzero().flatten()
         with _frozen(self.models), _autocast(amp), torch.enable_grad():
             for k, t in enumerate(self.targets):
-                for idx in self._chunks(active):
+                for idx in active.split(chunk):
                     x = images[idx].detach().requires_grad_()
                     u = self._maps([self._parts(t, x, labels[idx], create_graph=True)], out_size, backend)[0]
                     (g,) = torch.autograd.grad(u, x, dU[k, idx].to(u.dtype))
@@ -185,7 +239,9 @@ class MetaDDLoss(nn.Module):
         return grad
 
     def forward(self, images: Tensor, labels: Tensor, groups: Optional[Tensor] = None) -> Tensor:
-        """Scalar loss, differentiable with respect to ``images`` (B, C, H, W)."""
+        """Scalar loss, differentiable with respect to ``images`` (B, C, H, W). In stream mode
+        without ``alpha``, the image gradient is computed here when ``images`` requires grad
+        (call under ``torch.no_grad()`` for the loss value alone)."""
         checks.floating_tensor("images", images, "(B, C, H, W)")
         if not isinstance(labels, Tensor):
             raise TypeError(f"labels: expected an integer tensor, got {type(labels).__name__}")
@@ -195,32 +251,62 @@ class MetaDDLoss(nn.Module):
         groups = self.groups if groups is None else groups
         backend = backends.resolve(self.backend, images.device)
         out_size = self._prepare(images)
+        together = self.alpha is None
+        chunk = self._chunk(images, labels, out_size, backend, together) if self.memory == "stream" else None
+        if not (torch.is_grad_enabled() and images.requires_grad):  # the value alone, no graph kept
+            with torch.no_grad():
+                U = self.maps_no_grad(images, labels, out_size, backend, chunk)
+                return self._reduce(self._variance(U, backend), groups, backend)
         if self.memory == "keep":
-            return self._keep(images, labels, groups, out_size, backend)
-        return _Streamed.apply(images, labels, groups, self, out_size, backend)
+            return self._reduce(self._variances(images, labels, out_size, backend), groups, backend)
+        if together:
+            return _Chunked.apply(images, labels, self, out_size, backend, chunk)
+        return _Streamed.apply(images, labels, groups, self, out_size, backend, chunk)
+
+
+class _Chunked(torch.autograd.Function):
+    """Mean over images: every model on one chunk at a time; the image gradient of each chunk
+    taken in the forward (the loss is linear in the per-image terms), scaled in the backward."""
+
+    @staticmethod
+    def forward(ctx, images, labels, loss_fn: MetaDDLoss, out_size, backend, chunk):
+        B = images.shape[0]
+        grad = torch.zeros_like(images)
+        loss = 0.0
+        for start in range(0, B, chunk):
+            part = slice(start, start + chunk)
+            with torch.enable_grad():
+                x = images[part].detach().requires_grad_()
+                term = loss_fn._variances(x, labels[part], out_size, backend).sum() / B
+                (g,) = torch.autograd.grad(term, x)
+            grad[part] = g
+            loss = loss + term.detach()
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None, None, None
 
 
 class _Streamed(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, images, labels, groups, loss_fn: MetaDDLoss, out_size, backend):
-        U = loss_fn.maps_no_grad(images, labels, out_size, backend)
+    def forward(ctx, images, labels, groups, loss_fn: MetaDDLoss, out_size, backend, chunk):
+        U = loss_fn.maps_no_grad(images, labels, out_size, backend, chunk)
         with torch.enable_grad():
             leaf = U.detach().requires_grad_()
             loss = loss_fn._reduce(loss_fn._variance(leaf, backend), groups, backend)
             (dU,) = torch.autograd.grad(loss, leaf)
         ctx.save_for_backward(images, labels, dU)
-        ctx.loss_fn, ctx.out_size, ctx.backend = loss_fn, out_size, backend
+        ctx.loss_fn, ctx.out_size, ctx.backend, ctx.chunk = loss_fn, out_size, backend, chunk
         ctx.amp = _autocast_state(images.device.type)
         return loss.detach()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         images, labels, dU = ctx.saved_tensors
-        g = ctx.loss_fn.images_grad(images, labels, dU * grad, ctx.out_size, ctx.backend, ctx.amp)
-        if torch.is_grad_enabled():  # create_graph=True: g has no graph; say so rather than drop the second order
-            g = torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, 1)(g.detach().requires_grad_())
-        return g, None, None, None, None, None
-
-
-_NO_DOUBLE_BACKWARD = (b"MetaDDLoss(memory='stream'): double backward (the gradient of a gradient) is not implemented; "
-                       b"use memory='keep' with backend='reference' for higher-order gradients (docs/ops.md section 7)")
+        g = ctx.loss_fn.images_grad(images, labels, dU * grad, ctx.out_size, ctx.backend, ctx.amp, ctx.chunk)
+        return g, None, None, None, None, None, None

@@ -1,5 +1,6 @@
 """Model zoo, CAM adapters and MetaDDLoss against the naive per-model autograd graph."""
 import re
+import warnings
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 
 import metadd_fast as mf
 from metadd_fast import cam_target
+from metadd_fast.metadd_budget import HEADROOM
 from metadd_fast.models import MODELS, get_model
 
 ZOO_KINDS = {"ConvNet": "flatten", "ConvNetD1": "flatten", "ConvNetD2": "flatten", "ConvNetD3": "flatten",
@@ -87,6 +89,47 @@ def test_loss_gradient_equals_naive_graph(fused_backend, names, size, mode, memo
     assert rel_err(out, ref) <= 1e-10 and rel_err(got, want) <= 1e-10
 
 
+@pytest.mark.parametrize("alpha", [None, 0.4])
+@pytest.mark.parametrize("chunking", [dict(), dict(chunk_size=1), dict(chunk_size=4), dict(memory_budget=1e-6)])
+def test_stream_chunks_equal_keep(alpha, chunking):
+    models = _zoo(("ConvNet", "LeNet", "ResNet18"))  # LeNet: Grad-CAM weights
+    x = torch.randn(7, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 10, (7,))
+    ref = mf.MetaDDLoss(models, alpha=alpha, memory="keep")(x, y)
+    (want,) = torch.autograd.grad(ref * -0.7, x)
+    fn = mf.MetaDDLoss(models, alpha=alpha, **chunking)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(x, y)
+    assert [str(w.message).split(":")[0] for w in caught] == (["memory_budget"] if chunking.get("memory_budget") else [])
+    (got,) = torch.autograd.grad(out * -0.7, x)
+    assert rel_err(out, ref) <= 1e-12 and rel_err(got, want) <= 1e-12
+    with torch.no_grad():  # the value alone
+        assert rel_err(fn(x, y), ref) <= 1e-12
+
+
+@pytest.mark.parametrize("alpha", [None, 1.0])
+def test_budget_sets_the_chunk(alpha):
+    models = _zoo(("ConvNet", "AlexNet", "LeNet"))
+    x = torch.randn(7, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 10, (7,))
+    probe = mf.MetaDDLoss(models)
+    sizes = probe._graph_bytes(x, y, probe._prepare(x), "reference")
+    assert len(sizes) == 3 and min(sizes) > 0
+    # two and a half images' graphs of the models that run on one chunk: chunks of 2 images
+    together = alpha is None
+    fixed = x.numel() * 8 + (0 if together else 2 * 3 * 7 * 16 * 8)
+    per_image = HEADROOM * (sum(sizes) if together else max(sizes))
+    fn = mf.MetaDDLoss(models, alpha=alpha, memory_budget=(fixed + 2.5 * per_image) / 1e6)
+    seen = []
+    hook = models[1].register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0]))
+    try:
+        fn(x, y).backward()
+    finally:
+        hook.remove()
+    assert seen[-4:] == [2, 2, 2, 1]
+
+
 def test_cvar_over_groups_and_default_groups():
     models = _zoo(("ConvNet", "ResNet18"))
     x = torch.randn(6, 3, 16, 16, dtype=torch.float64, requires_grad=True)
@@ -122,8 +165,10 @@ def test_models_stay_frozen_and_keep_their_state():
     flags = [[p.requires_grad for p in m.parameters()] for m in models]
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 10, (4,))
-    for memory in ("keep", "stream"):
-        mf.MetaDDLoss(models, memory=memory)(x, y).backward()
+    for kw in (dict(memory="keep"), dict(), dict(alpha=0.5, chunk_size=3)):
+        mf.MetaDDLoss(models, **kw)(x, y).backward()
+        with torch.no_grad():
+            mf.MetaDDLoss(models, **kw)(x, y)
     assert [m.training for m in models] == [True, False, True]
     assert [[p.requires_grad for p in m.parameters()] for m in models] == flags
     assert all(p.grad is None for m in models for p in m.parameters())
@@ -154,6 +199,10 @@ def test_bf16_autocast_on_cpu():
     (dict(memory="disk"), ValueError, "memory"),
     (dict(alpha=0.0), ValueError, "alpha"),
     (dict(chunk_size=0), ValueError, "chunk_size"),
+    (dict(memory_budget=0), ValueError, "memory_budget: expected None or a positive number"),
+    (dict(memory_budget=True), ValueError, "memory_budget: expected None or a positive number"),
+    (dict(memory_budget=100, memory="keep"), ValueError, "memory_budget: sets the chunks of memory='stream'"),
+    (dict(memory_budget=100, chunk_size=4), ValueError, "memory_budget: sets the chunks of memory='stream'"),
     (dict(norm="l1"), ValueError, "norm"),
 ])
 def test_bad_constructor_arguments(kw, exc, words):

@@ -1,0 +1,48 @@
+"""MetaDDLoss stream mode within its memory budget: peak extra RSS (benchmarks/measure.py's
+sampler, with glibc returning freed blocks at once) against the naive graph's, on two K=4 mixes."""
+import ctypes
+import os
+import sys
+
+import pytest
+import torch
+
+import metadd_fast as mf
+from metadd_fast.models import get_model
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import measure  # noqa: E402
+
+MIXES = [("ConvNet", "ResNet18", "VGG11", "AlexNet"), ("ResNet18", "ConvNetD1", "AlexNet", "LeNet")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _rss_follows_live_memory():
+    """Large blocks mmapped and unmapped at once (as MALLOC_MMAP_THRESHOLD_=65536 in the benchmarks)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        pytest.skip("needs glibc to make RSS follow live memory")
+    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+
+
+def _peak_mb(models, images, labels, **kw) -> float:
+    fn = mf.MetaDDLoss(models, **kw)
+    return measure.peak_extra_rss(measure.Call(lambda: torch.autograd.grad(fn(images, labels), images)), calls=1) / 1e6
+
+
+@pytest.mark.parametrize("names", MIXES)
+def test_default_and_given_budgets_bound_the_peak(names):
+    torch.manual_seed(0)
+    models = [get_model(n, 3, 10, (32, 32)).eval().requires_grad_(False) for n in names]
+    images = torch.randn(12, 3, 32, 32, requires_grad=True)
+    labels = torch.randint(0, 10, (12,))
+    naive = _peak_mb(models, images, labels, memory="keep", backend="reference")
+    default = _peak_mb(models, images, labels)
+    budget = round(naive / 6, 1)
+    given = _peak_mb(models, images, labels, memory_budget=budget)
+    cvar = _peak_mb(models, images, labels, memory_budget=budget, alpha=0.5)
+    assert naive > 50, "the naive graph must dominate the measure's noise"
+    assert default <= 0.4 * naive, (default, naive)
+    assert given <= 1.15 * budget + 2, (given, budget)
+    assert cvar <= 1.15 * budget + 2, (cvar, budget)
