@@ -83,15 +83,15 @@ def _add_bench(sub):
 
 def _add_demo(sub):
     p = sub.add_parser("demo", help="what MetaDD and Robust DD do: digits 32x32 with an inverted minority, DM",
-                       description="Distills digits at 32x32, 10%% of each class inverted, with DM: base, +MetaDD, "
+                       description="Distills digits at 32x32, 10% of each class inverted, with DM: base, +MetaDD, "
                                    "+Robust DD, +both; evaluates on held-out networks (accuracy, inverted-digit "
                                    "accuracy, k-means worst group), measures CAM variance before and after, and "
                                    "writes results.md, results.json and PNGs to --out.")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--iterations", type=int, default=40, help="DM updates per variant and seed")
+    p.add_argument("--iterations", type=int, default=30, help="DM updates per variant and seed")
     p.add_argument("--seeds", type=int, default=3, help="distillation seeds per variant")
     p.add_argument("--eval-seeds", type=int, default=1, help="evaluation seeds per synthetic set and network")
-    p.add_argument("--eval-epochs", type=int, default=40, help="evaluation training epochs (batch 16, no augmentation)")
+    p.add_argument("--eval-epochs", type=int, default=30, help="evaluation training epochs (batch 16, no augmentation)")
     p.add_argument("--metadd-fraction", type=float, default=0.5,
                    help="MetaDD weight: its gradient on the initial images as a fraction of the method's")
     p.add_argument("--robust-alpha", type=float, default=0.3, help="Robust DD's CVaR tail fraction")

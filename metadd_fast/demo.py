@@ -76,7 +76,7 @@ class DemoConfig:
     test_minority: float = 0.5
     limit_per_class: Optional[int] = None  # keep the first n images of each class (tests)
     ipc: int = 10
-    iterations: int = 40
+    iterations: int = 30
     batch_real: int = 32
     distill_arch: str = "ConvNetW32"
     metadd_nets: tuple = ("ConvNetD1-W32", "ConvNetD2-W32", "ConvNetMP-W32")
@@ -87,7 +87,7 @@ class DemoConfig:
     calibration_probes: int = 4
     robust_alpha: float = 0.3
     eval_archs: tuple = ("LeNet", "ConvNetD4BN-W32")
-    eval_epochs: int = 40
+    eval_epochs: int = 30
     eval_batch: int = 16
     eval_lr: float = 0.01
     distill_seeds: int = 3
@@ -146,9 +146,10 @@ def _group_accuracy(model: nn.Module, test: Dataset, minority: torch.Tensor) -> 
 
 def pretrain_metadd_nets(cfg: DemoConfig, train: Dataset, test: Dataset, minority: torch.Tensor,
                          progress: bool = True) -> tuple:
-    """(networks, report): each MetaDD network trained one epoch at a time (SGD, ``pretrain_lr``)
-    until its test accuracy reaches ``pretrain_target``; RuntimeError if one does not within
-    ``pretrain_max_epochs``, ValueError if its CAM is smaller than 4x4."""
+    """(networks, report): each MetaDD network trained one epoch at a time (a fresh SGD per epoch
+    at ``pretrain_lr``, batch 64) until its test accuracy reaches ``pretrain_target``;
+    RuntimeError if one does not within ``pretrain_max_epochs``, ValueError if its CAM is
+    smaller than 4x4."""
     nets, report = [], {}
     for i, name in enumerate(cfg.metadd_nets):
         torch.manual_seed(1000 + i)
