@@ -284,7 +284,10 @@ def _findings(s: dict) -> list:
             b, x = s["base"][key], r[key]
             diff = statistics.fmean(x) - statistics.fmean(b)
             spread = statistics.pstdev(x) + statistics.pstdev(b)
-            verdict = "within the seed spread" if abs(diff) <= spread else "larger than the seed spread"
+            if min(len(x), len(b)) < 2:
+                verdict = "one run: no seed spread to compare with"
+            else:
+                verdict = "within the seed spread" if abs(diff) <= spread else "larger than the seed spread"
             lines.append(f"{v} vs base, {what}: {scale * diff:+.2f} {unit} ({verdict}, "
                          f"std sum {scale * spread:.2f})")
     return lines

@@ -131,3 +131,16 @@ def test_cli_demo_names_a_bad_flag(capsys):
     assert main(["demo", "--variants", "base,+nothing"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("metadd-fast demo: variants") and len(err.strip().splitlines()) == 1
+
+
+def test_findings_say_when_a_difference_is_within_the_seed_spread():
+    from metadd_fast.demo import _findings
+
+    keys = ("acc", "minority", "worst_group", "cam_variance_after")
+    base = {k: [0.50, 0.52, 0.54] for k in keys}
+    close = {k: [0.51, 0.53, 0.55] for k in keys}
+    far = {k: [0.70, 0.71, 0.72] for k in keys}
+    lines = _findings({"base": base, "+a": close, "+b": far, "+c": {k: [0.9] for k in keys}})
+    assert all("within the seed spread" in x for x in lines if x.startswith("+a"))
+    assert all("larger than the seed spread" in x for x in lines if x.startswith("+b"))
+    assert all("no seed spread" in x for x in lines if x.startswith("+c"))
