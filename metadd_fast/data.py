@@ -7,6 +7,8 @@ file raises an :class:`~metadd_fast.errors.InputError` (a ValueError) that names
 
 - ``load_digits(split, size)``: the 1,797 8x8 digits of scikit-learn, resized to
   ``size`` (16 or 32), with a fixed stratified 70/30 train/test split.
+- ``with_inverted_minority(ds, share, seed)``: a known minority group, a share of
+  every class's images inverted (1 - pixel), for robust-DD experiments.
 - ``load_cifar(path, split, name)``: CIFAR-10/100 "python version" batches, from
   the extracted folder or the .tar.gz archive.
 - ``load_image_folder(root, size)``: class sub-folders of images (ImageNet
@@ -28,7 +30,8 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-__all__ = ["Dataset", "load_digits", "load_cifar", "load_image_folder", "load", "class_batches"]
+__all__ = ["Dataset", "load_digits", "with_inverted_minority", "load_cifar", "load_image_folder", "load",
+           "class_batches"]
 
 _IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".tif", ".tiff", ".webp")
 
@@ -100,6 +103,23 @@ def load_digits(split: str = "train", size: int = 16) -> Dataset:
     mean = tuple(train_pixels.mean(dim=(0, 2, 3)).tolist())
     std = tuple(train_pixels.std(dim=(0, 2, 3)).tolist())
     return _normalized("digits", pixels[keep], labels[keep], 10, mean, std)
+
+
+def with_inverted_minority(ds: Dataset, share: float, seed: int = 0) -> tuple:
+    """(dataset, minority (N,) bool): a copy of ``ds`` in which round(share * n_c) images of
+    every class c, drawn with ``seed``, are inverted in pixel space (1 - pixel), then
+    normalized with ``ds``'s own mean and std. ``ds`` is not modified."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+        raise ValueError(f"share: expected a number in [0, 1], got {share!r}")
+    g = torch.Generator().manual_seed(seed)
+    minority = torch.zeros(len(ds), dtype=torch.bool)
+    for idx in class_batches(ds):
+        minority[idx[torch.randperm(len(idx), generator=g)[: round(share * len(idx))]]] = True
+    mean = torch.tensor(ds.mean, dtype=ds.images.dtype)[:, None, None]
+    std = torch.tensor(ds.std, dtype=ds.images.dtype)[:, None, None]
+    images = ds.images.clone()
+    images[minority] = ((1 - ds.denormalize(ds.images[minority])) - mean) / std
+    return Dataset(ds.name, images, ds.labels.clone(), ds.num_classes, ds.mean, ds.std), minority
 
 
 CIFAR_STATS = {

@@ -3,12 +3,14 @@
 For each architecture and seed: train a fresh network on the synthetic images
 (``training.train_model``: SGD, momentum 0.9, wd 5e-4, lr / 10 at half), test on the
 real test split. Worst-group accuracy: the test set is split into k-means clusters
-(of its pixels, fixed seed) and the lowest per-cluster accuracy is reported.
+(of its pixels, fixed seed) and the lowest per-cluster accuracy is reported. Where
+the test set has a known minority group (``minority=``, a bool mask), the accuracy
+on it and on the rest is reported too.
 """
 from __future__ import annotations
 
 import statistics
-from typing import Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -27,30 +29,47 @@ def test_clusters(test: Dataset, k: int = 10, seed: int = 0) -> torch.Tensor:
     return kmeans(test.images.flatten(1), min(k, len(test)), seed=seed)[1]
 
 
-def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test: Dataset, archs: Sequence[str], *,
+Archs = Union[Sequence[str], Mapping[str, Callable]]
+
+
+def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test: Dataset, archs: Archs, *,
                        seeds: int = 3, epochs: int = 300, lr: float = 0.01, batch_size: int = 256,
                        augment: Optional[str] = DEFAULT_STRATEGY, clusters: Optional[torch.Tensor] = None,
-                       progress: bool = True) -> dict:
-    """{arch: {"acc": [per seed], "mean", "std", "worst_group": [per seed], "worst_group_mean"}}.
-    images (N, C, H, W) float of the test set's C, H, W; labels (N,) int in [0, test.num_classes)."""
+                       minority: Optional[torch.Tensor] = None, progress: bool = True) -> dict:
+    """{arch: {"acc": [per seed], "mean", "std", "worst_group": [per seed], "worst_group_mean"}},
+    plus "minority"/"majority" (per seed) and their means when ``minority`` (N,) bool is given.
+    images (N, C, H, W) float of the test set's C, H, W; labels (N,) int in [0, test.num_classes).
+    archs: zoo names, or {name: factory(channel=, num_classes=, im_size=) -> nn.Module}."""
     _check_args(images, labels, test, archs, seeds, epochs)
     clusters = test_clusters(test) if clusters is None else clusters
+    if minority is not None and (minority.dtype != torch.bool or tuple(minority.shape) != (len(test),)):
+        raise ValueError(f"minority: expected a bool mask of shape ({len(test)},), got {minority.dtype} "
+                         f"{tuple(minority.shape)}")
+    factories = archs if isinstance(archs, Mapping) else {a: None for a in archs}
     aug = DiffAugment(augment) if augment else None
     out = {}
-    jobs = [(a, s) for a in archs for s in range(seeds)]
-    for arch, seed in tqdm(jobs, desc="evaluate", disable=not progress):
+    jobs = [(a, s) for a in factories for s in range(seeds)]
+    for arch, seed in tqdm(jobs, desc="evaluate", disable=not progress, leave=False):
         torch.manual_seed(seed)
-        model = get_model(arch, test.channel, test.num_classes, test.im_size)
+        make = factories[arch]
+        model = make(channel=test.channel, num_classes=test.num_classes, im_size=test.im_size) if make else \
+            get_model(arch, test.channel, test.num_classes, test.im_size)
         train_model(model, images, labels, epochs=epochs, lr=lr, batch_size=batch_size, augment=aug, seed=seed)
         correct = (predict(model, test.images) == test.labels).float()
         per_cluster = [float(correct[clusters == c].mean()) for c in clusters.unique()]
         r = out.setdefault(arch, {"acc": [], "worst_group": []})
         r["acc"].append(float(correct.mean()))
         r["worst_group"].append(min(per_cluster))
+        if minority is not None:
+            r.setdefault("minority", []).append(float(correct[minority].mean()))
+            r.setdefault("majority", []).append(float(correct[~minority].mean()))
     for r in out.values():
         r["mean"] = statistics.fmean(r["acc"])
         r["std"] = statistics.pstdev(r["acc"])
         r["worst_group_mean"] = statistics.fmean(r["worst_group"])
+        for key in ("minority", "majority"):
+            if key in r:
+                r[f"{key}_mean"] = statistics.fmean(r[key])
     return out
 
 

@@ -6,8 +6,8 @@ head: ``cam_layer`` (the module whose output is the last feature map) and
 ``cam_head`` (the classifier, or None where the head is an MLP and Grad-CAM weights
 are used). ``embed(x)`` gives the features the classifier sees, for grouping.
 
-- ConvNet (width 128, depth 3, instance norm, average pooling, flatten head) and
-  ConvNetD1-D4 (depth 1-4).
+- ConvNet (width 128, depth 3, instance norm, average pooling, flatten head),
+  ConvNetD1-D4 (depth 1-4) and ConvNetW32 (width 32: the demo's CPU-sized ConvNet).
 - AlexNet (DC's 5-conv variant, flatten head).
 - VGG11 (instance norm; the head is a flatten head over the last 2x2 map at 32x32,
   where DC adds one more max-pool before a 512-wide linear layer).
@@ -314,6 +314,7 @@ MODELS = {
     "ConvNetD2": partial(ConvNet, depth=2),
     "ConvNetD3": partial(ConvNet, depth=3),
     "ConvNetD4": partial(ConvNet, depth=4),
+    "ConvNetW32": partial(ConvNet, width=32),
     "AlexNet": AlexNet,
     "VGG11": VGG11,
     "ResNet18": ResNet18,

@@ -1,4 +1,4 @@
-"""End-to-end jobs behind the command line: a resumable distillation run, and the demo.
+"""End-to-end job behind ``metadd-fast distill``: a resumable distillation run (the demo: demo.py).
 
 A run lives in an output folder: ``config.json`` (what was asked), ``state.pt``
 (the distiller, saved atomically every ``checkpoint_every`` steps), cached
@@ -26,14 +26,13 @@ from . import data as datasets
 from .ops.backends import resolve
 from .distill import DISTILLERS, bn_teacher
 from .errors import InputError, first_line, load_failure
-from .evaluate import evaluate_synthetic, format_table, test_clusters
 from .metadd_loss import MetaDDLoss
 from .models import get_model
 from .results import atomic_save, atomic_write_json, load_json_object, save_cam_figure, save_image_grid, save_synthetic
 from .training import train_model
 from .zca import ZCA
 
-__all__ = ["DistillConfig", "run_distill", "pretrained_models", "run_demo"]
+__all__ = ["DistillConfig", "run_distill", "pretrained_models"]
 
 
 @dataclass
@@ -214,42 +213,3 @@ def _save_cams(path, metadd: MetaDDLoss, images, labels, train, names, per_class
         U = metadd.maps_no_grad(x, y, out_size, resolve(metadd.backend, x.device))
     save_cam_figure(path, train.denormalize(x), U.view(U.shape[0], U.shape[1], *out_size), names,
                     "normalized CAM per architecture")
-
-
-VARIANTS = {  # name -> overrides of the demo's DistillConfig
-    "base": dict(),
-    "+MetaDD": dict(metadd_weight=10.0),
-    "+MetaDD+CVaR": dict(metadd_weight=10.0, metadd_alpha=0.3),
-}
-
-
-def run_demo(out: str = "demo_out", *, iterations: int = 80, eval_archs=("ConvNet", "ConvNetD2", "AlexNet", "LeNet"),
-             seeds: int = 2, epochs: int = 30, progress: bool = True) -> dict:
-    """Distill digits with DM at IPC 10: base vs +MetaDD vs +MetaDD+CVaR; evaluate each on
-    the zoo (a short protocol, to fit 10 minutes on 2 CPU cores: batch 16, no augmentation);
-    print and save the table (results.md, results.json) and the PNGs."""
-    t0 = time.perf_counter()
-    test = datasets.load_digits("test", 16)
-    clusters = test_clusters(test)
-    results, seconds = {}, {}
-    for name, overrides in VARIANTS.items():
-        cfg = DistillConfig(iterations=iterations, batch_real=64, pretrain_epochs=8, **overrides)
-        folder = os.path.join(out, name.strip("+").replace("+", "_").lower() or "base")
-        run = run_distill(cfg, folder, progress=progress, shared_cache=out)
-        seconds[name] = run["seconds"]
-        results[name] = evaluate_synthetic(run["images"], run["labels"], test, eval_archs, seeds=seeds,
-                                           epochs=epochs, batch_size=16, augment=None, clusters=clusters,
-                                           progress=progress)
-    table = format_table(results)
-    note = (f"digits 16x16, DM, IPC 10, {iterations} iterations, 64 real images per class per step; MetaDD networks: "
-            f"{', '.join(DistillConfig.metadd_models)} (8 epochs on the real digits), weight 10, CVaR tail "
-            f"0.3 over images; evaluation: {seeds} seeds x {epochs} epochs per architecture (batch 16, "
-            f"no augmentation: the demo's short form of the protocol); worst group: min accuracy over 10 k-means clusters of the test set; "
-            f"total {time.perf_counter() - t0:.0f} s")
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table + "\n\n" + note + "\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"results": results, "distill_seconds": seconds, "note": note}, f, indent=1)
-    print(table)
-    print(note)
-    return results

@@ -12,7 +12,7 @@ import torch
 from .errors import InputError, SaveError, load_failure
 
 __all__ = ["atomic_write", "atomic_save", "atomic_write_json", "load_json_object", "save_synthetic", "load_synthetic",
-           "save_image_grid", "save_cam_figure"]
+           "save_image_grid", "save_cam_figure", "meta_regions", "save_meta_cam_figure"]
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
@@ -146,6 +146,42 @@ def save_cam_figure(path: str, pixels: torch.Tensor, maps: torch.Tensor, arch_na
         ax.axis("off")
     for k, name in enumerate(["image", *arch_names]):
         axes[0, k].set_title(name, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save_figure(plt, fig, path)
+
+
+def meta_regions(maps: torch.Tensor) -> tuple:
+    """(meta (B, S_h, S_w), heterogeneous (K, B, S_h, S_w)) of normalized CAMs (K, B, S_h, S_w):
+    the meta region is where all K maps agree, their per-pixel minimum; what network k adds
+    alone is its map minus that minimum."""
+    meta = maps.min(dim=0).values
+    return meta, maps - meta
+
+
+def save_meta_cam_figure(path: str, stages: Sequence[tuple], arch_names: Sequence[str], title: str = "") -> None:
+    """PNG like MetaDD's Figure 2. stages: (label, pixels (B, C, H, W) in [0, 1], maps (K, B, S_h, S_w));
+    every stage has the same B. One row per image and stage: the picture, each network's
+    normalized CAM, the meta region (per-pixel minimum over the networks) and each
+    network's heterogeneous region (its map minus the meta region), all on one 0-1 scale."""
+    plt = _plt()
+    K, B = stages[0][2].shape[:2]
+    cols = ["image", *arch_names, "meta (min)", *[f"{n} alone" for n in arch_names]]
+    rows = [(label, pixels[b], maps[:, b]) for b in range(B) for label, pixels, maps in stages]
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.15 * len(cols), 1.2 * len(rows) + 0.5), squeeze=False)
+    for r, (label, pix, maps) in enumerate(rows):
+        meta, alone = meta_regions(maps[:, None].detach().float().cpu())
+        img = pix.permute(1, 2, 0).cpu().numpy()
+        axes[r, 0].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+        panels = [*maps.detach().float().cpu(), meta[0], *alone[:, 0]]
+        for c, panel in enumerate(panels, start=1):
+            axes[r, c].imshow(panel.numpy(), cmap="jet", vmin=0, vmax=1)
+        axes[r, 0].set_ylabel(label, fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for c, name in enumerate(cols):
+        axes[0, c].set_title(name, fontsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save_figure(plt, fig, path)
