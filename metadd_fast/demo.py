@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -40,7 +39,8 @@ from .distill import DM
 from .evaluate import evaluate_synthetic, test_clusters
 from .metadd_loss import MetaDDLoss
 from .models import MODELS, ConvNet, LeNet, get_model
-from .results import meta_regions, save_image_grid, save_meta_cam_figure, save_synthetic
+from .results import (atomic_write_json, atomic_write_text, meta_regions, save_image_grid, save_meta_cam_figure,
+                      save_synthetic)
 from .training import predict, train_model
 
 __all__ = ["DemoConfig", "DEMO_NETS", "VARIANTS", "calibrate_metadd_weight", "run_demo"]
@@ -367,14 +367,12 @@ def run_demo(out: str = "demo_out", cfg: Optional[DemoConfig] = None, *, progres
               "calibration": {v: runs[v]["calibration"] for v in cfg.variants}, "findings": findings,
               "timings_wall_s": clock["wall"], "timings_cpu_s": clock["cpu"], "total_wall_s": total,
               "torch_threads": torch.get_num_threads(), "figures": figures, "note": note}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    atomic_write_json(report, os.path.join(out, "results.json"))
     timings = "\n".join(f"- {k}: {w:.1f} s wall, {clock['cpu'][k]:.1f} s CPU" for k, w in clock["wall"].items())
     text = (f"{table}\n\n{note}\n\nFindings (difference of means against base; 'within the seed spread' when it "
             f"is at most the sum of the two standard deviations):\n\n" + "\n".join(f"- {x}" for x in findings) +
             f"\n\nPhase timings ({torch.get_num_threads()} threads):\n\n{timings}\n")
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(text)
+    atomic_write_text(text, os.path.join(out, "results.md"))
     print(text)
     return report
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pathlib
 from typing import Callable, Sequence
 
 import torch
 
 from .errors import InputError, SaveError, load_failure
 
-__all__ = ["atomic_write", "atomic_save", "atomic_write_json", "load_json_object", "save_synthetic", "load_synthetic",
+__all__ = ["atomic_write", "atomic_save", "atomic_write_json", "atomic_write_text", "load_json_object", "save_synthetic", "load_synthetic",
            "save_image_grid", "save_cam_figure", "meta_regions", "save_meta_cam_figure"]
 
 
@@ -52,6 +53,11 @@ def load_json_object(path: str, what: str, remedy: str) -> dict:
     if not isinstance(obj, dict):
         raise InputError(f"{path}: corrupt {what} (not a JSON object); {remedy}")
     return obj
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    """``text`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
 
 def atomic_write_json(obj, path: str) -> None:
