@@ -12,8 +12,9 @@ import torch
 
 from .errors import InputError, SaveError, load_failure
 
-__all__ = ["atomic_write", "atomic_save", "atomic_write_json", "atomic_write_text", "load_json_object", "save_synthetic", "load_synthetic",
-           "save_image_grid", "save_cam_figure", "meta_regions", "save_meta_cam_figure"]
+__all__ = ["atomic_write", "atomic_save", "atomic_write_json", "atomic_write_text", "load_json_object",
+           "save_synthetic", "load_synthetic", "save_image_grid", "save_cam_figure", "meta_regions",
+           "save_meta_cam_figure"]
 
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
