@@ -6,7 +6,9 @@ running best and second-best centroid per row. A row whose two best squared
 distances are closer than the rounding bound of the float32 expansion
 ||x||^2 - 2 x.c + ||c||^2 is settled again in float64. So the index is that of the
 float64 oracle, except where two centroids are within float64 rounding
-(about 1e-13 relative), where ties go to the lowest index.
+(about 1e-13 relative), where ties go to the lowest index. Rows with NaN, Inf or
+huge coordinates are always flagged, and so get the float64 direct-distance answer
+of :func:`metadd_fast.reference.nearest_centroid` (NaN included).
 """
 from __future__ import annotations
 
@@ -20,16 +22,6 @@ from . import backends, checks, reference
 
 __all__ = ["nearest_centroid", "kmeans"]
 
-_EXACT_BLOCK = 1 << 22  # elements of one float64 (rows, M) block in the exact re-check
-
-
-def _exact_rows(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """(index, sqdist) of the rows x against all centroids, in float64, lowest index on ties."""
-    x64, c64 = x.double(), c.double()
-    cn = (c64 * c64).sum(1)
-    step = max(1, _EXACT_BLOCK // max(1, c.shape[0]))
-    index = torch.cat([(cn[None, :] - 2 * x64[s:s + step] @ c64.T).argmin(1) for s in range(0, x.shape[0], step)])
-    return index, ((x64 - c64[index]) ** 2).sum(1)
 
 
 @torch.library.custom_op("metadd_fast::nearest_centroid", mutates_args=())
@@ -40,8 +32,7 @@ def _nearest_centroid(x: Tensor, centroids: Tensor, backend: str) -> tuple[Tenso
     index, sqdist, refine = backends.kernels(backend).nearest_centroid_forward(xa, ca, cn, cn.max().sqrt())
     rows = refine.nonzero().flatten()
     if rows.numel():
-        index[rows], exact = _exact_rows(xa[rows], ca)
-        sqdist[rows] = exact.to(acc)
+        index[rows], sqdist[rows] = reference.nearest_centroid(xa[rows], ca)  # float64 direct distances
     return index, sqdist.to(x.dtype)
 
 

@@ -1,9 +1,9 @@
-"""Plain PyTorch versions of the public ops: what a researcher writes today.
+"""Plain PyTorch versions of the public ops, step by step as ``SPEC.md`` writes them.
 
-This is the "naive autograd" baseline of the benchmarks and, run in float64,
-the oracle of the tests. It follows ``SPEC.md`` step by step, builds the full
-autograd graph (one CAM per architecture, resize, stack, variance) and does no
-argument checking beyond what PyTorch itself does.
+Run in float64, these are the oracle of the tests; ``backend="reference"`` runs them. They
+build the full autograd graph (one CAM per architecture, resize, stack, variance) and do no
+argument checking beyond what PyTorch itself does. The benchmarks' eager baselines are the
+fastest plain-PyTorch formulations instead (benchmarks/workloads_*.py).
 """
 from __future__ import annotations
 
@@ -100,8 +100,9 @@ def group_means(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> 
 
 def cvar(values: torch.Tensor, alpha: float, groups: Optional[torch.Tensor] = None,
          num_groups: Optional[int] = None) -> torch.Tensor:
-    """Upper-tail CVaR: (1/a) (sum_{r<=f} L_(r) + (a - f) L_(f+1)), a = alpha n, f = floor(a),
-    L sorted descending with ties by lower index (SPEC section 2)."""
+    """Upper-tail CVaR: (1/a) (sum_{r<=f} L_(r) + (a - f) L_(f+1)), a = alpha n (at least 1: below
+    1 the tail is the largest L alone), f = floor(a), L sorted descending with ties by lower index
+    (SPEC section 2)."""
     if groups is None:
         L = values
     else:
@@ -110,6 +111,7 @@ def cvar(values: torch.Tensor, alpha: float, groups: Optional[torch.Tensor] = No
     a = alpha * n
     if abs(a - round(a)) < 1e-9:
         a = float(round(a))
+    a = max(a, 1.0)
     f = math.floor(a)
     top = torch.sort(L, descending=True, stable=True).values
     out = top[:f].sum() / a
@@ -129,15 +131,31 @@ def metacam_cvar(features, weights, labels, alpha: float, groups=None, num_group
     return cvar(v, alpha, groups, num_groups)
 
 
-def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 4096):
-    """(index, sqdist) by torch.cdist + argmin, in row chunks so the (chunk, M) block fits."""
+_BLOCK = 1 << 22  # elements of one float64 block of the direct distances
+
+
+def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor):
+    """(index (N,) int64, sqdist (N,) in x's dtype): the float64 direct-distance answer,
+
+        d = ((x[:, None] - c[None]) ** 2).sum(-1) in float64;  index = d.argmin(1);  sqdist = d[i, index],
+
+    computed in bounded blocks (at most ``_BLOCK`` elements of (rows, centroids, D) at a time).
+    So ties go to the lowest index, and NaN is argmin's: a NaN distance counts as the smallest
+    (a row with a NaN gets index 0; a centroid with a NaN is every row's answer when it has the
+    lowest index of the NaN ones); Inf - Inf is NaN. This is the test oracle and the exact
+    re-check of the fused kernels' flagged rows."""
+    x64, c64 = x.double(), centroids.double()
+    N, M, D = x.shape[0], c64.shape[0], x.shape[1]
+    rows = max(1, _BLOCK // max(1, M))
+    cols = max(1, _BLOCK // max(1, min(rows, N) * D))
     index, sqdist = [], []
-    for start in range(0, x.shape[0], chunk):
-        d = torch.cdist(x[start:start + chunk], centroids) ** 2
-        i = d.argmin(dim=1)
+    for r in range(0, N, rows):
+        xr = x64[r:r + rows]
+        d = torch.cat([((xr[:, None] - c64[None, s:s + cols]) ** 2).sum(-1) for s in range(0, M, cols)], 1)
+        i = d.argmin(1)
         index.append(i)
         sqdist.append(d.gather(1, i[:, None])[:, 0])
-    return torch.cat(index), torch.cat(sqdist)
+    return torch.cat(index), torch.cat(sqdist).to(x.dtype)
 
 
 def kmeans(x: torch.Tensor, init: torch.Tensor, iters: int = 50, tol: float = 1e-4):
