@@ -260,9 +260,10 @@ def _output_span(n_in: int, n_out: int) -> int:
 
 def _gather_blocks(H: int, W: int, out_h: int, out_w: int) -> dict:
     """Block sizes of the backward's resize gather: BLOCK_QG map pixels by a BLOCK_SW window of
-    output columns, about _TILE elements, over SPAN_H output rows."""
+    output columns, about _TILE / 4 elements (a larger tile spills at 7x7 -> 224x224 on sm_90:
+    benchmarks/gpu_resources.py), over SPAN_H output rows."""
     block_sw = triton.next_power_of_2(_output_span(W, out_w))
-    block_qg = min(triton.next_power_of_2(H * W), max(1, _TILE // block_sw))
+    block_qg = min(triton.next_power_of_2(H * W), max(1, _TILE // 4 // block_sw))
     return dict(BLOCK_QG=block_qg, SPAN_H=_output_span(H, out_h), BLOCK_SW=block_sw)
 
 
