@@ -91,7 +91,9 @@ def device_memory(device: torch.device) -> int:
 def allocation(name: str, nbytes: int, device: torch.device, what: str) -> None:
     """ValueError naming ``name`` when ``what`` (bytes counted with Python ints, so no product
     overflows) would need more than ``device`` holds or than int64 can count: checked before
-    anything is allocated."""
+    anything is allocated. Skipped while tracing for torch.compile."""
+    if torch.compiler.is_compiling():
+        return
     limit = device_memory(torch.device(device))
     if nbytes > limit:
         raise ValueError(f"{name}: {what} would need {nbytes} bytes, more than the {limit} bytes {device} can hold")
