@@ -3,17 +3,18 @@
 Every workloads module gives OPS (op name -> loss function per provider), WORKLOADS,
 CPU_WORKLOADS, make_inputs, run, leaves and min_bytes (and MODES, PROVIDERS where
 they differ from providers.py); benchmarks/run.py and the pytest-benchmark file time
-them through providers.timed_call. Providers: "eager" (the reference, plain PyTorch
-autograd), "compile" (torch.compile of the reference), "fused" (Triton on CUDA,
-C++ on CPU).
+them through providers.timed_call. Providers: "eager" (the fastest plain-PyTorch
+formulation a researcher would write, autograd: see eager_choices.py), "compile"
+(torch.compile of it), "fused" (Triton on CUDA, C++ on CPU).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 import metadd_fast as mf
 from providers import pick
-from metadd_fast import reference
+from workloads_cvar import eager_cvar
 
 # name -> (B, [(C, H, W, head kind)], out_size, num_classes)
 _DC = [(128, 4, 4, "flatten"), (512, 4, 4, "linear"), (192, 4, 4, "flatten"), (512, 2, 2, "flatten")]
@@ -48,23 +49,48 @@ def make_inputs(name: str, device: str = "cpu", dtype=torch.float32, seed: int =
     return features, weights, labels, out_size
 
 
-def _reference_cam(features, weights, labels, out_size):
-    return reference.cam_variance(features, weights, labels, out_size=out_size)
+def eager_raw_cam(feature, weight, labels):
+    """Raw CAM (B, H, W) of a linear head (N, C) or flatten head (N, C, H, W) / (N, C*H*W), the
+    fastest plain-PyTorch way measured (eager_choices.py, forward + backward on the CPU): the
+    gathered weight rows times the features, summed over channels. einsum is about 1.8x slower
+    for a flatten head and 4x for a linear one at DC IPC 50 (its backward)."""
+    B, C, H, W = feature.shape
+    if weight.dim() == 2 and weight.shape[1] == C:
+        return (weight[labels][:, :, None, None] * feature).sum(1)
+    return (weight.reshape(-1, C, H, W)[labels] * feature).sum(1)
+
+
+def eager_cam_variance_per_image(features, weights, labels, out_size):
+    """Per-image CAM variance (B,): ReLU, min-max normalization, a bilinear resize where the map
+    is not out_size already, the population variance over architectures, the pixel mean."""
+    maps = []
+    for feature, weight in zip(features, weights):
+        r = torch.relu(eager_raw_cam(feature, weight, labels))
+        lo, hi = r.amin(dim=(1, 2), keepdim=True), r.amax(dim=(1, 2), keepdim=True)
+        n = (r - lo) / (hi - lo + 1e-8)
+        if tuple(n.shape[1:]) != tuple(out_size):
+            n = F.interpolate(n[:, None], size=tuple(out_size), mode="bilinear", align_corners=False)[:, 0]
+        maps.append(n)
+    return torch.stack(maps).var(dim=0, unbiased=False).mean(dim=(1, 2))
+
+
+def _eager_cam(features, weights, labels, out_size):
+    return eager_cam_variance_per_image(features, weights, labels, out_size).mean()
 
 
 def _fused_cam(features, weights, labels, out_size):
     return mf.cam_variance(features, weights, labels, out_size=out_size)
 
 
-def _reference_metacam_cvar(features, weights, labels, out_size):
-    return reference.metacam_cvar(features, weights, labels, TAIL, out_size=out_size)
+def _eager_metacam_cvar(features, weights, labels, out_size):
+    return eager_cvar(eager_cam_variance_per_image(features, weights, labels, out_size), TAIL, None, None)
 
 
 def _fused_metacam_cvar(features, weights, labels, out_size):
     return mf.metacam_cvar(features, weights, labels, TAIL, out_size=out_size)
 
 
-OPS = {"cam_variance": (_reference_cam, _fused_cam), "metacam_cvar": (_reference_metacam_cvar, _fused_metacam_cvar)}
+OPS = {"cam_variance": (_eager_cam, _fused_cam), "metacam_cvar": (_eager_metacam_cvar, _fused_metacam_cvar)}
 
 
 def run(op: str, provider: str, inputs):

@@ -159,15 +159,24 @@ void cam_map_backward_impl(const at::Tensor& dU, const at::Tensor& A, const at::
   });
 }
 
-void check_map_args(const at::Tensor& A, const at::Tensor& Wt, const at::Tensor& rows) {
-  TORCH_CHECK(A.device().is_cpu() && A.dim() == 4 && A.is_contiguous(), "features: contiguous 4-D CPU tensor expected");
-  TORCH_CHECK(Wt.dim() == 3 && Wt.is_contiguous() && Wt.size(1) == A.size(1), "weights: contiguous (R, C, Qw) expected");
-  TORCH_CHECK(Wt.scalar_type() == at::toOpMathType(A.scalar_type()), "weights: must be in the accumulation dtype");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.numel() == A.size(0) && rows.is_contiguous(),
-              "rows: contiguous (B,) int64 expected");
+// Launcher inputs in the layout the kernels read, whatever the caller passed (any strides,
+// storage offset, stride-0 expansion or channels_last; int32 or int64 rows): contiguous
+// features, the head (R, C, Qw) contiguous in the accumulation dtype, contiguous int64 rows.
+// Copies only what is not in that form already.
+struct MapInputs {
+  at::Tensor A, Wt, rows;
+};
+
+MapInputs map_inputs(const at::Tensor& features, const at::Tensor& head, const at::Tensor& rows) {
+  TORCH_CHECK(features.device().is_cpu() && features.dim() == 4, "features: 4-D CPU tensor expected");
+  TORCH_CHECK(head.dim() == 3 && head.size(1) == features.size(1), "weights: (R, C, Qw) expected");
+  TORCH_CHECK(!rows.is_floating_point() && rows.numel() == features.size(0), "rows: (B,) integer tensor expected");
+  MapInputs in{features.contiguous(), head.to(at::toOpMathType(features.scalar_type())).contiguous(),
+               rows.to(at::kLong).contiguous()};
   // The rows are the labels (or 0..B-1 for per-sample weights); the Python API leaves their
   // range to this check, with its message (metadd_fast.cam_args.check_label_range).
-  check_index_range("labels", rows.data_ptr<int64_t>(), rows.numel(), Wt.size(0));
+  check_index_range("labels", in.rows.data_ptr<int64_t>(), in.rows.numel(), in.Wt.size(0));
+  return in;
 }
 
 }  // namespace
@@ -185,17 +194,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> cam_maps_forward(const std::vect
   at::Tensor U = at::empty({K, A0.size(0), Sh * Sw}, A0.options().dtype(at::toOpMathType(A0.scalar_type())));
   std::vector<at::Tensor> rects;
   rects.reserve(K);
+  std::vector<MapInputs> inputs;
+  inputs.reserve(K);
   for (int64_t k = 0; k < K; ++k) {  // every check before any map is computed
-    check_map_args(features[k], heads[k], rows[k]);
+    inputs.push_back(map_inputs(features[k], heads[k], rows[k]));
     TORCH_CHECK(at::toOpMathType(features[k].scalar_type()) == U.scalar_type(),
                 "features: one accumulation dtype expected");
   }
   for (int64_t k = 0; k < K; ++k) {
-    const at::Tensor& A = features[k];
+    const at::Tensor& A = inputs[k].A;
     at::Tensor Uk = U.select(0, k);
     at::Tensor R = at::empty({A.size(0), A.size(2) * A.size(3)}, U.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "cam_maps_forward", [&] {
-      cam_map_forward_impl<scalar_t>(A, heads[k], rows[k], Sh, Sw, relu, norm, eps, Uk, R);
+      cam_map_forward_impl<scalar_t>(A, inputs[k].Wt, inputs[k].rows, Sh, Sw, relu, norm, eps, Uk, R);
     });
     rects.push_back(R);
   }
@@ -209,16 +220,18 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cam_maps_backward(
     const std::vector<at::Tensor>& rows, const std::vector<at::Tensor>& rects, int64_t Sh, int64_t Sw, bool relu,
     int64_t norm, double eps, const std::vector<bool>& feature_grad, const std::vector<bool>& head_grad) {
   const int64_t K = static_cast<int64_t>(features.size());
-  TORCH_CHECK(dU.dim() == 3 && dU.size(0) == K && dU.is_contiguous(), "grad: contiguous (K, B, P) expected");
+  TORCH_CHECK(dU.dim() == 3 && dU.size(0) == K, "grad: (K, B, P) expected");
+  const at::Tensor grad = dU.contiguous();
   std::vector<at::Tensor> d_features, d_heads;
   for (int64_t k = 0; k < K; ++k) {
-    const at::Tensor &A = features[k], &Wt = heads[k];
-    check_map_args(A, Wt, rows[k]);
-    TORCH_CHECK(dU.scalar_type() == rects[k].scalar_type(), "grad: accumulation dtype expected");
+    const MapInputs in = map_inputs(features[k], heads[k], rows[k]);
+    const at::Tensor &A = in.A, &Wt = in.Wt;
+    const at::Tensor rect = rects[k].contiguous();
+    TORCH_CHECK(grad.scalar_type() == rect.scalar_type(), "grad: accumulation dtype expected");
     at::Tensor dA = feature_grad[k] ? at::empty_like(A) : at::Tensor();
     at::Tensor dW = head_grad[k] ? at::zeros_like(Wt) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "cam_maps_backward", [&] {
-      cam_map_backward_impl<scalar_t>(dU.select(0, k), A, Wt, rows[k], rects[k], Sh, Sw, relu, norm, eps, dA, dW);
+      cam_map_backward_impl<scalar_t>(grad.select(0, k), A, Wt, in.rows, rect, Sh, Sw, relu, norm, eps, dA, dW);
     });
     d_features.push_back(dA.defined() ? dA : at::empty({0}, A.options()));
     d_heads.push_back(dW.defined() ? dW : at::empty({0}, Wt.options()));

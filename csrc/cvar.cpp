@@ -36,11 +36,13 @@ inline bool same_rank_value(T x, T y) {
   return (std::isnan(x) && std::isnan(y)) || x == y;
 }
 
-// a = alpha * n, snapped to an integer within 1e-9; f = floor(a).
+// a = alpha * n, snapped to an integer within 1e-9, and at least 1 (below 1 the tail is the
+// largest entry alone); f = floor(a).
 inline void tail_size(double alpha, int64_t n, double& a, double& f) {
   a = alpha * static_cast<double>(n);
   const double r = std::round(a);
   if (std::abs(a - r) < 1e-9) a = r;
+  a = std::max(a, 1.0);
   f = std::floor(a);
 }
 
@@ -110,9 +112,13 @@ void cvar_tail_impl(const at::Tensor& L, const at::Tensor& counts, double alpha,
 
 }  // namespace
 
-std::vector<at::Tensor> cvar_group_stats(const at::Tensor& values, const at::Tensor& groups, int64_t num_groups) {
-  TORCH_CHECK(values.is_contiguous() && groups.is_contiguous() && groups.scalar_type() == at::kLong,
-              "cvar_group_stats: contiguous values and int64 groups expected");
+// Any strides or integer dtype of values and groups: read through contiguous (int64) copies
+// where they are not in that form already.
+std::vector<at::Tensor> cvar_group_stats(const at::Tensor& values_in, const at::Tensor& groups_in, int64_t num_groups) {
+  TORCH_CHECK(!groups_in.is_floating_point() && groups_in.numel() == values_in.numel(),
+              "cvar_group_stats: integer groups like values expected");
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor groups = groups_in.to(at::kLong).contiguous();
   at::Tensor sums = at::zeros({num_groups}, values.options().dtype(at::kDouble));
   at::Tensor counts = at::zeros({num_groups}, values.options().dtype(at::kLong));
   const int64_t N = values.numel();
@@ -165,18 +171,24 @@ std::vector<at::Tensor> cvar_group_stats(const at::Tensor& values, const at::Ten
 }
 
 // (CVaR, w) in L's dtype; with counts, L holds group sums and w is per group.
-std::vector<at::Tensor> cvar_tail(const at::Tensor& L, const std::optional<at::Tensor>& counts, double alpha) {
-  TORCH_CHECK(L.dim() == 1 && L.is_contiguous() && L.numel() > 0, "cvar_tail: non-empty contiguous (n,) expected");
-  at::Tensor counts_t = counts.has_value() ? counts->contiguous() : at::Tensor();
+std::vector<at::Tensor> cvar_tail(const at::Tensor& L_in, const std::optional<at::Tensor>& counts, double alpha) {
+  TORCH_CHECK(L_in.dim() == 1 && L_in.numel() > 0, "cvar_tail: non-empty (n,) expected");
+  const at::Tensor L = L_in.contiguous();
+  at::Tensor counts_t = counts.has_value() ? counts->to(at::kLong).contiguous() : at::Tensor();
   at::Tensor loss = at::empty({}, L.options());
   at::Tensor w = at::empty_like(L);
   AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "cvar_tail", [&] { cvar_tail_impl<scalar_t>(L, counts_t, alpha, loss, w); });
   return {loss, w};
 }
 
-at::Tensor cvar_values_grad(const at::Tensor& grad, const at::Tensor& w, const std::optional<at::Tensor>& counts,
-                            const std::optional<at::Tensor>& groups, const at::Tensor& like) {
-  at::Tensor out = at::empty_like(like);
+at::Tensor cvar_values_grad(const at::Tensor& grad, const at::Tensor& w_in, const std::optional<at::Tensor>& counts_in,
+                            const std::optional<at::Tensor>& groups_in, const at::Tensor& like) {
+  at::Tensor out = at::empty(like.sizes(), like.options());  // contiguous whatever like's strides
+  const at::Tensor w = w_in.contiguous();
+  const auto as_long = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? std::optional<at::Tensor>(t->to(at::kLong).contiguous()) : std::nullopt;
+  };
+  const std::optional<at::Tensor> counts = as_long(counts_in), groups = as_long(groups_in);
   const int64_t N = like.numel();
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "cvar_values_grad", [&] {
     using acc_t = scalar_t;
@@ -204,9 +216,10 @@ at::Tensor cvar_values_grad(const at::Tensor& grad, const at::Tensor& w, const s
   return out;
 }
 
-// (loss, count of values above eta), both in the accumulation dtype.
-std::vector<at::Tensor> cvar_dual_forward(const at::Tensor& values, const at::Tensor& eta, double alpha) {
-  TORCH_CHECK(values.is_contiguous(), "cvar_dual_forward: contiguous values expected");
+// (loss, count of values above eta), both in the accumulation dtype. "Above" is
+// !(v - eta <= 0): NaN differences count, as autograd through relu(values - eta) has it.
+std::vector<at::Tensor> cvar_dual_forward(const at::Tensor& values_in, const at::Tensor& eta, double alpha) {
+  const at::Tensor values = values_in.contiguous();
   const auto acc = at::toOpMathType(values.scalar_type());
   at::Tensor loss = at::empty({}, values.options().dtype(acc));
   at::Tensor above = at::empty({}, values.options().dtype(acc));
@@ -223,8 +236,9 @@ std::vector<at::Tensor> cvar_dual_forward(const at::Tensor& values, const at::Te
         double s = 0, k = 0;
         for (int64_t i = c * chunk; i < std::min(N, (c + 1) * chunk); ++i) {
           const acc_t d = static_cast<acc_t>(v[i]) - e;
-          if (d > 0 || std::isnan(d)) s += static_cast<double>(d);
-          k += d > 0;
+          const bool above = !(d <= 0);  // NaN counts, as relu's gradient lets it through
+          if (above) s += static_cast<double>(d);
+          k += above;
         }
         part[c] = s;
         cnt[c] = k;
@@ -242,8 +256,9 @@ std::vector<at::Tensor> cvar_dual_forward(const at::Tensor& values, const at::Te
 }
 
 // (d values, d eta) of cvar_dual_forward for an upstream gradient grad (0-d).
-std::vector<at::Tensor> cvar_dual_backward(const at::Tensor& grad, const at::Tensor& values, const at::Tensor& eta,
+std::vector<at::Tensor> cvar_dual_backward(const at::Tensor& grad, const at::Tensor& values_in, const at::Tensor& eta,
                                            double alpha, const at::Tensor& above) {
+  const at::Tensor values = values_in.contiguous();
   at::Tensor gv = at::empty_like(values);
   const int64_t N = values.numel();
   const double scale = 1.0 / (alpha * static_cast<double>(N));
@@ -254,7 +269,7 @@ std::vector<at::Tensor> cvar_dual_backward(const at::Tensor& grad, const at::Ten
     const acc_t e = eta.item<acc_t>();
     const acc_t g = static_cast<acc_t>(grad.item<double>() * scale);
     at::parallel_for(0, N, 4096, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<scalar_t>(static_cast<acc_t>(v[i]) > e ? g : acc_t(0));
+      for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<scalar_t>(!(static_cast<acc_t>(v[i]) - e <= 0) ? g : acc_t(0));
     });
   });
   at::Tensor geta = grad.to(at::kDouble) * (1.0 - above.to(at::kDouble) * scale);

@@ -56,24 +56,27 @@ void map_variance_backward_impl(const at::Tensor& gv, const at::Tensor& U, at::T
   });
 }
 
-void check_maps(const at::Tensor& U) {
-  TORCH_CHECK(U.device().is_cpu() && U.dim() == 3 && U.is_contiguous(), "maps: contiguous (K, B, P) CPU tensor expected");
-  TORCH_CHECK(U.scalar_type() == at::kFloat || U.scalar_type() == at::kDouble, "maps: float32 or float64 expected");
+// The maps as the kernels read them: contiguous (a copy only for other strides).
+at::Tensor checked_maps(const at::Tensor& maps) {
+  TORCH_CHECK(maps.device().is_cpu() && maps.dim() == 3, "maps: (K, B, P) CPU tensor expected");
+  TORCH_CHECK(maps.scalar_type() == at::kFloat || maps.scalar_type() == at::kDouble, "maps: float32 or float64 expected");
+  return maps.contiguous();
 }
 
 }  // namespace
 
-at::Tensor map_variance_forward(const at::Tensor& U) {
-  check_maps(U);
+at::Tensor map_variance_forward(const at::Tensor& maps) {
+  const at::Tensor U = checked_maps(maps);
   at::Tensor v = at::empty({U.size(1)}, U.options());
   AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "map_variance_forward", [&] { map_variance_forward_impl<scalar_t>(U, v); });
   return v;
 }
 
-at::Tensor map_variance_backward(const at::Tensor& grad, const at::Tensor& U) {
-  check_maps(U);
-  TORCH_CHECK(grad.is_contiguous() && grad.scalar_type() == U.scalar_type() && grad.numel() == U.size(1),
-              "grad: contiguous (B,) in the maps' dtype expected");
+at::Tensor map_variance_backward(const at::Tensor& grad_v, const at::Tensor& maps) {
+  const at::Tensor U = checked_maps(maps);
+  TORCH_CHECK(grad_v.scalar_type() == U.scalar_type() && grad_v.numel() == U.size(1),
+              "grad: (B,) in the maps' dtype expected");
+  const at::Tensor grad = grad_v.contiguous();
   at::Tensor gU = at::empty_like(U);
   AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "map_variance_backward", [&] { map_variance_backward_impl<scalar_t>(grad, U, gU); });
   return gU;

@@ -8,9 +8,10 @@
 // e_j = ||c_j||^2 - 2 x.c_j (||x||^2 is common to all j), ties to the lower index.
 //
 // Outputs: index (N,) int64; sqdist (N,) = sum_d (x - c_index)^2 computed directly;
-// refine (N,) bool: the gap to the second-best is within the rounding bound of the
-// expansion, 4 (D + 2) u (2 ||x|| cmax + cmax^2), so the caller must settle that
-// row exactly.
+// refine (N,) bool: the gap to the second-best is not provably above the rounding bound
+// of the expansion, 4 (D + 2) u (2 ||x|| cmax + cmax^2), so the caller must settle that
+// row exactly. Ties, NaN, Inf and overflow (huge coordinates) all land there: the gap or
+// the bound is then 0, NaN or Inf.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -116,7 +117,8 @@ void nearest_centroid_impl(const at::Tensor& x, const at::Tensor& c, const at::T
         const double bound = bound_scale * (2 * std::sqrt(static_cast<double>(xn)) * cmax + cmax * cmax);
         ip[r0 + r] = arg[r];
         sp[r0 + r] = sq;
-        rp[r0 + r] = static_cast<double>(second[r]) - static_cast<double>(best[r]) <= bound;
+        const double gap = static_cast<double>(second[r]) - static_cast<double>(best[r]);
+        rp[r0 + r] = !(gap > bound) || !std::isfinite(sq);
       }
     }
   });
@@ -124,11 +126,13 @@ void nearest_centroid_impl(const at::Tensor& x, const at::Tensor& c, const at::T
 
 }  // namespace
 
-std::vector<at::Tensor> nearest_centroid_forward(const at::Tensor& x, const at::Tensor& c, const at::Tensor& cn,
+// Any strides: x, c and cn are read through contiguous copies where they are not contiguous.
+std::vector<at::Tensor> nearest_centroid_forward(const at::Tensor& x_in, const at::Tensor& c_in, const at::Tensor& cn_in,
                                                  const at::Tensor& cmax) {
-  TORCH_CHECK(x.dim() == 2 && c.dim() == 2 && x.size(1) == c.size(1), "x (N, D) and centroids (M, D) expected");
-  TORCH_CHECK(x.is_contiguous() && c.is_contiguous() && cn.is_contiguous(), "contiguous inputs expected");
-  TORCH_CHECK(x.scalar_type() == c.scalar_type() && c.scalar_type() == cn.scalar_type(), "one dtype expected");
+  TORCH_CHECK(x_in.dim() == 2 && c_in.dim() == 2 && x_in.size(1) == c_in.size(1),
+              "x (N, D) and centroids (M, D) expected");
+  TORCH_CHECK(x_in.scalar_type() == c_in.scalar_type() && c_in.scalar_type() == cn_in.scalar_type(), "one dtype expected");
+  const at::Tensor x = x_in.contiguous(), c = c_in.contiguous(), cn = cn_in.contiguous();
   at::Tensor index = at::empty({x.size(0)}, x.options().dtype(at::kLong));
   at::Tensor sqdist = at::empty({x.size(0)}, x.options());
   at::Tensor refine = at::empty({x.size(0)}, x.options().dtype(at::kBool));

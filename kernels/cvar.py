@@ -10,8 +10,10 @@ Launchers share their signatures with metadd_fast._C:
 
 The tail is ordered by torch.sort(descending=True, stable=True): ties rank by lower
 index and NaN ranks first, as docs/ops.md section 4 and torch.sort say. The fraction a = alpha*n
-is computed on the device (n, the number of non-empty groups, is data), so no op
-synchronizes with the host.
+(at least 1: below 1 the tail is the largest entry alone) is computed on the device
+(n, the number of non-empty groups, is data), so no op synchronizes with the host.
+The dual counts v as above eta where !(v - eta <= 0), NaN included, as autograd
+through relu(values - eta) does. Launchers take any strides and int32 or int64 ids.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import acc_dtype, device_guard, tl_dtype
+from .utils import acc_dtype, as_index, device_guard, tl_dtype
 
 BLOCK = 1024
 
@@ -82,23 +84,24 @@ def _dual_fwd_kernel(p_v, p_eta, p_part, N, ACC: tl.constexpr, BLOCK: tl.constex
     o = i_blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < N
     b_d = tl.load(p_v + o, mask=m, other=0.0).to(ACC) - tl.load(p_eta).to(ACC)
-    above = m & (b_d > 0)
-    b_relu = tl.where(above | (m & (b_d != b_d)), b_d, 0.0)
+    above = m & ~(b_d <= 0)  # NaN included
+    b_relu = tl.where(above, b_d, 0.0)
     tl.store(p_part + 2 * i_blk, tl.sum(b_relu.to(tl.float64), axis=0))
     tl.store(p_part + 2 * i_blk + 1, tl.sum(above.to(tl.float64), axis=0))
 
 
 @triton.jit
 def _dual_bwd_kernel(p_v, p_eta, p_scale, p_out, N, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    # d values_i = grad / (alpha N) where v_i > eta. Moves: reads and writes N*sizeof(v).
+    # d values_i = grad / (alpha N) where !(v_i - eta <= 0). Moves: reads and writes N*sizeof(v).
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < N
     b_v = tl.load(p_v + o, mask=m, other=0.0).to(ACC)
-    b_out = tl.where(b_v > tl.load(p_eta).to(ACC), tl.load(p_scale).to(ACC), 0.0)
+    b_out = tl.where(~(b_v - tl.load(p_eta).to(ACC) <= 0), tl.load(p_scale).to(ACC), 0.0)
     tl.store(p_out + o, b_out.to(p_out.dtype.element_ty), mask=m)
 
 
 def cvar_group_stats(values, groups, num_groups: int):
+    values, groups = values.contiguous(), as_index(groups)
     N = values.numel()
     sums = torch.zeros(num_groups, device=values.device, dtype=torch.float64)
     counts = torch.zeros(num_groups, device=values.device, dtype=torch.int64)
@@ -108,14 +111,16 @@ def cvar_group_stats(values, groups, num_groups: int):
 
 
 def tail_fraction(n: torch.Tensor, alpha: float) -> torch.Tensor:
-    """[a, f] float64 on n's device: a = alpha * n (snapped to an integer within 1e-9), f = floor(a)."""
+    """[a, f] float64 on n's device: a = alpha * n (snapped to an integer within 1e-9, at least 1),
+    f = floor(a)."""
     a = alpha * n.to(torch.float64)
     r = torch.round(a)
-    a = torch.where((a - r).abs() < 1e-9, r, a)
+    a = torch.where((a - r).abs() < 1e-9, r, a).clamp(min=1.0)
     return torch.stack([a, torch.floor(a)])
 
 
 def cvar_tail(L, counts, alpha: float):
+    L = L.contiguous()
     n_all = L.numel()
     valid = None if counts is None else counts > 0
     if valid is not None:
@@ -139,8 +144,11 @@ def cvar_tail(L, counts, alpha: float):
 
 def cvar_values_grad(grad, w, counts, groups, like):
     N = like.numel()
-    out = torch.empty_like(like)
+    out = torch.empty(like.shape, device=like.device, dtype=like.dtype)
     has_groups = groups is not None
+    w = w.contiguous()
+    if has_groups:
+        counts, groups = as_index(counts), as_index(groups)
     with device_guard(like):
         _values_grad_kernel[(triton.cdiv(N, BLOCK),)](
             grad, w, counts if has_groups else w, groups if has_groups else w, out, N, HAS_GROUPS=has_groups,
@@ -149,6 +157,7 @@ def cvar_values_grad(grad, w, counts, groups, like):
 
 
 def cvar_dual_forward(values, eta, alpha: float):
+    values = values.contiguous()
     N = values.numel()
     acc = acc_dtype(values.dtype)
     grid = triton.cdiv(N, BLOCK)
@@ -160,6 +169,7 @@ def cvar_dual_forward(values, eta, alpha: float):
 
 
 def cvar_dual_backward(grad, values, eta, alpha: float, above):
+    values = values.contiguous()
     N = values.numel()
     scale = grad.to(torch.float64) / (alpha * N)
     out = torch.empty_like(values)

@@ -1,7 +1,8 @@
 """Triton kernels of the cross-architecture map variance (docs/ops.md section 2).
 
 U (K, B, P) float32/float64 -> v (B,): v[b] = (1/P) sum_p (1/K) sum_k (U[k,b,p] - m[b,p])^2,
-m the mean over k, computed in two passes over the k-block held in registers.
+m the mean over k, computed in two passes over the k-block held in registers. The launchers
+take U (and the gradient) with any strides; offsets are int64 (K*B*P may pass 2^31).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def _map_variance_fwd_kernel(p_u, p_v, B, K: tl.constexpr, P: tl.constexpr, ACC:
                              BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
     # Moves: reads K*B*P*sizeof(ACC), writes B*sizeof(ACC).
     i_b = tl.program_id(0).to(tl.int64)
-    o_k = tl.arange(0, BLOCK_K)
+    o_k = tl.arange(0, BLOCK_K).to(tl.int64)
     m_k = o_k < K
     b_total = tl.zeros([BLOCK_P], dtype=ACC)
     for p0 in range(0, P, BLOCK_P):
@@ -37,7 +38,7 @@ def _map_variance_bwd_kernel(p_g, p_u, p_gu, B, K: tl.constexpr, P: tl.constexpr
     # dU[k, b, p] = g[b] * 2 / (K P) * (U[k, b, p] - m[b, p]).
     # Moves: reads K*B*P*sizeof(ACC), writes K*B*P*sizeof(ACC).
     i_b = tl.program_id(0).to(tl.int64)
-    o_k = tl.arange(0, BLOCK_K)
+    o_k = tl.arange(0, BLOCK_K).to(tl.int64)
     m_k = o_k < K
     coef = tl.load(p_g + i_b) * 2.0 / (K * P)
     for p0 in range(0, P, BLOCK_P):
@@ -56,6 +57,7 @@ def _blocks(K: int, P: int) -> tuple[int, int]:
 
 def map_variance_forward(U: torch.Tensor) -> torch.Tensor:
     """v (B,) in U's dtype from the maps U (K, B, P)."""
+    U = U.contiguous()
     K, B, P = U.shape
     v = torch.empty(B, device=U.device, dtype=U.dtype)
     block_k, block_p = _blocks(K, P)
@@ -66,6 +68,7 @@ def map_variance_forward(U: torch.Tensor) -> torch.Tensor:
 
 def map_variance_backward(grad: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
     """dU (K, B, P) from d loss / d v (B,)."""
+    U, grad = U.contiguous(), grad.contiguous()
     K, B, P = U.shape
     gU = torch.empty_like(U)
     block_k, block_p = _blocks(K, P)

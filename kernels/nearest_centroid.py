@@ -7,8 +7,10 @@ Same contract as metadd_fast._C: one program per BLOCK_N rows keeps a running be
 and second-best of e_j = ||c_j||^2 - 2 x.c_j over centroid tiles (tl.dot, IEEE
 float32 or float64 accumulation), so no N x M matrix is written; ties go to the
 lower index. sqdist is recomputed directly as sum_d (x - c_index)^2, and refine
-flags rows whose top-2 gap is within the expansion's rounding bound
-4 (D + 2) u (2 ||x|| cmax + cmax^2).
+flags rows whose top-2 gap is not provably above the expansion's rounding bound
+4 (D + 2) u (2 ||x|| cmax + cmax^2): ties, NaN, Inf and overflow (huge coordinates)
+all land there, as the gap or the bound is then 0, NaN or Inf. Inputs may have any
+strides (the launcher reads contiguous copies); offsets are int64.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def _nearest_centroid_kernel(
     b_second = tl.full([BLOCK_N], float("inf"), dtype=ACC)
     b_idx = tl.zeros([BLOCK_N], dtype=tl.int64)
     for m0 in range(0, M, BLOCK_M):
-        o_m = m0 + tl.arange(0, BLOCK_M)
+        o_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         m_m = o_m < M
         b_dot = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
         for d0 in range(0, D, BLOCK_D):
@@ -63,10 +65,11 @@ def _nearest_centroid_kernel(
     bound = bound_scale * (2.0 * tl.sqrt(b_xn) * cmax + cmax * cmax)
     tl.store(p_idx + o_n, b_idx, mask=m_n)
     tl.store(p_sq + o_n, b_sq, mask=m_n)
-    tl.store(p_refine + o_n, (b_second - b_best) <= bound, mask=m_n)
+    tl.store(p_refine + o_n, ~((b_second - b_best) > bound) | (b_sq != b_sq) | (b_sq == float("inf")), mask=m_n)
 
 
 def nearest_centroid_forward(x, c, cn, cmax):
+    x, c, cn = x.contiguous(), c.contiguous(), cn.contiguous()
     N, D = x.shape
     M = c.shape[0]
     index = torch.empty(N, device=x.device, dtype=torch.int64)

@@ -1,10 +1,11 @@
-"""Plain PyTorch versions of the public ops: what a researcher writes today.
+"""Plain PyTorch versions of the public ops.
 
 Each is written beside its op (``metadd_fast/ops/<op>.py``, ``metadd_fast/kmeans.py``) and
-gathered here under the public names. This is the "naive autograd" baseline of the
-benchmarks and, run in float64, the oracle of the tests. They follow docs/ops.md step
-by step, build the full autograd graph (one CAM per architecture, resize, stack,
-variance) and do no argument checking beyond what PyTorch itself does.
+gathered here under the public names. They follow docs/ops.md step by step. Run in float64,
+they are the oracle of the tests; ``backend="reference"`` runs them. They build the full
+autograd graph (one CAM per architecture, resize, stack, variance) and do no argument
+checking beyond what PyTorch itself does. The benchmarks' eager baselines are the fastest
+plain-PyTorch formulations instead (benchmarks/workloads_*.py).
 """
 from .kmeans import kmeans_reference as kmeans
 from .ops.cam_maps import cam_maps_reference as class_activation_maps

@@ -94,7 +94,12 @@ def parse_cam_args(features, weights, labels, out_size, relu, norm, eps) -> CamA
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
     heads = [_head(k, f, w, labels is not None) for k, (f, w) in enumerate(zip(features, weights))]
-    return CamArgs(features, weights, heads, labels, _out_size(out_size, features), relu, norm, float(eps), device)
+    size = _out_size(out_size, features)
+    if size[0] * size[1] > 1 << 24:  # beyond any CAM grid: check what the maps would need
+        itemsize = 8 if any(f.dtype == torch.float64 for f in features) else 4
+        checks.allocation("out_size", len(features) * B * size[0] * size[1] * itemsize, device,
+                          f"maps of {len(features)} x {B} x {size[0]} x {size[1]}")
+    return CamArgs(features, weights, heads, labels, size, relu, norm, float(eps), device)
 
 
 def check_label_range(args: CamArgs, backend: str) -> None:

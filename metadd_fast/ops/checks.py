@@ -5,6 +5,8 @@ expected and what was given, before any kernel runs.
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Iterable, Sequence
 
 import torch
@@ -75,3 +77,25 @@ def index_range(name: str, t: torch.Tensor, upper: int) -> None:
     lo, hi = (int(v) for v in torch.aminmax(t))
     if lo < 0 or hi >= upper:
         raise ValueError(f"{name}: expected values in [0, {upper}), got values in [{lo}, {hi}]")
+
+
+@functools.lru_cache(maxsize=None)
+def device_memory(device: torch.device) -> int:
+    """Bytes a tensor on ``device`` could hold at most: the GPU's memory, the host's physical
+    memory for CPU tensors, the int64 limit elsewhere (meta)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return 2 ** 63 - 1
+
+
+def allocation(name: str, nbytes: int, device: torch.device, what: str) -> None:
+    """ValueError naming ``name`` when ``what`` (bytes counted with Python ints, so no product
+    overflows) would need more than ``device`` holds or than int64 can count: checked before
+    anything is allocated. Skipped while tracing for torch.compile."""
+    if torch.compiler.is_compiling():
+        return
+    limit = device_memory(torch.device(device))
+    if nbytes > limit:
+        raise ValueError(f"{name}: {what} would need {nbytes} bytes, more than the {limit} bytes {device} can hold")

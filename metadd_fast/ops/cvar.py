@@ -69,6 +69,7 @@ def check_cvar_args(values, alpha, groups, num_groups, allow_empty: bool = False
             raise ValueError(f"groups: expected ids in [0, num_groups), got a largest id of {num_groups - 1}")
     elif isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
+    checks.allocation("num_groups", 16 * num_groups, values.device, f"sums and counts of {num_groups} groups")
     return alpha, groups.long().contiguous(), num_groups
 
 
@@ -303,8 +304,9 @@ def group_means(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> 
 
 def cvar_reference(values: torch.Tensor, alpha: float, groups: Optional[torch.Tensor] = None,
          num_groups: Optional[int] = None) -> torch.Tensor:
-    """Upper-tail CVaR: (1/a) (sum_{r<=f} L_(r) + (a - f) L_(f+1)), a = alpha n, f = floor(a),
-    L sorted descending with ties by lower index (docs/ops.md section 4)."""
+    """Upper-tail CVaR: (1/a) (sum_{r<=f} L_(r) + (a - f) L_(f+1)), a = alpha n (at least 1: below
+    1 the tail is the largest L alone), f = floor(a), L sorted descending with ties by lower index
+    (docs/ops.md section 4)."""
     if groups is None:
         L = values
     else:
@@ -313,6 +315,7 @@ def cvar_reference(values: torch.Tensor, alpha: float, groups: Optional[torch.Te
     a = alpha * n
     if abs(a - round(a)) < 1e-9:
         a = float(round(a))
+    a = max(a, 1.0)
     f = math.floor(a)
     top = torch.sort(L, descending=True, stable=True).values
     out = top[:f].sum() / a

@@ -19,18 +19,6 @@ from .registry import KernelOp, dispatch_context
 
 __all__ = ["nearest_centroid"]
 
-_EXACT_BLOCK = 1 << 22  # elements of one float64 (rows, M) block in the exact re-check
-
-
-def _exact_rows(x: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """(index, sqdist) of the rows x against all centroids, in float64, lowest index on ties."""
-    x64, c64 = x.double(), c.double()
-    cn = (c64 * c64).sum(1)
-    step = max(1, _EXACT_BLOCK // max(1, c.shape[0]))
-    index = torch.cat([(cn[None, :] - 2 * x64[s:s + step] @ c64.T).argmin(1) for s in range(0, x.shape[0], step)])
-    return index, ((x64 - c64[index]) ** 2).sum(1)
-
-
 def _kernel(impl):
     def nearest_centroid(x, centroids):
         acc = torch.float64 if x.dtype == torch.float64 or centroids.dtype == torch.float64 else torch.float32
@@ -38,8 +26,8 @@ def _kernel(impl):
         cn = (ca * ca).sum(1)
         index, sqdist, refine = impl.nearest_centroid_forward(xa, ca, cn, cn.max().sqrt())
         rows = refine.nonzero().flatten()
-        if rows.numel():
-            index[rows], exact = _exact_rows(xa[rows], ca)
+        if rows.numel():  # flagged rows: the float64 direct-distance answer, never the norm expansion
+            index[rows], exact = nearest_centroid_reference(xa[rows], ca)
             sqdist[rows] = exact.to(acc)
         return index, sqdist.to(x.dtype)
 
@@ -73,12 +61,28 @@ def nearest_centroid(x: Tensor, centroids: Tensor, *, backend: Optional[str] = N
             return nearest_centroid_op(x.detach(), centroids.detach())
 
 
-def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 4096):
-    """(index, sqdist) by torch.cdist + argmin, in row chunks so the (chunk, M) block fits."""
+_BLOCK = 1 << 22  # elements of one float64 block of the direct distances
+
+
+def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor):
+    """(index (N,) int64, sqdist (N,) in x's dtype): the float64 direct-distance answer,
+
+        d = ((x[:, None] - c[None]) ** 2).sum(-1) in float64;  index = d.argmin(1);  sqdist = d[i, index],
+
+    computed in bounded blocks (at most ``_BLOCK`` elements of (rows, centroids, D) at a time).
+    So ties go to the lowest index, and NaN is argmin's: a NaN distance counts as the smallest
+    (a row with a NaN gets index 0; a centroid with a NaN is every row's answer when it has the
+    lowest index of the NaN ones); Inf - Inf is NaN. This is the test oracle and the exact
+    re-check of the fused kernels' flagged rows (docs/ops.md section 5)."""
+    x64, c64 = x.double(), centroids.double()
+    N, M, D = x.shape[0], c64.shape[0], x.shape[1]
+    rows = max(1, _BLOCK // max(1, M))
+    cols = max(1, _BLOCK // max(1, min(rows, N) * D))
     index, sqdist = [], []
-    for start in range(0, x.shape[0], chunk):
-        d = torch.cdist(x[start:start + chunk], centroids) ** 2
-        i = d.argmin(dim=1)
+    for r in range(0, N, rows):
+        xr = x64[r:r + rows]
+        d = torch.cat([((xr[:, None] - c64[None, s:s + cols]) ** 2).sum(-1) for s in range(0, M, cols)], 1)
+        i = d.argmin(1)
         index.append(i)
         sqdist.append(d.gather(1, i[:, None])[:, 0])
-    return torch.cat(index), torch.cat(sqdist)
+    return torch.cat(index), torch.cat(sqdist).to(x.dtype)
