@@ -145,7 +145,10 @@ def test_every_evaluate_flag_is_checked(tmp_path, capsys, argv, flag, expected):
 
 
 @pytest.mark.parametrize("argv, flag", [(["--iterations", "0"], "--iterations"), (["--seeds", "-1"], "--seeds"),
-                                        (["--epochs", "x"], "--epochs"), (["--out", __file__], "--out")])
+                                        (["--eval-epochs", "x"], "--eval-epochs"),
+                                        (["--eval-seeds", "0"], "--eval-seeds"),
+                                        (["--metadd-fraction", "nan"], "--metadd-fraction"),
+                                        (["--robust-alpha", "2"], "--robust-alpha"), (["--out", __file__], "--out")])
 def test_demo_flags_are_checked(capsys, argv, flag):
     code, err = run_main(["demo", *argv], capsys)
     assert code == 2
