@@ -10,7 +10,8 @@ import torch
 from helpers import NUM_CLASSES, make_case
 
 import metadd_fast as mf
-from metadd_fast import backends, reference
+from metadd_fast import reference
+from metadd_fast.ops import backends
 
 BACKENDS = [b for b in ("cpp", "triton") if mf.available(b)] + ["reference"]
 
@@ -113,7 +114,7 @@ def test_cam_strided_int64_labels_give_the_right_variances(backend):
 @pytest.mark.parametrize("name", [b for b in ("cpp", "triton") if mf.available(b)])
 def test_cam_launchers_take_any_layout(name):
     """The launchers themselves (what the registered ops call) read strided inputs right."""
-    impl = backends.kernels(name)
+    impl = backends.CPP if name == "cpp" else backends.TRITON
     features, weights, labels = make_case(4, [(5, 3, 3), (4, 2, 3)], ("flatten", "linear"))
     heads = [weights[0].detach().reshape(NUM_CLASSES, 5, 9), weights[1].detach().reshape(NUM_CLASSES, 4, 1)]
     feats = [f.detach() for f in features]
@@ -172,7 +173,7 @@ def test_cvar_dual_any_layout_equals_contiguous(backend, layout):
 
 @pytest.mark.parametrize("name", [b for b in ("cpp", "triton") if mf.available(b)])
 def test_cvar_launchers_take_any_layout(name):
-    impl = backends.kernels(name)
+    impl = backends.CPP if name == "cpp" else backends.TRITON
     values, groups = torch.randn(50), torch.randint(0, 6, (50,))
     want = impl.cvar_group_stats(values, groups, 6)
     for v, g in [(_strided(values), _strided(groups.int())), (_storage_offset(values), _expanded(groups))]:
@@ -203,7 +204,7 @@ def test_nearest_centroid_any_layout_equals_contiguous(backend, layout, target):
 
 @pytest.mark.parametrize("name", [b for b in ("cpp", "triton") if mf.available(b)])
 def test_nearest_centroid_launcher_takes_any_layout(name):
-    impl = backends.kernels(name)
+    impl = backends.CPP if name == "cpp" else backends.TRITON
     x, c = torch.randn(20, 5), torch.randn(6, 5)
     cn = (c * c).sum(1)
     want = impl.nearest_centroid_forward(x, c, cn, cn.max().sqrt())
