@@ -33,7 +33,6 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from .adapters import CAMTarget, cam_target
 from .ops import backends, checks
@@ -285,10 +284,9 @@ class _Chunked(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None
+        return _no_double_backward(grad * grad_loss), None, None, None, None, None
 
 
 class _Streamed(torch.autograd.Function):
@@ -305,8 +303,19 @@ class _Streamed(torch.autograd.Function):
         return loss.detach()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         images, labels, dU = ctx.saved_tensors
         g = ctx.loss_fn.images_grad(images, labels, dU * grad, ctx.out_size, ctx.backend, ctx.amp, ctx.chunk)
-        return g, None, None, None, None, None, None
+        return _no_double_backward(g), None, None, None, None, None, None
+
+
+_NO_DOUBLE_BACKWARD = (b"MetaDDLoss(memory='stream'): double backward (the gradient of a gradient) is not implemented; "
+                       b"use memory='keep' with backend='reference' for higher-order gradients (docs/ops.md section 7)")
+
+
+def _no_double_backward(g: Tensor) -> Tensor:
+    """``g`` as it is; under create_graph=True (grad mode on in a backward), with a graph whose own
+    backward raises: a gradient of this gradient is an error, never a silent first-order result."""
+    if torch.is_grad_enabled():
+        return torch._C._functions.DelayedError(_NO_DOUBLE_BACKWARD, 1)(g.detach().requires_grad_())
+    return g
