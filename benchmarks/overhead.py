@@ -1,6 +1,6 @@
 """Per-call time of eager fused-op calls on the CPU: the dispatch overhead of the op layer.
 
-Median over many calls in one process of cvar at 50k values in 500 groups and of
+Median over many calls in one process (of the quietest block of calls) of cvar at 50k values in 500 groups and of
 cam_variance at DC CIFAR-10 IPC 1 (B = 10, the K = 4 mix of workloads_cam.py), forward
 alone and forward + backward. At these sizes the kernels take a few microseconds, so the
 figures are mostly what the Python layers, the dispatcher and autograd cost per call.
@@ -19,7 +19,9 @@ import metadd_fast as mf
 from workloads_cam import make_inputs
 
 
-def _median_us(fn, calls: int) -> float:
+def _median_us(fn, calls: int, blocks: int = 10) -> float:
+    """The lowest of the medians of ``blocks`` consecutive blocks of calls (the quietest
+    stretch: on a shared machine a block can be slowed as a whole)."""
     for _ in range(max(10, calls // 10)):  # warm-up
         fn()
     times = []
@@ -27,7 +29,8 @@ def _median_us(fn, calls: int) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    size = max(1, calls // blocks)
+    return min(statistics.median(times[i:i + size]) for i in range(0, calls, size)) * 1e6
 
 
 def cases():
@@ -58,7 +61,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000, help="timed calls per case (median reported)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.calls} calls")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, lowest median of 10 blocks of "
+          f"{args.calls // 10} calls")
     print(f"{'case':<24}{'forward us':>12}{'fwd+bwd us':>12}")
     for name, (fwd, fwd_bwd) in cases().items():
         print(f"{name:<24}{_median_us(fwd, args.calls):>12.1f}{_median_us(fwd_bwd, args.calls):>12.1f}")

@@ -7,11 +7,17 @@
 // weight row (its label, or the image index for per-sample weights):
 //   forward : A read once; writes U_k (B, Sh*Sw) and the rectified map R_k (B, H*W).
 //   backward: from dU_k and R_k writes dA once; reads A only for the weight gradient.
+//
+// Registered here: the CPU kernels of metadd_fast::cam_maps and cam_maps_backward, and the
+// autograd of cam_maps.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 
+#include <torch/library.h>
+
+#include "cam_autograd.h"
 #include "cam_common.h"
 #include "index_range.h"
 #include "ops.h"
@@ -238,5 +244,73 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> cam_maps_backward(
   }
   return {d_features, d_heads};
 }
+
+std::tuple<at::Tensor, Tensors> cam_maps_cpu(at::TensorList features, at::TensorList heads, at::TensorList rows,
+                                             c10::SymInt out_h, c10::SymInt out_w, bool relu, int64_t norm,
+                                             double eps) {
+  return cam_maps_forward(features.vec(), heads.vec(), rows.vec(), out_h.expect_int(), out_w.expect_int(), relu, norm,
+                          eps);
+}
+
+std::tuple<Tensors, Tensors> cam_maps_backward_cpu(const at::Tensor& grad, at::TensorList features,
+                                                   at::TensorList heads, at::TensorList rows, at::TensorList rects,
+                                                   c10::SymInt out_h, c10::SymInt out_w, bool relu, int64_t norm,
+                                                   double eps, const c10::List<bool>& feature_grad,
+                                                   const c10::List<bool>& head_grad) {
+  return cam_maps_backward(grad, features.vec(), heads.vec(), rows.vec(), rects.vec(), out_h.expect_int(),
+                           out_w.expect_int(), relu, norm, eps, feature_grad.vec(), head_grad.vec());
+}
+
+namespace {
+
+// The maps' gradient by cam_maps_backward (which has no derivative of its own: a clear error
+// under create_graph, registered in metadd_fast/ops/cam_maps.py).
+class CamMapsFunction : public torch::autograd::Function<CamMapsFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::TensorList features, at::TensorList heads,
+                               at::TensorList rows, c10::SymInt out_h, c10::SymInt out_w, bool relu, int64_t norm,
+                               double eps) {
+    static const auto op = op_handle<CamMapsSig>("metadd_fast::cam_maps");
+    save_dispatch_modes(ctx);
+    ctx->set_materialize_grads(false);  // only the first output has a gradient: no zeros for the others
+    auto [maps, rects] = call_below_autograd(op, features, heads, rows, out_h, out_w, relu, norm, eps);
+    save_cam(ctx, features, heads, rows, rects, at::Tensor(), {std::move(out_h), std::move(out_w), relu, norm, eps});
+    ctx->mark_non_differentiable(rects);
+    variable_list out{maps};
+    out.insert(out.end(), rects.begin(), rects.end());
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<CamMapsBackwardSig>("metadd_fast::cam_maps_backward");
+    if (!grads[0].defined()) return variable_list(3 * ctx->saved_data["k"].toInt() + 5);  // the maps were not used
+    ForwardModes modes(ctx);
+    const SavedCam s = load_cam(ctx);
+    const CamOptions& o = s.options;
+    auto [d_features, d_heads] = call_backward(op, grads[0].contiguous(), s.features, s.heads, s.rows, s.rects,
+                                               o.out_h, o.out_w, o.relu, o.norm, o.eps, s.feature_grad, s.head_grad);
+    return cam_input_grads(s, d_features, d_heads);
+  }
+};
+
+std::tuple<at::Tensor, Tensors> cam_maps_autograd(at::TensorList features, at::TensorList heads, at::TensorList rows,
+                                                  c10::SymInt out_h, c10::SymInt out_w, bool relu, int64_t norm,
+                                                  double eps) {
+  if (!records_graph(features, heads)) {
+    static const auto op = op_handle<CamMapsSig>("metadd_fast::cam_maps");
+    return call_below_autograd(op, features, heads, rows, std::move(out_h), std::move(out_w), relu, norm, eps);
+  }
+  variable_list out = CamMapsFunction::apply(features, heads, rows, std::move(out_h), std::move(out_w), relu, norm, eps);
+  return {out[0], Tensors(out.begin() + 1, out.end())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metadd_fast, CPU, m) {
+  m.impl("cam_maps", &cam_maps_cpu);
+  m.impl("cam_maps_backward", &cam_maps_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(metadd_fast, Autograd, m) { m.impl("cam_maps", &cam_maps_autograd); }
 
 }  // namespace metadd

@@ -8,11 +8,18 @@
 //              NaN ranks above everything, as in torch.sort(descending=True).
 //   cvar_values_grad: one pass over values: grad_i = g * w[group_i] / count[group_i].
 //   cvar_dual_forward/backward: eta + sum_i max(v_i - eta, 0) / (alpha N) and its gradient.
+//
+// Registered here: the CPU kernels of metadd_fast::cvar, cvar_backward, cvar_dual and
+// cvar_dual_backward, and the autograd of cvar and cvar_dual (their backward is the
+// registered backward op, on every device).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <torch/library.h>
+
+#include "autograd_util.h"
 #include "index_range.h"
 #include "ops.h"
 
@@ -274,6 +281,135 @@ std::vector<at::Tensor> cvar_dual_backward(const at::Tensor& grad, const at::Ten
   });
   at::Tensor geta = grad.to(at::kDouble) * (1.0 - above.to(at::kDouble) * scale);
   return {gv, geta.to(eta.scalar_type())};
+}
+
+namespace {
+
+at::ScalarType acc_dtype(const at::Tensor& values) {
+  return values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// metadd_fast::cvar on the CPU: (CVaR, w, counts); w per value (accumulation dtype) without
+// groups, per group (float64) with them, and counts the group sizes (empty without groups).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cvar_cpu(const at::Tensor& values, const MaybeTensor& groups,
+                                                        c10::SymInt num_groups_sym, double alpha) {
+  const at::ScalarType acc = acc_dtype(values);
+  if (!groups.has_value()) {
+    std::vector<at::Tensor> tail = cvar_tail(values.to(acc), std::nullopt, alpha);
+    return {tail[0], tail[1], at::empty({0}, values.options().dtype(at::kLong))};
+  }
+  const int64_t num_groups = num_groups_sym.expect_int();
+  at::Tensor sums, counts;
+  if (values.numel() > 0) {
+    std::vector<at::Tensor> stats = cvar_group_stats(values, *groups, num_groups);
+    sums = stats[0];
+    counts = stats[1];
+  } else {  // a rank with no values in a distributed CVaR
+    sums = at::zeros({num_groups}, values.options().dtype(at::kDouble));
+    counts = at::zeros({num_groups}, values.options().dtype(at::kLong));
+  }
+  std::vector<at::Tensor> tail = cvar_tail(sums, counts, alpha);  // over the non-empty groups' means, float64
+  return {tail[0].to(acc), tail[1], counts};
+}
+
+at::Tensor cvar_backward_cpu(const at::Tensor& grad, const at::Tensor& weights, const at::Tensor& counts,
+                             const MaybeTensor& groups, const at::Tensor& values) {
+  return cvar_values_grad(grad, weights, groups.has_value() ? MaybeTensor(counts) : std::nullopt, groups, values);
+}
+
+std::tuple<at::Tensor, at::Tensor> cvar_dual_cpu(const at::Tensor& values, const at::Tensor& eta, double alpha) {
+  std::vector<at::Tensor> out = cvar_dual_forward(values, eta, alpha);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> cvar_dual_backward_cpu(const at::Tensor& grad, const at::Tensor& values,
+                                                          const at::Tensor& eta, double alpha, const at::Tensor& above) {
+  std::vector<at::Tensor> out = cvar_dual_backward(grad, values, eta, alpha, above);
+  return {out[0], out[1]};
+}
+
+// The CVaR's gradient (docs/ops.md section 4): d values_i = g * w[g_i] / |g_i| by cvar_backward.
+class CVaRFunction : public torch::autograd::Function<CVaRFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& values, const MaybeTensor& groups,
+                               c10::SymInt num_groups, double alpha) {
+    static const auto op = op_handle<CVaRSig>("metadd_fast::cvar");
+    save_dispatch_modes(ctx);
+    ctx->set_materialize_grads(false);  // only the first output has a gradient: no zeros for the others
+    auto [loss, w, counts] = call_below_autograd(op, values, groups, std::move(num_groups), alpha);
+    ctx->save_for_backward({values, groups.value_or(at::Tensor()), w, counts});
+    ctx->saved_data["grouped"] = groups.has_value();
+    ctx->mark_non_differentiable({w, counts});
+    return {loss, w, counts};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<CVaRBackwardSig>("metadd_fast::cvar_backward");
+    if (!grads[0].defined()) return variable_list(4);  // the CVaR was not used
+    ForwardModes modes(ctx);
+    const variable_list saved = ctx->get_saved_variables();
+    const MaybeTensor groups = ctx->saved_data["grouped"].toBool() ? MaybeTensor(saved[1]) : std::nullopt;
+    at::Tensor d_values = call_backward(op, grads[0].contiguous(), saved[2], saved[3], groups, saved[0]);
+    return {d_values, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cvar_autograd(const at::Tensor& values, const MaybeTensor& groups,
+                                                             c10::SymInt num_groups, double alpha) {
+  if (!records_graph(values)) {
+    static const auto op = op_handle<CVaRSig>("metadd_fast::cvar");
+    return call_below_autograd(op, values, groups, std::move(num_groups), alpha);
+  }
+  variable_list out = CVaRFunction::apply(values, groups, std::move(num_groups), alpha);
+  return {out[0], out[1], out[2]};
+}
+
+// cvar_dual's gradient in values and eta by cvar_dual_backward.
+class CVaRDualFunction : public torch::autograd::Function<CVaRDualFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& values, const at::Tensor& eta, double alpha) {
+    static const auto op = op_handle<CVaRDualSig>("metadd_fast::cvar_dual");
+    save_dispatch_modes(ctx);
+    ctx->set_materialize_grads(false);  // only the first output has a gradient: no zeros for the others
+    auto [loss, above] = call_below_autograd(op, values, eta, alpha);
+    ctx->save_for_backward({values, eta, above});
+    ctx->saved_data["alpha"] = alpha;
+    ctx->mark_non_differentiable({above});
+    return {loss, above};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<CVaRDualBackwardSig>("metadd_fast::cvar_dual_backward");
+    if (!grads[0].defined()) return variable_list(3);  // the loss was not used
+    ForwardModes modes(ctx);
+    const variable_list saved = ctx->get_saved_variables();
+    auto [d_values, d_eta] =
+        call_backward(op, grads[0].contiguous(), saved[0], saved[1], ctx->saved_data["alpha"].toDouble(), saved[2]);
+    return {d_values, d_eta, at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> cvar_dual_autograd(const at::Tensor& values, const at::Tensor& eta, double alpha) {
+  if (!records_graph(values, eta)) {
+    static const auto op = op_handle<CVaRDualSig>("metadd_fast::cvar_dual");
+    return call_below_autograd(op, values, eta, alpha);
+  }
+  variable_list out = CVaRDualFunction::apply(values, eta, alpha);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metadd_fast, CPU, m) {
+  m.impl("cvar", &cvar_cpu);
+  m.impl("cvar_backward", &cvar_backward_cpu);
+  m.impl("cvar_dual", &cvar_dual_cpu);
+  m.impl("cvar_dual_backward", &cvar_dual_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(metadd_fast, Autograd, m) {
+  m.impl("cvar", &cvar_autograd);
+  m.impl("cvar_dual", &cvar_dual_autograd);
 }
 
 }  // namespace metadd

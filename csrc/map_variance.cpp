@@ -2,9 +2,15 @@
 //
 // U (K, B, P) in float32 or float64: v[b] = (1/P) sum_p (1/K) sum_k (U[k,b,p] - m[b,p])^2,
 // m the mean over k. Two passes over k per pixel (mean, then squared deviations).
+//
+// Registered here: the CPU kernels of metadd_fast::map_variance and map_variance_backward,
+// and the autograd of map_variance.
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 
+#include <torch/library.h>
+
+#include "autograd_util.h"
 #include "cam_common.h"
 #include "ops.h"
 
@@ -81,5 +87,43 @@ at::Tensor map_variance_backward(const at::Tensor& grad_v, const at::Tensor& map
   AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "map_variance_backward", [&] { map_variance_backward_impl<scalar_t>(grad, U, gU); });
   return gU;
 }
+
+namespace {
+
+// dU = g_b * 2/(K P) (U - mean_k U) by map_variance_backward, whose own derivative is
+// registered too (metadd_fast/ops/map_variance.py): differentiable to any order.
+class MapVarianceFunction : public torch::autograd::Function<MapVarianceFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& maps) {
+    static const auto op = op_handle<MapVarianceSig>("metadd_fast::map_variance");
+    save_dispatch_modes(ctx);
+    at::Tensor v = call_below_autograd(op, maps);
+    ctx->save_for_backward({maps});
+    return {v};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<MapVarianceBackwardSig>("metadd_fast::map_variance_backward");
+    ForwardModes modes(ctx);
+    return {call_backward(op, grads[0].contiguous(), ctx->get_saved_variables()[0])};
+  }
+};
+
+at::Tensor map_variance_autograd(const at::Tensor& maps) {
+  if (!records_graph(maps)) {
+    static const auto op = op_handle<MapVarianceSig>("metadd_fast::map_variance");
+    return call_below_autograd(op, maps);
+  }
+  return MapVarianceFunction::apply(maps)[0];
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metadd_fast, CPU, m) {
+  m.impl("map_variance", &map_variance_forward);
+  m.impl("map_variance_backward", &map_variance_backward);
+}
+
+TORCH_LIBRARY_IMPL(metadd_fast, Autograd, m) { m.impl("map_variance", &map_variance_autograd); }
 
 }  // namespace metadd

@@ -12,9 +12,14 @@
 // of the expansion, 4 (D + 2) u (2 ||x|| cmax + cmax^2), so the caller must settle that
 // row exactly. Ties, NaN, Inf and overflow (huge coordinates) all land there: the gap or
 // the bound is then 0, NaN or Inf.
+//
+// Registered here: the CPU kernel of metadd_fast::nearest_centroid, which settles the flagged
+// rows with float64 direct distances (never the expansion), row by row in O(1) memory.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+
+#include <torch/library.h>
 
 #include "ops.h"
 
@@ -22,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace metadd {
@@ -141,5 +147,59 @@ std::vector<at::Tensor> nearest_centroid_forward(const at::Tensor& x_in, const a
   });
   return {index, sqdist, refine};
 }
+
+namespace {
+
+// Row i's float64 direct-distance answer: argmin_j sum_d (x_id - c_jd)^2 as torch.argmin takes
+// it (ties: the lowest j; a NaN distance is the smallest, the first NaN wins), and that distance.
+template <typename acc_t>
+std::pair<int64_t, double> exact_nearest(const acc_t* x, const acc_t* c, int64_t M, int64_t D) {
+  int64_t best_j = 0;
+  double best = std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < M; ++j) {
+    const acc_t* cj = c + j * D;
+    double d2 = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const double diff = static_cast<double>(x[d]) - static_cast<double>(cj[d]);
+      d2 += diff * diff;
+    }
+    if (std::isnan(d2)) return {j, d2};  // the first NaN is argmin's answer
+    if (d2 < best) best = d2, best_j = j;
+  }
+  return {best_j, best};
+}
+
+// metadd_fast::nearest_centroid on the CPU: (index (N,) int64, sqdist (N,) in x's dtype),
+// computed in the accumulation dtype (float64 if x or the centroids are, else float32).
+std::tuple<at::Tensor, at::Tensor> nearest_centroid_cpu(const at::Tensor& x, const at::Tensor& centroids) {
+  const at::ScalarType acc =
+      x.scalar_type() == at::kDouble || centroids.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor xa = x.to(acc).contiguous(), ca = centroids.to(acc).contiguous();
+  const at::Tensor cn = (ca * ca).sum(1);
+  std::vector<at::Tensor> out = nearest_centroid_forward(xa, ca, cn, cn.max().sqrt());
+  at::Tensor index = out[0], sqdist = out[1];
+  const at::Tensor rows = out[2].nonzero().flatten();
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t M = ca.size(0), D = ca.size(1);
+  AT_DISPATCH_FLOATING_TYPES(acc, "nearest_centroid_exact", [&] {
+    const scalar_t* xp = xa.data_ptr<scalar_t>();
+    const scalar_t* cp = ca.data_ptr<scalar_t>();
+    int64_t* ip = index.data_ptr<int64_t>();
+    scalar_t* sp = sqdist.data_ptr<scalar_t>();
+    at::parallel_for(0, rows.numel(), 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t i = rp[r];
+        const auto [j, d2] = exact_nearest(xp + i * D, cp, M, D);
+        ip[i] = j;
+        sp[i] = static_cast<scalar_t>(d2);
+      }
+    });
+  });
+  return {index, sqdist.to(x.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metadd_fast, CPU, m) { m.impl("nearest_centroid", &nearest_centroid_cpu); }
 
 }  // namespace metadd

@@ -63,6 +63,7 @@ class CAMTarget:
     def __init__(self, model: nn.Module, layer: Optional[nn.Module], head: Optional[nn.Module]):
         self.model, self.layer, self.head = model, layer, head
         self.kind: Optional[str] = None
+        self.weights_vary: Optional[bool] = None  # whether Grad-CAM weights depend on A (decided by probe)
         self.name = type(model).__name__  # in messages; MetaDDLoss names it models[k] (Class)
 
     def __repr__(self) -> str:
@@ -103,6 +104,24 @@ class CAMTarget:
                              f"got shape {tuple(A.shape)}")
         _check_map(self.name, A, images.shape[2:])
         self.kind = _head_kind(_last_linear(self.head), A, logits)
+        self.weights_vary = self._gradcam_weights_vary(images)
+
+    def _gradcam_weights_vary(self, images: Tensor) -> bool:
+        """Whether the Grad-CAM weights depend on A. They do not (almost everywhere) when the
+        part of the network after A is piecewise linear in A (linear layers, ReLU, max-pooling,
+        flatten, and dropout and batch norm in eval mode): the score's gradient is then piecewise
+        constant, so the weights' derivative is zero and taking them as constants changes no
+        gradient while sparing the second-order graph through the head. Checked numerically on
+        the probe batch: the derivative of a fixed random projection of the weights is exactly zero."""
+        with torch.enable_grad():
+            A, logits = self.run(images, leaf=True)
+            w = self.gradcam_weights(A, logits, logits.argmax(1), create_graph=True)
+            if not w.requires_grad:
+                return False
+            g = torch.Generator(device=w.device).manual_seed(0)
+            v = torch.randn(w.shape, generator=g, device=w.device, dtype=w.dtype)
+            (d,) = torch.autograd.grad((w * v).sum(), A, allow_unused=True)
+        return d is not None and bool((d != 0).any())
 
     def head_weight(self, A: Tensor) -> Tensor:
         """The class-indexed head weight, detached (the network is frozen): (N, C) for
@@ -111,9 +130,11 @@ class CAMTarget:
         return w if self.kind == "linear" else w.reshape(w.shape[0], *A.shape[1:])
 
     def gradcam_weights(self, A: Tensor, logits: Tensor, labels: Tensor, create_graph: bool) -> Tensor:
-        """(B, C) Grad-CAM channel weights: the spatial mean of d logit[y] / d A."""
+        """(B, C) Grad-CAM channel weights: the spatial mean of d logit[y] / d A. With
+        ``create_graph`` they keep a graph back to A, unless the probe found that they do not
+        depend on A (``weights_vary`` False: a piecewise-linear head)."""
         score = logits.gather(1, labels[:, None]).sum()
-        (grad,) = torch.autograd.grad(score, A, create_graph=create_graph)
+        (grad,) = torch.autograd.grad(score, A, create_graph=create_graph and self.weights_vary is not False)
         return grad.mean(dim=(2, 3))
 
 

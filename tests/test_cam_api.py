@@ -75,6 +75,7 @@ def test_label_range_checked_by_every_backend(case):
 
 def test_missing_backend_warns_and_falls_back(case, monkeypatch):
     monkeypatch.setitem(backends._LOADED, "cpp", ImportError("not built"))
+    monkeypatch.delitem(backends._DEFAULT, "cpu")
     with pytest.warns(RuntimeWarning, match="falling back to the reference"):
         out = _call(*case)
     ref = reference.cam_variance(as_float64(case[0]), as_float64(case[1]), case[2])

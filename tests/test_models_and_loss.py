@@ -73,6 +73,35 @@ def test_torchvision_models_where_installed():
         assert target.kind == kind
 
 
+def _smooth_head_net():
+    """A Grad-CAM network whose head is smooth in A (GELU): its Grad-CAM weights depend on A."""
+    return nn.Sequential(nn.Conv2d(3, 6, 3, stride=4, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 8 * 8, 16), nn.GELU(),
+                         nn.Linear(16, 10))
+
+
+@pytest.mark.parametrize("memory", ["keep", "stream"])
+def test_gradcam_weights_taken_as_constants_only_for_piecewise_linear_heads(memory):
+    """LeNet's ReLU MLP head: the weights' derivative is zero almost everywhere, so no second-order
+    graph is kept, and the image gradient equals the one that keeps it; a GELU head keeps it."""
+    torch.manual_seed(3)
+    lenet = get_model("LeNet", 3, 10, (32, 32)).double()
+    smooth = _smooth_head_net().double()
+    convnet = get_model("ConvNetD1", 3, 10, (32, 32)).double()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 10, (4,))
+    for net, varies in ((lenet, False), (smooth, True)):
+        loss = mf.MetaDDLoss([net, convnet], memory=memory, chunk_size=3)
+        (got,) = torch.autograd.grad(loss(x, y) * 1.7, x)
+        assert loss.targets[0].kind == "gradcam" and loss.targets[0].weights_vary is varies
+        loss.targets[0].weights_vary = True  # the full second-order graph through the head
+        (want,) = torch.autograd.grad(loss(x, y) * 1.7, x)
+        assert rel_err(got, want) <= 1e-12
+    probe, target = torch.randn(2, 3, 32, 32), cam_target(_smooth_head_net())
+    rng = torch.random.get_rng_state()
+    target.probe(probe)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the probe draws from its own generator
+
+
 def _zoo(names, dtype=torch.float64, channel=3, size=24):
     torch.manual_seed(7)
     return [get_model(n, channel, 10, (size, size)).to(dtype) for n in names]

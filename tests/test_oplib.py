@@ -1,7 +1,7 @@
 """The op layer (metadd_fast.ops, docs/ops.md section 8): every op registered with torch.library
-when the package is imported, per-device kernels, fake kernels, one autograd formula, the
-eager fast path equal to the registered op, backend="triton" on CPU kept through the
-backward, double backward, opcheck, meta/fake tensors and torch.compile in a fresh process."""
+when the package is imported, per-device kernels, fake kernels, one autograd (C++, one node
+per call, on every device), backend="triton" on CPU kept through the backward, double
+backward, opcheck, meta/fake tensors and torch.compile in a fresh process."""
 import os
 import re
 import subprocess
@@ -14,7 +14,7 @@ from helpers import make_case
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import metadd_fast as mf
-from metadd_fast.ops import backends, registry
+from metadd_fast.ops import backends
 from metadd_fast.ops.cam_maps import cam_maps_op, prepare_inputs
 from metadd_fast.ops.cam_variance import cam_variance_op
 from metadd_fast.ops.cvar import cvar_dual_op, cvar_op
@@ -34,21 +34,6 @@ def _cam_args(dtype=torch.float32):
     return (features, heads, rows, 4, 4, True, 2, 1e-8)
 
 
-def _leaves(args):
-    out = []
-    for a in args:
-        items = a if isinstance(a, list) else [a]
-        out += [t for t in items if isinstance(t, torch.Tensor) and t.requires_grad]
-    return out
-
-
-def _run(call, args, weight):
-    out = call(*args)
-    first = out[0] if isinstance(out, tuple) else out
-    grads = torch.autograd.grad((first * weight).sum(), _leaves(args))
-    return first.detach(), grads
-
-
 def _cases():
     g = torch.Generator().manual_seed(3)
     values = torch.randn(40, generator=g, requires_grad=True)
@@ -56,12 +41,12 @@ def _cases():
     maps = torch.rand(3, 5, 16, generator=g, requires_grad=True)
     eta = torch.tensor(0.2, requires_grad=True)
     return [
-        (cam_maps_op, _cam_args()),
-        (cam_variance_op, _cam_args()),
-        (map_variance_op, (maps,)),
-        (cvar_op, (values, groups, 7, 0.3)),
-        (cvar_op, (values, None, 0, 0.3)),
-        (cvar_dual_op, (values, eta, 0.3)),
+        (cam_maps_op, _cam_args(), "CamMapsFunction"),
+        (cam_variance_op, _cam_args(), "CamVarianceFunction"),
+        (map_variance_op, (maps,), "MapVarianceFunction"),
+        (cvar_op, (values, groups, 7, 0.3), "CVaRFunction"),
+        (cvar_op, (values, None, 0, 0.3), "CVaRFunction"),
+        (cvar_dual_op, (values, eta, 0.3), "CVaRDualFunction"),
     ]
 
 
@@ -71,73 +56,72 @@ def test_every_op_is_registered_at_import():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA"), name
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Meta"), name
+        if name != "nearest_centroid":  # no gradient flows through it
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "Autograd"), name
 
 
 @pytest.mark.parametrize("index", range(6))
-def test_eager_path_equals_registered_op(fused_backend, index):
-    fused_op, args = _cases()[index]
-    with registry.dispatch_context(fused_backend, torch.device("cpu")):
-        want_out = fused_op.op(*args)
-    first = want_out[0] if isinstance(want_out, tuple) else want_out
-    weight = torch.randn(first.shape)  # a grad_output other than 1
-    with registry.dispatch_context(fused_backend, torch.device("cpu")):
-        want = _run(fused_op.op, args, weight)
-        got = _run(fused_op, args, weight)
-    assert torch.isfinite(want[0]).all()
-    assert torch.equal(got[0], want[0])
-    assert len(got[1]) == len(want[1]) > 0
-    for a, b in zip(got[1], want[1]):
-        assert torch.isfinite(b).all() and torch.equal(a, b)
+def test_autograd_is_one_cpp_node(index):
+    """Every differentiable op records one C++ node (registered by metadd_fast._C, whatever the
+    device), and none when nothing needs a gradient."""
+    op, args, node = _cases()[index]
+    out = op.op(*args)
+    out = out if isinstance(out, tuple) else (out,)
+    assert out[0].grad_fn.name() == f"torch::autograd::CppNode<metadd::(anonymous namespace)::{node}>"
+    rest = [t for x in out[1:] for t in (x if isinstance(x, list) else [x])]
+    assert all(t.grad_fn is None and not t.requires_grad for t in rest)
+    with torch.no_grad():
+        first = op.op(*args)
+        assert (first[0] if isinstance(first, tuple) else first).grad_fn is None
 
 
-def test_eager_path_only_without_tracing():
-    x = torch.randn(3)
-    assert registry.untraced([x, 2, None, "cpp"])
-    with FakeTensorMode() as mode:
-        fake = mode.from_tensor(x)
-        assert not registry.untraced([fake])
-        assert not registry.untraced([x])  # any dispatch mode sends calls to the registered op
-
-
-def test_flatten_round_trip():
-    args = ([1, 2], 3, None, [], "s")
-    layout, flat = registry._flatten(args)
-    assert registry._unflatten(layout, flat) == ([1, 2], 3, None, [], "s")
-    assert registry._flatten_grads(layout, ([4, 5], None, None, None, None)) == [4, 5, None, None, None]
-    assert registry._flatten_grads(layout, (None, 6, None, [], None)) == [None, None, 6, None, None]
+def test_unused_outputs_get_no_materialized_gradients():
+    """Only the first output carries a gradient: a backward that reaches the node with no
+    gradient for it gives no gradient (and no zeros are made for the others)."""
+    values = torch.randn(10, requires_grad=True)
+    loss, w, counts = cvar_op.op(values, torch.randint(0, 3, (10,)), 3, 0.5)
+    (g,) = torch.autograd.grad(loss * 2.0, values)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
 def _spy(monkeypatch, calls):
-    for name, ns in (("cpp", backends.CPP), ("triton", backends.TRITON)):
-        for fn in ("cam_maps_forward", "cam_maps_backward", "cvar_group_stats", "cvar_tail", "cvar_values_grad"):
-            real = getattr(ns, fn)
-            monkeypatch.setattr(ns, fn, lambda *a, _real=real, _tag=(name, fn): calls.append(_tag) or _real(*a))
+    for fn in ("cam_maps_forward", "cam_maps_backward", "cvar_group_stats", "cvar_tail", "cvar_values_grad"):
+        real = getattr(backends.TRITON, fn)
+        monkeypatch.setattr(backends.TRITON, fn, lambda *a, _real=real, _fn=fn: calls.append(_fn) or _real(*a))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
-def test_forced_backend_runs_forward_and_backward(monkeypatch, backend):
-    """backend="triton" on CPU tensors stays on the Triton kernels in the backward too, which
-    runs after the forward has returned; backend="cpp" (and the default) never touches them."""
-    calls = []
-    _spy(monkeypatch, calls)
+def _cam_and_cvar(backend):
+    torch.manual_seed(0)
     features, weights, labels = make_case(3, [(4, 3, 3), (5, 2, 2)], ("flatten", "linear"))
     values = torch.randn(12, requires_grad=True)
     groups = torch.randint(0, 3, (12,))
     loss = mf.cam_variance(features, weights, labels, backend=backend) + mf.cvar(values, 0.5, groups, 3,
                                                                                    backend=backend)
-    assert calls and {b for b, _ in calls} == {backend}
-    calls.clear()
-    loss.backward()
-    assert {fn for _, fn in calls} == {"cam_maps_backward", "cvar_values_grad"}
-    assert {b for b, _ in calls} == {backend}
+    return loss, features + [values]
 
 
-def test_default_backend_on_cpu_is_cpp(monkeypatch):
+def test_forced_triton_runs_forward_and_backward(monkeypatch):
+    """backend="triton" on CPU tensors stays on the Triton kernels in the backward too, which
+    runs after the forward (and its dispatch mode) has returned, and gives the C++ answer."""
     calls = []
     _spy(monkeypatch, calls)
-    features, weights, labels = make_case(3, [(4, 3, 3), (5, 2, 2)], ("flatten", "linear"))
-    mf.cam_variance(features, weights, labels).backward()
-    assert calls and {b for b, _ in calls} == {"cpp"}
+    loss, leaves = _cam_and_cvar("triton")
+    assert {"cam_maps_forward", "cvar_group_stats", "cvar_tail"} <= set(calls)
+    calls.clear()
+    got = torch.autograd.grad(loss, leaves)
+    assert set(calls) == {"cam_maps_backward", "cvar_values_grad"}
+    want_loss, want_leaves = _cam_and_cvar("cpp")
+    want = torch.autograd.grad(want_loss, want_leaves)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("backend", ["cpp", None])
+def test_cpp_and_default_never_touch_triton(monkeypatch, backend):
+    calls = []
+    _spy(monkeypatch, calls)
+    loss, leaves = _cam_and_cvar(backend)
+    torch.autograd.grad(loss, leaves)
+    assert calls == []
 
 
 def _opcheck_cases():

@@ -1,8 +1,8 @@
 """The kernels behind the ops, per device, and what ``backend=`` selects (docs/ops.md section 8).
 
-Each op has one CPU kernel (the C++ functions of ``metadd_fast._C``) and one CUDA kernel
-(the Triton launchers of ``metadd_fast.kernels``), both loaded when the package is
-imported. ``backend=None`` lets the dispatcher pick by device; ``"cpp"`` and
+Each op has one CPU kernel (C++, registered by ``metadd_fast._C``) and one CUDA kernel
+(built on the Triton launchers of ``metadd_fast.kernels``), both loaded when the package
+is imported; the launcher namespaces below are those of both devices. ``backend=None`` lets the dispatcher pick by device; ``"cpp"`` and
 ``"triton"`` only check that the device matches, except that ``"triton"`` on CPU
 tensors (the Triton interpreter, ``TRITON_INTERPRET=1``) runs the Triton kernels under
 :class:`~metadd_fast.ops.registry.TritonOnCPU`; ``"reference"`` runs plain PyTorch.
@@ -29,7 +29,9 @@ def _load_cpp():
     return _C
 
 
-def _load_triton():
+def _load_triton(cpp):
+    if isinstance(cpp, ImportError):  # the ops' autograd, on every device, is registered by metadd_fast._C
+        return ImportError(f"metadd_fast._C, which registers the ops' autograd, is not built: {cpp}")
     try:
         from metadd_fast.kernels import LAUNCHER_MODULES
     except ImportError as err:  # triton not installed
@@ -38,9 +40,14 @@ def _load_triton():
 
 
 # The launcher namespaces (same function names and signatures in both), or the ImportError.
+# Importing metadd_fast._C registers the CPU kernels and the autograd of the ops (csrc/<op>.cpp).
 CPP = _load_cpp()
-TRITON = _load_triton()
+TRITON = _load_triton(CPP)
 _LOADED = {"cpp": CPP, "triton": TRITON}
+
+
+# backend=None on CPU and CUDA tensors, where those kernels are available.
+_DEFAULT = {device: name for device, name in (("cpu", "cpp"), ("cuda", "triton")) if not isinstance(_LOADED[name], ImportError)}
 
 
 def available(name: str) -> bool:
@@ -65,6 +72,8 @@ def resolve(backend: Optional[str], device: torch.device) -> str:
     cannot run raises a ValueError (wrong device) or RuntimeError (not installed).
     """
     if backend is None:
+        if device.type in _DEFAULT:  # the common case, without a call
+            return _DEFAULT[device.type]
         if device.type == "meta":  # shapes only: the ops' fake kernels
             return "meta"
         name = "triton" if device.type == "cuda" else "cpp" if device.type == "cpu" else None

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import backends, checks
 from .cam_args import NORM_CODES, CamArgs, check_label_range, parse_cam_args, parse_cam_part
-from .registry import FusedOp, KernelOp, dispatch_context, not_twice_differentiable
+from .registry import KernelOp, dispatch_context, not_twice_differentiable, register_double_backward
 
 __all__ = ["class_activation_maps", "cam_maps_of_parts"]
 
@@ -43,7 +43,7 @@ def cam_maps_backward_fake(grad, features, heads, rows, rects, out_h, out_w, rel
     return d_features, d_heads
 
 
-cam_maps_kernel = KernelOp("cam_maps", f"({MAPS_SCHEMA_ARGS}) -> (Tensor, Tensor[])",
+cam_maps_op = KernelOp("cam_maps", f"({MAPS_SCHEMA_ARGS}) -> (Tensor, Tensor[])",
                            lambda k: lambda *args: tuple(k.cam_maps_forward(*args)), cam_maps_fake)
 cam_maps_backward = KernelOp(
     "cam_maps_backward",
@@ -52,40 +52,7 @@ cam_maps_backward = KernelOp(
     lambda k: lambda *args: tuple(k.cam_maps_backward(*args)), cam_maps_backward_fake)
 
 
-def save_maps(ctx, inputs, rects, *extra):
-    """Saves what a CAM backward needs: the inputs, the rectified maps R_k and ``extra`` tensors."""
-    features, heads, rows, out_h, out_w, relu, norm, eps = inputs
-    ctx.save_for_backward(*rows, *features, *heads, *rects, *extra)
-    ctx.k = len(features)
-    ctx.args = (out_h, out_w, relu, norm, eps)
-    ctx.feature_grad = [f.requires_grad for f in features]
-    ctx.head_grad = [h.requires_grad for h in heads]
-
-
-def maps_grads(ctx, backward, *grad) -> tuple:
-    """The one gradient formula of the CAM ops (docs/ops.md section 1): gradients of the op's
-    arguments by ``backward`` (a CAM backward taking ``grad`` and then the saved features,
-    heads, rows, R_k and arguments)."""
-    k = ctx.k
-    saved = ctx.saved_tensors
-    rows, features, heads, rest = saved[:k], saved[k:2 * k], saved[2 * k:3 * k], saved[3 * k:]
-    d_features, d_heads = backward(*grad, list(features), list(heads), list(rows), list(rest[:k]), *ctx.args,
-                                   ctx.feature_grad, ctx.head_grad)
-    d_features = [d if need else None for d, need in zip(d_features, ctx.feature_grad)]
-    d_heads = [d if need else None for d, need in zip(d_heads, ctx.head_grad)]
-    return d_features, d_heads, [None] * k, None, None, None, None, None
-
-
-def _cam_maps_setup(ctx, inputs, output):
-    save_maps(ctx, inputs, output[1])
-
-
-def _cam_maps_grad(ctx, backward, grad_maps, grad_rects):
-    return maps_grads(ctx, backward, grad_maps.contiguous())
-
-
-cam_maps_op = FusedOp(cam_maps_kernel, cam_maps_backward, _cam_maps_setup, _cam_maps_grad,
-                      *not_twice_differentiable("cam_maps"))
+register_double_backward(cam_maps_backward, *not_twice_differentiable("cam_maps"))
 
 
 def check_map_size(features: Sequence[Tensor], out_size: tuple, backend: Optional[str], name: str) -> str:

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from .cam_args import NORM_CODES, REDUCTIONS, parse_cam_args
 from .cam_maps import (MAPS_SCHEMA_ARGS, backend_for, cam_maps_backward_fake, cam_maps_fake, cam_maps_reference,
-                       fused_inputs, maps_grads, save_maps)
+                       fused_inputs)
 from .checks import choice
-from .registry import FusedOp, KernelOp, dispatch_context, not_twice_differentiable
+from .registry import KernelOp, dispatch_context, not_twice_differentiable, register_double_backward
 
 __all__ = ["cam_variance", "CAMVariance"]
 
@@ -46,7 +46,7 @@ def _backward_fake(grad, maps, *args):
     return cam_maps_backward_fake(maps, *args)
 
 
-cam_variance_kernel = KernelOp("cam_variance", f"({MAPS_SCHEMA_ARGS}) -> (Tensor, Tensor, Tensor[])", _kernel, _fake)
+cam_variance_op = KernelOp("cam_variance", f"({MAPS_SCHEMA_ARGS}) -> (Tensor, Tensor, Tensor[])", _kernel, _fake)
 cam_variance_backward = KernelOp(
     "cam_variance_backward",
     "(Tensor grad, Tensor maps, Tensor[] features, Tensor[] heads, Tensor[] rows, Tensor[] rects, SymInt out_h, "
@@ -54,16 +54,7 @@ cam_variance_backward = KernelOp(
     _backward_kernel, _backward_fake)
 
 
-def _setup(ctx, inputs, output):
-    save_maps(ctx, inputs, output[2], output[1])
-
-
-def _grad(ctx, backward, grad, grad_maps, grad_rects):
-    return maps_grads(ctx, backward, grad.contiguous(), ctx.saved_tensors[-1])
-
-
-cam_variance_op = FusedOp(cam_variance_kernel, cam_variance_backward, _setup, _grad,
-                          *not_twice_differentiable("cam_variance"))
+register_double_backward(cam_variance_backward, *not_twice_differentiable("cam_variance"))
 
 
 def cam_variance(
@@ -91,7 +82,7 @@ def cam_variance(
         return cam_variance_reference(args.features, args.weights, args.labels, out_size=args.out_size, relu=relu,
                                       norm=norm, eps=args.eps, reduction=reduction)
     with dispatch_context(name, args.device):
-        v, _, _ = cam_variance_op(*fused_inputs(args), *args.out_size, args.relu, NORM_CODES[args.norm], args.eps)
+        v, _, _ = cam_variance_op.op(*fused_inputs(args), *args.out_size, args.relu, NORM_CODES[args.norm], args.eps)
     if reduction == "mean":
         return v.mean()
     if reduction == "sum":

@@ -5,8 +5,8 @@
   over the values for the group statistics, then the tail selection over the n
   group means (or the N values).
 - ``metadd_fast::cvar_backward``: one pass over the values: d values_i = g * w[g_i] / |g_i|.
-  This is the one CVaR gradient: the eager path, torch.compile and the distributed CVaR
-  all call it.
+  This is the one CVaR gradient: the C++ autograd of ``cvar`` (csrc/cvar.cpp, every
+  device), torch.compile and the distributed CVaR all call it.
 - ``metadd_fast::cvar_dual`` / ``cvar_dual_backward``: the Rockafellar-Uryasev form.
 
 Both backwards are linear in the upstream gradient and piecewise constant in the values,
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import backends, checks
 from .cam_variance import cam_variance, cam_variance_reference
-from .registry import FusedOp, KernelOp, device_kernels, dispatch_context, linear_in_grad
+from .registry import KernelOp, device_kernels, dispatch_context, linear_in_grad, register_double_backward
 
 __all__ = ["cvar", "cvar_dual", "metacam_cvar", "CVaR"]
 
@@ -114,24 +114,12 @@ def _cvar_backward_kernel(impl):
     return cvar_backward
 
 
-cvar_kernel = KernelOp("cvar", "(Tensor values, Tensor? groups, SymInt num_groups, float alpha) -> (Tensor, Tensor, Tensor)",
-                       lambda impl: functools.partial(cvar_forward, impl), _cvar_fake)
+cvar_op = KernelOp("cvar", "(Tensor values, Tensor? groups, SymInt num_groups, float alpha) -> (Tensor, Tensor, Tensor)",
+                   lambda impl: functools.partial(cvar_forward, impl), _cvar_fake)
 cvar_backward = KernelOp("cvar_backward",
                          "(Tensor grad, Tensor weights, Tensor counts, Tensor? groups, Tensor values) -> Tensor",
                          _cvar_backward_kernel, lambda grad, weights, counts, groups, values: torch.empty_like(values))
-
-
-def _cvar_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1], output[1], output[2])
-
-
-def cvar_grad(ctx, backward, grad, *unused):
-    """The one CVaR gradient formula (docs/ops.md section 4), by ``backward`` (cvar_backward's arguments)."""
-    values, groups, w, counts = ctx.saved_tensors
-    return backward(grad.contiguous(), w, counts, groups, values), None, None, None
-
-
-cvar_op = FusedOp(cvar_kernel, cvar_backward, _cvar_setup, cvar_grad, *linear_in_grad("cvar_backward"))
+register_double_backward(cvar_backward, *linear_in_grad("cvar_backward"))
 
 
 class _DistributedCVaR(torch.autograd.Function):
@@ -162,9 +150,9 @@ class _DistributedCVaR(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        name = "triton" if ctx.triton_on_cpu else None
-        with dispatch_context(name, grad.device):
-            return (*cvar_grad(ctx, cvar_backward.op, grad), None)
+        values, groups, w, counts = ctx.saved_tensors
+        with dispatch_context("triton" if ctx.triton_on_cpu else None, grad.device):
+            return cvar_backward(grad.contiguous(), w, counts, groups, values), None, None, None, None
 
 
 def cvar(values: Tensor, alpha: float, groups: Optional[Tensor] = None, num_groups: Optional[int] = None, *,
@@ -192,7 +180,7 @@ def cvar(values: Tensor, alpha: float, groups: Optional[Tensor] = None, num_grou
     if name == "reference":
         return cvar_reference(values, alpha, groups, num_groups)
     with dispatch_context(name, values.device):
-        loss, _, _ = cvar_op(values, groups, num_groups, alpha)
+        loss, _, _ = cvar_op.op(values, groups, num_groups, alpha)
     return loss
 
 
@@ -215,27 +203,12 @@ def _cvar_dual_fake(values, eta, alpha):
     return values.new_empty((), dtype=acc), values.new_empty((), dtype=acc)
 
 
-cvar_dual_kernel = KernelOp("cvar_dual", "(Tensor values, Tensor eta, float alpha) -> (Tensor, Tensor)",
-                            _cvar_dual_kernel, _cvar_dual_fake)
+cvar_dual_op = KernelOp("cvar_dual", "(Tensor values, Tensor eta, float alpha) -> (Tensor, Tensor)",
+                        _cvar_dual_kernel, _cvar_dual_fake)
 cvar_dual_backward = KernelOp(
     "cvar_dual_backward", "(Tensor grad, Tensor values, Tensor eta, float alpha, Tensor above) -> (Tensor, Tensor)",
     _cvar_dual_backward_kernel, lambda grad, values, eta, alpha, above: (torch.empty_like(values), torch.empty_like(eta)))
-
-
-def _cvar_dual_setup(ctx, inputs, output):
-    values, eta, alpha = inputs
-    ctx.save_for_backward(values, eta, output[1])
-    ctx.alpha = alpha
-
-
-def _cvar_dual_grad(ctx, backward, grad, grad_above):
-    values, eta, above = ctx.saved_tensors
-    d_values, d_eta = backward(grad.contiguous(), values, eta, ctx.alpha, above)
-    return d_values, d_eta, None
-
-
-cvar_dual_op = FusedOp(cvar_dual_kernel, cvar_dual_backward, _cvar_dual_setup, _cvar_dual_grad,
-                       *linear_in_grad("cvar_dual_backward"))
+register_double_backward(cvar_dual_backward, *linear_in_grad("cvar_dual_backward"))
 
 
 def cvar_dual(values: Tensor, eta, alpha: float, *, backend: Optional[str] = None) -> Tensor:
@@ -258,7 +231,7 @@ def cvar_dual(values: Tensor, eta, alpha: float, *, backend: Optional[str] = Non
     if name == "reference":
         return cvar_dual_reference(values, eta.reshape(()), alpha)
     with dispatch_context(name, values.device):
-        loss, _ = cvar_dual_op(values.contiguous(), eta.reshape(()), alpha)
+        loss, _ = cvar_dual_op.op(values, eta.reshape(()), alpha)
     return loss
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import backends, checks
-from .registry import FusedOp, KernelOp, dispatch_context
+from .registry import KernelOp, dispatch_context, register_double_backward
 
 __all__ = ["map_variance"]
 
@@ -26,18 +26,9 @@ def _backward_fake(grad, maps):
     return torch.empty_like(maps)
 
 
-map_variance_kernel = KernelOp("map_variance", "(Tensor maps) -> Tensor", lambda k: k.map_variance_forward, _fake)
+map_variance_op = KernelOp("map_variance", "(Tensor maps) -> Tensor", lambda k: k.map_variance_forward, _fake)
 map_variance_backward = KernelOp("map_variance_backward", "(Tensor grad, Tensor maps) -> Tensor",
                                  lambda k: k.map_variance_backward, _backward_fake)
-
-
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-
-
-def _grad(ctx, backward, grad):
-    (maps,) = ctx.saved_tensors
-    return (backward(grad.contiguous(), maps),)
 
 
 def _double_setup(ctx, inputs, output):
@@ -55,7 +46,7 @@ def _double_grad(ctx, gg):
     return d_grad, d_maps
 
 
-map_variance_op = FusedOp(map_variance_kernel, map_variance_backward, _setup, _grad, _double_setup, _double_grad)
+register_double_backward(map_variance_backward, _double_setup, _double_grad)
 
 
 def map_variance(maps: Tensor, *, backend: Optional[str] = None) -> Tensor:

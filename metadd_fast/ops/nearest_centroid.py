@@ -3,7 +3,10 @@
 ``metadd_fast::nearest_centroid`` (no gradient): its kernels (C++ blocked matrix products
 on CPU, Triton tl.dot tiles on GPU) keep a running best and second-best centroid per
 row. A row whose two best squared distances are closer than the rounding bound of the
-float32 expansion ||x||^2 - 2 x.c + ||c||^2 is settled again in float64. So the index is
+float32 expansion ||x||^2 - 2 x.c + ||c||^2 is settled again with float64 direct
+distances: in C++ row by row (csrc/nearest_centroid.cpp, the CPU kernel, O(1) extra
+memory), by :func:`nearest_centroid_reference` in bounded blocks for the CUDA kernel
+built here. So the index is
 that of the float64 oracle, except where two centroids are within float64 rounding
 (about 1e-13 relative), where ties go to the lowest index.
 """
@@ -20,6 +23,8 @@ from .registry import KernelOp, dispatch_context
 __all__ = ["nearest_centroid"]
 
 def _kernel(impl):
+    """The op's kernel on the Triton launchers ``impl`` (its CPU kernel is in C++)."""
+
     def nearest_centroid(x, centroids):
         acc = torch.float64 if x.dtype == torch.float64 or centroids.dtype == torch.float64 else torch.float32
         xa, ca = x.to(acc).contiguous(), centroids.to(acc).contiguous()
@@ -61,7 +66,7 @@ def nearest_centroid(x: Tensor, centroids: Tensor, *, backend: Optional[str] = N
             return nearest_centroid_op(x.detach(), centroids.detach())
 
 
-_BLOCK = 1 << 22  # elements of one float64 block of the direct distances
+_BLOCK = 1 << 20  # elements of one float64 block of the direct distances (8 MB)
 
 
 def nearest_centroid_reference(x: torch.Tensor, centroids: torch.Tensor):

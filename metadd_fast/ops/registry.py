@@ -1,33 +1,31 @@
 """Registration of the ops with ``torch.library`` and their dispatch (docs/ops.md section 8).
 
 Every op is defined once in the ``metadd_fast`` namespace when the package is imported:
-a schema, a CPU kernel (C++), a CUDA kernel (Triton), a fake kernel (shapes and dtypes
-only, for meta/fake tensors and torch.compile), and, for a differentiable op, one
-autograd formula whose backward calls the op's backward, itself a registered op with
-per-device kernels and its own autograd (double backward, or a clear error).
+its schema and fake kernel (shapes and dtypes only, for meta/fake tensors and
+torch.compile) here, its CUDA kernel (Triton) here, and, from C++ (``metadd_fast._C``,
+``TORCH_LIBRARY_IMPL`` in ``csrc/<op>.cpp``, as torchvision's ``csrc/ops``), its CPU kernel
+and, for a differentiable op, its autograd: one node whose backward calls the op's
+backward, itself a registered op with per-device kernels. An eager CPU call so crosses no
+Python between the argument checks and the kernels. A backward op's own derivative
+(double backward, or a clear error) is registered here with :func:`register_double_backward`.
 
 ``backend="triton"`` on CPU tensors (the Triton interpreter, in tests) runs under
 :class:`TritonOnCPU`, a dispatch mode that sends ``metadd_fast`` ops to their Triton
-kernels. The autograd formula records whether it was active in the forward and runs
-the backward op under it again, so such a call stays on Triton through its backward.
-
-In eager mode the Python layers of a registered autograd formula (the generated
-autograd.Function, redispatch) cost more than the kernels at DC shapes, so a
-:class:`FusedOp` call with plain tensors and nothing tracing runs the same setup and
-gradient formula through one plain ``torch.autograd.Function`` that calls the
-device's kernels directly. Both paths compute with the same kernels and formula.
+kernels. The C++ autograd keeps the dispatch modes of the forward and restores them for
+the backward (``csrc/autograd_util.h``), so such a call stays on Triton through its backward.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 
 from . import backends
 
-__all__ = ["LIBRARY", "KernelOp", "FusedOp", "TritonOnCPU", "dispatch_context", "untraced"]
+__all__ = ["LIBRARY", "KernelOp", "TritonOnCPU", "dispatch_context", "register_double_backward", "linear_in_grad",
+           "not_twice_differentiable"]
 
 LIBRARY = torch.library.Library("metadd_fast", "DEF")
 
@@ -58,153 +56,43 @@ def device_kernels(device: torch.device):
 
 
 class KernelOp:
-    """``metadd_fast::<name>``: its schema, per-device kernels and fake kernel, registered now.
+    """``metadd_fast::<name>``: its schema and fake kernel, and its CUDA kernel, registered now
+    (its CPU kernel and autograd come from ``metadd_fast._C``).
 
     schema: the argument and return part, e.g. ``"(Tensor x) -> Tensor"``. kernel(launchers)
-    returns the op's kernel built on a launcher namespace (``metadd_fast._C`` for the CPU,
-    the Triton launchers for CUDA); a backend missing here registers no kernel. Calling
-    the KernelOp calls the op.
+    returns the op's kernel built on a launcher namespace (the Triton launchers); without
+    Triton no CUDA kernel is registered. Calling the KernelOp calls the op.
     """
 
     def __init__(self, name: str, schema: str, kernel: Callable, fake: Callable):
         LIBRARY.define(name + schema)
         self.name = name
         self.op = getattr(getattr(torch.ops.metadd_fast, name), "default")
-        self.kernels = {}
-        if backends.available("cpp"):
-            self.kernels["cpu"] = kernel(backends.CPP)
-            LIBRARY.impl(name, self.kernels["cpu"], "CPU")
         if backends.available("triton"):
-            self.kernels["cuda"] = kernel(backends.TRITON)
-            LIBRARY.impl(name, self.kernels["cuda"], "CUDA")
-            _TRITON_KERNELS[self.op] = self.kernels["cuda"]
+            triton_kernel = kernel(backends.TRITON)
+            LIBRARY.impl(name, triton_kernel, "CUDA")
+            _TRITON_KERNELS[self.op] = triton_kernel
         torch.library.register_fake(f"metadd_fast::{name}", fake, lib=LIBRARY)
 
     def __call__(self, *args):
         return self.op(*args)
 
-    def kernel(self, device: torch.device) -> Optional[Callable]:
-        """The kernel that the dispatcher would run for tensors on ``device`` here."""
-        if device.type == "cpu" and _triton_on_cpu_active():
-            return _TRITON_KERNELS.get(self.op)
-        return self.kernels.get(device.type)
 
+def register_double_backward(backward: KernelOp, setup: Callable, double_grad: Callable) -> None:
+    """Registers the derivative of a backward op (what a gradient of a gradient, create_graph=True,
+    runs): ``setup(ctx, inputs, output)`` and ``double_grad(ctx, *grads)``, as
+    ``torch.library.register_autograd`` takes them, run again under :class:`TritonOnCPU`
+    when the backward op ran under it."""
 
-def _flatten(args: tuple) -> tuple:
-    """(layout, flat): list arguments spread out (layout[i] = their length, None for others)."""
-    layout, flat = [], []
-    for a in args:
-        if isinstance(a, (list, tuple)):
-            layout.append(len(a))
-            flat.extend(a)
-        else:
-            layout.append(None)
-            flat.append(a)
-    return tuple(layout), flat
+    def setup_mode(ctx, inputs, output):
+        setup(ctx, inputs, output)
+        ctx.triton_on_cpu = _triton_on_cpu_active()
 
+    def grad_mode(ctx, *grads):
+        with TritonOnCPU() if ctx.triton_on_cpu else _NO_MODE:
+            return double_grad(ctx, *grads)
 
-def _unflatten(layout: tuple, flat) -> tuple:
-    out, i = [], 0
-    for n in layout:
-        if n is None:
-            out.append(flat[i])
-            i += 1
-        else:
-            out.append(list(flat[i:i + n]))
-            i += n
-    return tuple(out)
-
-
-def _flatten_grads(layout: tuple, grads: tuple) -> list:
-    flat = []
-    for n, g in zip(layout, grads):
-        if n is None:
-            flat.append(g)
-        else:
-            flat.extend(g if g is not None else [None] * n)
-    return flat
-
-
-def untraced(flat) -> bool:
-    """True in plain eager mode: no tracing, no dispatch mode, no torch.func transform, no
-    tensor subclasses."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    if torch._C._are_functorch_transforms_active():
-        return False
-    return all(type(t) is torch.Tensor for t in flat if isinstance(t, torch.Tensor))
-
-
-def _eager_function(setup_context: Callable, grad: Callable) -> type:
-    # setup_context is called from forward (the classic form): a separate setup_context
-    # staticmethod makes Function.apply bind arguments through inspect.signature, ~30 us a call.
-    class EagerOp(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, layout, kernel, backward, device, *flat):
-            inputs = _unflatten(layout, flat)
-            output = kernel(*inputs)
-            ctx.layout, ctx.backward, ctx.device = layout, backward, device
-            setup_context(ctx, inputs, output)
-            return output
-
-        @staticmethod
-        def backward(ctx, *grads):
-            # create_graph=True: the registered backward op, whose autograd gives the second order.
-            backward = ctx.backward.op if torch.is_grad_enabled() else ctx.backward.kernel(ctx.device)
-            return (None, None, None, None, *_flatten_grads(ctx.layout, grad(ctx, backward, *grads)))
-
-    return EagerOp
-
-
-class FusedOp:
-    """A differentiable op: ``forward`` and its ``backward`` (both :class:`KernelOp`), with
-    autograd registered once.
-
-    setup_context(ctx, inputs, output) saves what the gradient needs; grad(ctx, backward,
-    *grads) is the one gradient formula: it returns one gradient per op argument (a list
-    for a list argument), calling ``backward`` with the backward op's arguments.
-    double_grad(ctx, *grads) is registered as the backward op's own autograd formula, with
-    setup ``double_setup`` (both receive the backward op's inputs). Calling the FusedOp runs the op.
-    """
-
-    def __init__(self, forward: KernelOp, backward: KernelOp, setup_context: Callable, grad: Callable,
-                 double_setup: Callable, double_grad: Callable):
-        self.forward, self.backward, self.op = forward, backward, forward.op
-
-        def setup(ctx, inputs, output):
-            setup_context(ctx, inputs, output)
-            ctx.triton_on_cpu = _triton_on_cpu_active()
-
-        def registered_grad(ctx, *grads):
-            with TritonOnCPU() if ctx.triton_on_cpu else _NO_MODE:
-                return grad(ctx, backward.op, *grads)
-
-        def double_setup_mode(ctx, inputs, output):
-            double_setup(ctx, inputs, output)
-            ctx.triton_on_cpu = _triton_on_cpu_active()
-
-        def registered_double_grad(ctx, *grads):
-            with TritonOnCPU() if ctx.triton_on_cpu else _NO_MODE:
-                return double_grad(ctx, *grads)
-
-        torch.library.register_autograd(f"metadd_fast::{forward.name}", registered_grad, setup_context=setup,
-                                        lib=LIBRARY)
-        torch.library.register_autograd(f"metadd_fast::{backward.name}", registered_double_grad,
-                                        setup_context=double_setup_mode, lib=LIBRARY)
-
-        self._eager = _eager_function(setup_context, grad)
-
-    def __call__(self, *args):
-        layout, flat = _flatten(args)
-        if not untraced(flat):
-            return self.op(*args)
-        device = next(t.device for t in flat if isinstance(t, torch.Tensor))
-        kernel = self.forward.kernels.get(device.type)
-        if kernel is None or self.backward.kernels.get(device.type) is None:
-            return self.op(*args)  # the dispatcher says what is missing
-        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat):
-            return self._eager.apply(layout, kernel, self.backward, device, *flat)
-        return kernel(*args)  # nothing to differentiate
+    torch.library.register_autograd(f"metadd_fast::{backward.name}", grad_mode, setup_context=setup_mode, lib=LIBRARY)
 
 
 def linear_in_grad(backward_op_name: str) -> tuple[Callable, Callable]:
