@@ -31,6 +31,11 @@
 namespace metadd {
 namespace {
 
+// t as contiguous int64, without a dispatcher call when it is that already (the common case).
+at::Tensor as_index(const at::Tensor& t) {
+  return t.scalar_type() == at::kLong && t.is_contiguous() ? t : t.to(at::kLong).contiguous();
+}
+
 // Descending order with NaN first: a strict weak order for nth_element.
 template <typename T>
 inline bool ranks_above(T x, T y) {
@@ -125,7 +130,7 @@ std::vector<at::Tensor> cvar_group_stats(const at::Tensor& values_in, const at::
   TORCH_CHECK(!groups_in.is_floating_point() && groups_in.numel() == values_in.numel(),
               "cvar_group_stats: integer groups like values expected");
   const at::Tensor values = values_in.contiguous();
-  const at::Tensor groups = groups_in.to(at::kLong).contiguous();
+  const at::Tensor groups = as_index(groups_in);
   at::Tensor sums = at::zeros({num_groups}, values.options().dtype(at::kDouble));
   at::Tensor counts = at::zeros({num_groups}, values.options().dtype(at::kLong));
   const int64_t N = values.numel();
@@ -181,7 +186,7 @@ std::vector<at::Tensor> cvar_group_stats(const at::Tensor& values_in, const at::
 std::vector<at::Tensor> cvar_tail(const at::Tensor& L_in, const std::optional<at::Tensor>& counts, double alpha) {
   TORCH_CHECK(L_in.dim() == 1 && L_in.numel() > 0, "cvar_tail: non-empty (n,) expected");
   const at::Tensor L = L_in.contiguous();
-  at::Tensor counts_t = counts.has_value() ? counts->to(at::kLong).contiguous() : at::Tensor();
+  at::Tensor counts_t = counts.has_value() ? as_index(*counts) : at::Tensor();
   at::Tensor loss = at::empty({}, L.options());
   at::Tensor w = at::empty_like(L);
   AT_DISPATCH_FLOATING_TYPES(L.scalar_type(), "cvar_tail", [&] { cvar_tail_impl<scalar_t>(L, counts_t, alpha, loss, w); });
@@ -193,7 +198,7 @@ at::Tensor cvar_values_grad(const at::Tensor& grad, const at::Tensor& w_in, cons
   at::Tensor out = at::empty(like.sizes(), like.options());  // contiguous whatever like's strides
   const at::Tensor w = w_in.contiguous();
   const auto as_long = [](const std::optional<at::Tensor>& t) {
-    return t.has_value() ? std::optional<at::Tensor>(t->to(at::kLong).contiguous()) : std::nullopt;
+    return t.has_value() ? std::optional<at::Tensor>(as_index(*t)) : std::nullopt;
   };
   const std::optional<at::Tensor> counts = as_long(counts_in), groups = as_long(groups_in);
   const int64_t N = like.numel();

@@ -82,7 +82,7 @@ def cam_variance(
         return cam_variance_reference(args.features, args.weights, args.labels, out_size=args.out_size, relu=relu,
                                       norm=norm, eps=args.eps, reduction=reduction)
     with dispatch_context(name, args.device):
-        v, _, _ = cam_variance_op.op(*fused_inputs(args), *args.out_size, args.relu, NORM_CODES[args.norm], args.eps)
+        v, _, _ = cam_variance_op(*fused_inputs(args), *args.out_size, args.relu, NORM_CODES[args.norm], args.eps)
     if reduction == "mean":
         return v.mean()
     if reduction == "sum":

@@ -90,15 +90,15 @@ def device_memory(device: torch.device) -> int:
     return 2 ** 63 - 1
 
 
-_SMALL = 1 << 26  # 64 MB
+SMALL_ALLOCATION = 1 << 26  # 64 MB: every device holds it
 
 
 def allocation(name: str, nbytes: int, device: torch.device, what: str) -> None:
     """ValueError naming ``name`` when ``what`` (bytes counted with Python ints, so no product
     overflows) would need more than ``device`` holds or than int64 can count: checked before
     anything is allocated. Skipped while tracing for torch.compile, and for requests under
-    ``_SMALL`` bytes, which every device holds (they cost a system call per op call)."""
-    if nbytes < _SMALL or torch.compiler.is_compiling():
+    ``SMALL_ALLOCATION`` bytes, which every device holds (they cost a system call per op call)."""
+    if nbytes < SMALL_ALLOCATION or torch.compiler.is_compiling():
         return
     limit = device_memory(torch.device(device))
     if nbytes > limit:

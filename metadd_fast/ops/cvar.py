@@ -46,7 +46,7 @@ def check_alpha(alpha) -> float:
 
 
 def check_cvar_args(values, alpha, groups, num_groups, allow_empty: bool = False) -> tuple:
-    """(alpha, groups as int64 or None, num_groups) after docs/ops.md section 6's checks, except
+    """(alpha, groups or None, num_groups) after docs/ops.md section 6's checks, except
     the range of the group ids: see :func:`_check_group_ids`. ``allow_empty``: a rank of a
     distributed CVaR may hold no values (with groups, it must then give num_groups)."""
     checks.floating_tensor("values", values, "(N,)", allow_empty=allow_empty)
@@ -58,9 +58,10 @@ def check_cvar_args(values, alpha, groups, num_groups, allow_empty: bool = False
     if not isinstance(groups, Tensor):
         raise TypeError(f"groups: expected None or an integer tensor, got {type(groups).__name__}")
     checks.integer("groups", groups)
-    if tuple(groups.shape) != tuple(values.shape):
+    if groups.shape != values.shape:
         raise ValueError(f"groups: expected shape {tuple(values.shape)} like values, got {tuple(groups.shape)}")
-    checks.same_device([("values", values), ("groups", groups)])
+    if groups.device != values.device:
+        checks.same_device([("values", values), ("groups", groups)])  # raises, naming groups
     if num_groups is None:
         if groups.numel() == 0:
             raise ValueError("num_groups: needed when this rank has no values")
@@ -69,8 +70,9 @@ def check_cvar_args(values, alpha, groups, num_groups, allow_empty: bool = False
             raise ValueError(f"groups: expected ids in [0, num_groups), got a largest id of {num_groups - 1}")
     elif isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
-    checks.allocation("num_groups", 16 * num_groups, values.device, f"sums and counts of {num_groups} groups")
-    return alpha, groups.long().contiguous(), num_groups
+    if 16 * num_groups >= checks.SMALL_ALLOCATION:
+        checks.allocation("num_groups", 16 * num_groups, values.device, f"sums and counts of {num_groups} groups")
+    return alpha, groups, num_groups  # any integer dtype and layout: the kernels read them as int64
 
 
 def _check_group_ids(groups: Optional[Tensor], num_groups: int, backend: str) -> None:
@@ -178,9 +180,9 @@ def cvar(values: Tensor, alpha: float, groups: Optional[Tensor] = None, num_grou
         with dispatch_context(name, values.device):
             return _DistributedCVaR.apply(values, groups, num_groups, alpha, process_group)
     if name == "reference":
-        return cvar_reference(values, alpha, groups, num_groups)
+        return cvar_reference(values, alpha, None if groups is None else groups.long(), num_groups)
     with dispatch_context(name, values.device):
-        loss, _, _ = cvar_op.op(values, groups, num_groups, alpha)
+        loss, _, _ = cvar_op(values, groups, num_groups, alpha)
     return loss
 
 
@@ -231,7 +233,7 @@ def cvar_dual(values: Tensor, eta, alpha: float, *, backend: Optional[str] = Non
     if name == "reference":
         return cvar_dual_reference(values, eta.reshape(()), alpha)
     with dispatch_context(name, values.device):
-        loss, _ = cvar_dual_op.op(values, eta.reshape(()), alpha)
+        loss, _ = cvar_dual_op(values, eta.reshape(()), alpha)
     return loss
 
 

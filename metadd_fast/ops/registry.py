@@ -61,13 +61,17 @@ class KernelOp:
 
     schema: the argument and return part, e.g. ``"(Tensor x) -> Tensor"``. kernel(launchers)
     returns the op's kernel built on a launcher namespace (the Triton launchers); without
-    Triton no CUDA kernel is registered. Calling the KernelOp calls the op.
+    Triton no CUDA kernel is registered. Calling the KernelOp calls the op: in eager mode
+    through ``metadd_fast._C.call_<name>`` where there is one (the same dispatcher call,
+    entered unboxed: cheaper than ``torch.ops``), and through ``torch.ops`` while
+    torch.compile traces.
     """
 
     def __init__(self, name: str, schema: str, kernel: Callable, fake: Callable):
         LIBRARY.define(name + schema)
         self.name = name
         self.op = getattr(getattr(torch.ops.metadd_fast, name), "default")
+        self.eager = getattr(backends.CPP, f"call_{name}", None) if backends.available("cpp") else None
         if backends.available("triton"):
             triton_kernel = kernel(backends.TRITON)
             LIBRARY.impl(name, triton_kernel, "CUDA")
@@ -75,7 +79,9 @@ class KernelOp:
         torch.library.register_fake(f"metadd_fast::{name}", fake, lib=LIBRARY)
 
     def __call__(self, *args):
-        return self.op(*args)
+        if self.eager is None or torch.compiler.is_compiling():
+            return self.op(*args)
+        return self.eager(*args)
 
 
 def register_double_backward(backward: KernelOp, setup: Callable, double_grad: Callable) -> None:
