@@ -152,6 +152,7 @@ namespace {
 
 // Row i's float64 direct-distance answer: argmin_j sum_d (x_id - c_jd)^2 as torch.argmin takes
 // it (ties: the lowest j; a NaN distance is the smallest, the first NaN wins), and that distance.
+// The sum over d is vectorized (its order is not sequential, like torch's own reductions).
 template <typename acc_t>
 std::pair<int64_t, double> exact_nearest(const acc_t* x, const acc_t* c, int64_t M, int64_t D) {
   int64_t best_j = 0;
@@ -159,6 +160,7 @@ std::pair<int64_t, double> exact_nearest(const acc_t* x, const acc_t* c, int64_t
   for (int64_t j = 0; j < M; ++j) {
     const acc_t* cj = c + j * D;
     double d2 = 0;
+#pragma omp simd reduction(+ : d2)
     for (int64_t d = 0; d < D; ++d) {
       const double diff = static_cast<double>(x[d]) - static_cast<double>(cj[d]);
       d2 += diff * diff;
