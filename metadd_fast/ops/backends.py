@@ -46,8 +46,9 @@ TRITON = _load_triton(CPP)
 _LOADED = {"cpp": CPP, "triton": TRITON}
 
 
-# backend=None on CPU and CUDA tensors, where those kernels are available.
-_DEFAULT = {device: name for device, name in (("cpu", "cpp"), ("cuda", "triton")) if not isinstance(_LOADED[name], ImportError)}
+# The fused backend of each device type, and (backend=None's answer) those whose kernels are here.
+_FUSED = {"cpu": "cpp", "cuda": "triton"}
+_DEFAULT = {device: name for device, name in _FUSED.items() if not isinstance(_LOADED[name], ImportError)}
 
 
 def available(name: str) -> bool:
@@ -76,7 +77,7 @@ def resolve(backend: Optional[str], device: torch.device) -> str:
             return _DEFAULT[device.type]
         if device.type == "meta":  # shapes only: the ops' fake kernels
             return "meta"
-        name = "triton" if device.type == "cuda" else "cpp" if device.type == "cpu" else None
+        name = _FUSED.get(device.type)
         if name is not None and available(name):
             return name
         why = f"{name} backend unavailable: {_LOADED[name]}" if name else f"no fused backend for {device.type}"

@@ -70,8 +70,7 @@ def check_cvar_args(values, alpha, groups, num_groups, allow_empty: bool = False
             raise ValueError(f"groups: expected ids in [0, num_groups), got a largest id of {num_groups - 1}")
     elif isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
-    if 16 * num_groups >= checks.SMALL_ALLOCATION:
-        checks.allocation("num_groups", 16 * num_groups, values.device, f"sums and counts of {num_groups} groups")
+    checks.allocation("num_groups", 16 * num_groups, values.device, f"sums and counts of {num_groups} groups")
     return alpha, groups, num_groups  # any integer dtype and layout: the kernels read them as int64
 
 
