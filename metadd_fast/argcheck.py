@@ -31,7 +31,7 @@ from .ops.checks import allocation, choice, floating_tensor, index_range, intege
 __all__ = ["InputError", "InputTypeError", "MAX_COUNT", "MAX_SEED", "type_error", "value_error", "boolean",
            "integer", "positive_int", "nonnegative_int", "seed", "real", "finite_float", "positive_float",
            "nonnegative_float", "fraction", "choice", "optional", "instance", "function", "module", "no_effect",
-           "tensor", "images", "labels", "same_device", "allocation"]
+           "string", "image_size", "device", "tensor", "images", "labels", "dataset", "same_device", "allocation"]
 
 MAX_COUNT = 1 << 62  # larger counts cannot be held by any tensor index (int64)
 MAX_SEED = 1 << 63  # torch generators and numpy take any seed in [0, 2**63)
@@ -183,6 +183,46 @@ def no_effect(name: str, value, default, when: str) -> None:
     raise InputError(f"{name}: has no effect {when}; expected {default!r} (the default), got {_short_repr(value)}")
 
 
+def string(name: str, value, expected: str = "a non-empty str") -> str:
+    if not isinstance(value, str):
+        raise type_error(name, expected, value)
+    if not value:
+        raise value_error(name, expected, value)
+    return value
+
+
+def image_size(name: str, value, low: int = 1, high: int = 4096) -> tuple:
+    """An image side or an (H, W) pair: ints in [low, high]; returns (H, W)."""
+    expected = f"an int or a pair (H, W) of ints in [{low}, {high}]"
+    pair = (value, value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+    if not isinstance(pair, (tuple, list, torch.Size)) or len(pair) != 2:
+        raise type_error(name, expected, value) if not isinstance(pair, (tuple, list, torch.Size)) \
+            else value_error(name, expected, value)
+    for s in pair:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise type_error(name, expected, value)
+        if not low <= s <= high:
+            raise value_error(name, expected, value)
+    return tuple(int(s) for s in pair)
+
+
+def device(name: str, value) -> Optional[torch.device]:
+    """None, or a device this machine has: a name ("cpu", "cuda:0"), a torch.device or a CUDA index."""
+    if value is None:
+        return None
+    expected = "None, a device name such as 'cpu' or 'cuda:0', or a torch.device"
+    if isinstance(value, bool) or not isinstance(value, (str, torch.device, int)):
+        raise type_error(name, expected, value)
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise value_error(name, expected, value) from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise InputError(f"{name}: expected a device this machine has, got {_short_repr(value)} "
+                         f"({torch.cuda.device_count()} CUDA devices here)")
+    return dev
+
+
 # ---- tensors ---------------------------------------------------------------------------------------
 
 
@@ -235,3 +275,15 @@ def labels(name: str, t, *, n: Optional[int] = None, num_classes: Optional[int] 
     if num_classes is not None:
         index_range(name, t, num_classes)
     return t
+
+
+def dataset(name: str, value):
+    """A :class:`metadd_fast.data.Dataset` whose images are a floating (N, C, H, W) tensor and whose
+    labels are (N,) ints in [0, num_classes)."""
+    from .data import Dataset
+
+    instance(name, value, Dataset, "a metadd_fast.data.Dataset")
+    images(f"{name}.images", value.images)
+    classes = positive_int(f"{name}.num_classes", value.num_classes)
+    labels(f"{name}.labels", value.labels, n=value.images.shape[0], num_classes=classes)
+    return value

@@ -296,7 +296,7 @@ def _grouping_entries() -> list:
         Entry("grouping.class_nearest_groups", grouping.class_nearest_groups,
               {"net": net, "real_of_class": real_of_class, "classes": [0, 1], "synthetic": tensor("randn", 4, 1, 8, 8),
                "ipc": 2})
-        .arg("ipc", "count", bad=[3], good=[2], kind_good=False)
+        .arg("ipc", "count", bad=[3], good=[2], kind_good=False, names=("ipc", "synthetic"))
         .arg("classes", bad=[[], [0, 1.5], 3, None, [0, True]], names=("classes", "synthetic"))
         .arg("real_of_class", bad=[3, None])
         .arg("synthetic", bad=[tensor("int", 4, 1, 8, 8), None, tensor("randn", 5, 1, 8, 8)]),
@@ -528,9 +528,14 @@ def _distill_entries() -> list:
         e.arg("robust_weight", bad=[2.0])  # without robust_alpha it does nothing
         e.combo({"robust_alpha": 0.5, "embedding": embed}, True)
         e.combo({"robust_alpha": 0.5, "embedding": 3}, False, ("embedding",))
-        e.arg("embedding", bad=[embed])  # without robust_alpha it does nothing
+        if cls is distill.DM:  # DM matches in the embedding too
+            e.arg("embedding", good=[embed])
+        else:  # without robust_alpha it does nothing
+            e.arg("embedding", bad=[embed])
         if cls is distill.DC:
-            e.arg("outer_loop", "count").arg("inner_steps", "count").arg("lr_net", "pfloat")
+            e.arg("outer_loop", "count").arg("lr_net", "pfloat")
+            e.arg("inner_steps", bad=[-1, True, 2.5, "3", None, 2 ** 70], good=[0, 1, 2])
+            e.combo({"inner_steps": 0, "lr_net": 0.1}, False, ("lr_net",))  # no network training: lr_net does nothing
         if cls is distill.SRe2L:
             e.arg("teacher", bad=[None, 3, Lazy(lambda: small_net("cam"), "<net without BN>"),
                                   Lazy(lambda: small_net("bn", classes=2), "<teacher of 2 classes>")])
