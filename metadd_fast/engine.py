@@ -63,6 +63,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from . import argcheck
 from .ops.cvar import cvar
 from .data import Dataset
 from .distill import DISTILLERS
@@ -121,43 +122,54 @@ class EngineConfig:
         return self.robust_alpha is not None
 
     def check(self, world: int) -> None:
+        """ValueError/TypeError (InputError) naming the field that is wrong, for a run over ``world`` ranks."""
+        argcheck.positive_int("world", world)
+        argcheck.seed("seed", self.seed)
+        argcheck.boolean("pin_memory", self.pin_memory)
+        argcheck.device("device", self.device)
+        if self.robust_alpha is None:
+            argcheck.no_effect("robust_weight", self.robust_weight, 1.0, "without robust_alpha")
+        if self.method == "sre2l":
+            argcheck.no_effect("arch", self.arch, "ConvNet", "for sre2l (it recovers through the teacher)")
+        if not isinstance(self.metadd_models, (tuple, list)) or not all(isinstance(m, str) for m in self.metadd_models):
+            raise argcheck.type_error("metadd_models", "a tuple of spec strings", self.metadd_models)
+        if self.teacher is not None:
+            argcheck.string("teacher", self.teacher, "None or a spec string")
         if self.method not in DISTILLERS:
-            raise ValueError(f"method: expected one of {', '.join(DISTILLERS)}, got {self.method!r}")
+            raise InputError(f"method: expected one of {', '.join(DISTILLERS)}, got {self.method!r}")
         for name in ("ipc", "iterations", "classes_per_chunk", "batch_real", "cvar_chunks", "pretrain_epochs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+            argcheck.positive_int(name, getattr(self, name))
         if isinstance(self.metadd_weight, bool) or not isinstance(self.metadd_weight, (int, float)) or \
                 not 0 <= self.metadd_weight < math.inf:
-            raise ValueError(f"metadd_weight: expected a finite float >= 0, got {self.metadd_weight!r}")
+            raise InputError(f"metadd_weight: expected a finite float >= 0, got {self.metadd_weight!r}")
         if isinstance(self.robust_weight, bool) or not isinstance(self.robust_weight, (int, float)) or \
                 not 0 < self.robust_weight < math.inf:
-            raise ValueError(f"robust_weight: expected a finite float > 0, got {self.robust_weight!r}")
+            raise InputError(f"robust_weight: expected a finite float > 0, got {self.robust_weight!r}")
         for name in ("robust_alpha", "metadd_alpha"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not 0 < value <= 1):
-                raise ValueError(f"{name}: expected None or a float in (0, 1], got {value!r}")
+                raise InputError(f"{name}: expected None or a float in (0, 1], got {value!r}")
         if self.arch not in MODELS:
-            raise ValueError(f"arch: expected one of {', '.join(MODELS)}, got {self.arch!r}")
+            raise InputError(f"arch: expected one of {', '.join(MODELS)}, got {self.arch!r}")
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
                                     or not 0 < self.lr < math.inf):
-            raise ValueError(f"lr: expected None or a finite float > 0, got {self.lr!r}")
+            raise InputError(f"lr: expected None or a finite float > 0, got {self.lr!r}")
         if self.metadd_weight and len(self.metadd_models) < 2:
-            raise ValueError(f"metadd_models: MetaDD needs at least 2 networks, got {len(self.metadd_models)}")
+            raise InputError(f"metadd_models: MetaDD needs at least 2 networks, got {len(self.metadd_models)}")
         if not self.metadd_weight and (self.metadd_models or self.metadd_alpha is not None):
-            raise ValueError("metadd_weight: metadd_models and metadd_alpha act only with metadd_weight > 0")
+            raise InputError("metadd_weight: metadd_models and metadd_alpha act only with metadd_weight > 0")
         if (self.method == "sre2l") != (self.teacher is not None):
-            raise ValueError("teacher: sre2l needs a teacher and only sre2l uses one, "
+            raise InputError("teacher: sre2l needs a teacher and only sre2l uses one, "
                              f"got method={self.method!r}, teacher={self.teacher!r}")
         self.specs()
         if self.cvar_chunks > 1 and not self.coupled():
-            raise ValueError("cvar_chunks: coupling chunks needs robust_alpha")
+            raise InputError("cvar_chunks: coupling chunks needs robust_alpha")
         if self.coupled() and self.cvar_chunks > 1 and self.cvar_chunks % world:
-                raise ValueError(f"cvar_chunks: the {self.cvar_chunks} chunks of a round cannot be split evenly "
+                raise InputError(f"cvar_chunks: the {self.cvar_chunks} chunks of a round cannot be split evenly "
                                  f"over {world} ranks; use a multiple of the world size")
         if self.pin_memory and torch.device(self.device or "cpu").type != "cuda":
-            raise ValueError(f"pin_memory: pinned host memory serves a CUDA device, got device={self.device!r}")
+            raise InputError(f"pin_memory: pinned host memory serves a CUDA device, got device={self.device!r}")
 
 
 class SyntheticStore:

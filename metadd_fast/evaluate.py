@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import argcheck
+from .errors import InputError
 from .augment import DEFAULT_STRATEGY, DiffAugment, check_strategy
 from .data import Dataset
 from .kmeans import kmeans
@@ -103,13 +104,13 @@ def _check_args(images, labels, test: Dataset, archs, seeds, epochs) -> None:
     argcheck.tensor("images", images, finite=True)
     argcheck.tensor("labels", labels, dtype="any", nonempty=False)
     if images.dim() != 4 or tuple(images.shape[1:]) != tuple(test.images.shape[1:]):
-        raise ValueError(f"images: expected (N, {', '.join(map(str, test.images.shape[1:]))}) like the test set, "
+        raise InputError(f"images: expected (N, {', '.join(map(str, test.images.shape[1:]))}) like the test set, "
                          f"got {tuple(images.shape)}")
     if labels.shape != images.shape[:1] or labels.is_floating_point() or images.shape[0] == 0:
-        raise ValueError(f"labels: expected (N,) ints for N = {images.shape[0]} >= 1 images, got "
+        raise InputError(f"labels: expected (N,) ints for N = {images.shape[0]} >= 1 images, got "
                          f"{tuple(labels.shape)} {labels.dtype}")
     if int(labels.min()) < 0 or int(labels.max()) >= test.num_classes:
-        raise ValueError(f"labels: expected values in [0, {test.num_classes}), got {int(labels.min())}.."
+        raise InputError(f"labels: expected values in [0, {test.num_classes}), got {int(labels.min())}.."
                          f"{int(labels.max())}")
 
 

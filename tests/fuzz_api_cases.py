@@ -411,7 +411,7 @@ def _model_source_entries() -> list:
         .arg("channel", bad=[3], names=("channel", "train"))  # the real data has 1 channel
         .arg("num_classes", "count", good=[3, 4], kind_good=False)
         .arg("num_classes", bad=[2], names=("num_classes", "train"))  # the real data has 3 classes
-        .arg("im_size", bad=[(0, 8), 8, "8", (8,), (8.0, 8), None, (True, 8)], good=[[8, 8]])
+        .arg("im_size", bad=[(0, 8), "8", (8,), (8.0, 8), None, (True, 8)], good=[[8, 8], 8])
         .arg("im_size", bad=[(8, 12)], names=("im_size", "train"))  # the real data are 8x8
         .arg("seed", "seed")
         .arg("epochs", "count")
@@ -419,8 +419,7 @@ def _model_source_entries() -> list:
         .arg("cache", bad=[3])
         .combo({"train": None}, False, ("--teacher",))
         .combo({"spec": spec, "train": None, "cache": None}, True)
-        .combo({"spec": spec, "channel": 3}, False, ("--teacher",))
-        .combo({"spec": spec, "epochs": 5}, False, ("epochs",)),  # epochs train nothing with a weights file
+        .combo({"spec": spec, "channel": 3}, False, ("--teacher",)),
     ]
 
 
@@ -652,12 +651,32 @@ def _ops_entries() -> list:
         .arg("name", bad=["Nope", 3, None], good=["LeNet"])
         .arg("channel", "count")
         .arg("num_classes", "count")
-        .arg("im_size", bad=[(0, 16), 16, "16", (16,), (16.5, 16), None, (1, 1)], good=[[16, 16], (16, 24)]),
+        .arg("im_size", bad=[(0, 16), "16", (16,), (16.5, 16), None, (1, 1), (2 ** 20, 16)],
+             good=[[16, 16], (16, 24), 16]),
     ]
 
 
+def _canaries() -> list:
+    """Cases with known outcomes, one per kind, to test the harness itself (FUZZ_API_CANARIES=1)."""
+    def fail(kind):
+        def run():
+            raise kind("x: bad")
+        return run
+
+    return [Case("canary", "ok", True, lambda: None),
+            Case("canary", "crash", True, fail(KeyError)),
+            Case("canary", "died", True, lambda: os.abort()),
+            Case("canary", "hang", True, lambda: __import__("time").sleep(600)),
+            Case("canary", "silent", False, lambda: None, ("x",)),
+            Case("canary", "refused", True, fail(ValueError)),
+            Case("canary", "unnamed", False, fail(TypeError), ("y",)),
+            Case("canary", "ok after", False, fail(ValueError), ("x",))]
+
+
 def cases() -> list:
-    """Every case, in a fixed order."""
+    """Every case, in a fixed order (only the harness's canaries with FUZZ_API_CANARIES=1)."""
+    if os.environ.get("FUZZ_API_CANARIES") == "1":
+        return _canaries()
     out = []
     for group in (_data_entries, _kmeans_entries, _grouping_entries, _evaluate_entries, _engine_entries,
                   _model_source_entries, _zca_entries, _augment_entries, _distill_entries, _metadd_entries,
@@ -688,10 +707,11 @@ def main(argv) -> int:
     p.add_argument("--step", type=int, default=1)
     p.add_argument("--list", action="store_true")
     a = p.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)
     all_cases = cases()
+    if os.environ.get("FUZZ_API_CANARIES") != "1":
+        import torch
+
+        torch.set_num_threads(1)
     if a.list:
         for i, c in enumerate(all_cases):
             print(i, "valid" if c.valid else "invalid", c.id)

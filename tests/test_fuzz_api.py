@@ -23,13 +23,15 @@ import sys
 import threading
 import time
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import fuzz_api_cases  # noqa: E402
 
 WORKERS = 2
-CASE_TIMEOUT = 30.0  # seconds for one case (the slowest valid one takes about 1 s)
+CASE_TIMEOUT = float(os.environ.get("FUZZ_API_CASE_TIMEOUT", 30))  # seconds for one case (the slowest: ~1 s)
 START_TIMEOUT = 120.0  # seconds for a worker to import torch and the library
 KINDS = ("ok", "crash", "hang", "silent", "refused", "unnamed")
 
@@ -44,7 +46,8 @@ def _classify(case, result: dict) -> str:
         return "ok" if outcome == "accepted" else "refused"
     if outcome == "accepted":
         return "silent"
-    return "ok" if any(n in result["error"] for n in case.names) else "unnamed"
+    message = result["error"].partition(": ")[2]  # without the exception's type name
+    return "ok" if any(n in message for n in case.names) else "unnamed"
 
 
 def _worker(ids: list, results: dict, env: dict) -> None:
@@ -83,10 +86,26 @@ def _worker(ids: list, results: dict, env: dict) -> None:
         todo = [i for i in todo if i not in results]
 
 
-def run_fuzz(workers: int = WORKERS) -> tuple:
+def run_fuzz(workers: int = WORKERS, extra_env: dict = None) -> tuple:
     """(counts {kind: n}, failures [(kind, case id, error)], seconds)."""
-    cases = fuzz_api_cases.cases()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(HERE),
+    global CASE_TIMEOUT
+    extra_env = extra_env or {}
+    saved = CASE_TIMEOUT, os.environ.get("FUZZ_API_CANARIES")
+    os.environ.update({k: v for k, v in extra_env.items() if k == "FUZZ_API_CANARIES"})
+    try:
+        CASE_TIMEOUT = float(extra_env.get("FUZZ_API_CASE_TIMEOUT", CASE_TIMEOUT))
+        cases = fuzz_api_cases.cases()
+        return _run(cases, workers, extra_env)
+    finally:
+        CASE_TIMEOUT = saved[0]
+        if saved[1] is None:
+            os.environ.pop("FUZZ_API_CANARIES", None)
+        else:
+            os.environ["FUZZ_API_CANARIES"] = saved[1]
+
+
+def _run(cases: list, workers: int, extra_env: dict) -> tuple:
+    env = {**os.environ, **extra_env, "PYTHONPATH": os.pathsep.join(filter(None, [os.path.dirname(HERE),
                                                                       os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1"}
     results: dict = {}
@@ -107,11 +126,39 @@ def run_fuzz(workers: int = WORKERS) -> tuple:
     return dict(counts), failures, time.perf_counter() - start
 
 
-def test_fuzz_public_api():
-    counts, failures, seconds = run_fuzz()
-    report = "\n".join(f"{kind}: {cid}: {err}" for kind, cid, err in failures)
+# MetaDDLoss's argument checks come with issue 27's branch; until it is merged its cases fail.
+# strict: the mark itself fails once they pass, so it cannot outlive the merge.
+PENDING = {"MetaDDLoss"}
+
+
+@pytest.fixture(scope="module")
+def fuzz():
+    return run_fuzz()
+
+
+def _report(failures) -> str:
+    return "\n".join(f"{kind}: {cid}: {err}" for kind, cid, err in failures)
+
+
+def test_fuzz_public_api(fuzz):
+    counts, failures, seconds = fuzz
     assert sum(counts.values()) >= 300, counts
-    assert not failures, f"{counts} in {seconds:.0f} s\n{report}"
+    failures = [f for f in failures if f[1].split("[")[0] not in PENDING]
+    assert not failures, f"{counts} in {seconds:.0f} s\n{_report(failures)}"
+
+
+@pytest.mark.xfail(strict=True, reason="MetaDDLoss's checks are issue 27's; remove PENDING and this mark on merge")
+def test_fuzz_pending_entry_points(fuzz):
+    counts, failures, seconds = fuzz
+    failures = [f for f in failures if f[1].split("[")[0] in PENDING]
+    assert not failures, _report(failures)
+
+
+def test_harness_counts_each_kind():
+    """Known outcomes, one per kind: a raised KeyError and an abort() are crashes, a sleep a hang,
+    and the cases after them still run in a fresh worker."""
+    counts, failures, _ = run_fuzz(workers=1, extra_env={"FUZZ_API_CANARIES": "1", "FUZZ_API_CASE_TIMEOUT": "3"})
+    assert counts == {"ok": 2, "crash": 2, "hang": 1, "silent": 1, "refused": 1, "unnamed": 1}, failures
 
 
 if __name__ == "__main__":
