@@ -90,3 +90,26 @@ def test_tensors():
             device="meta")
     refused(InputTypeError, "^t: expected a torch.float64 tensor, got torch.int64", ac.tensor, "t", y,
             dtype=torch.float64)
+
+
+def test_cli_reports_library_type_errors_on_one_line(monkeypatch, capsys):
+    """An InputTypeError from the library ends like every InputError: one line, status 2."""
+    from cli_helpers import one_line, run_main
+    from metadd_fast import cli
+
+    def bad(args):
+        ac.positive_float("lr", "0.1")
+
+    monkeypatch.setitem(cli.COMMANDS, "info", bad)
+    code, err = run_main(["info"], capsys)
+    assert code == 2
+    assert one_line(err) == "metadd-fast info: lr: expected a finite float > 0, got str"
+
+
+def test_cli_refuses_arch_for_sre2l(tmp_path, capsys):
+    from cli_helpers import one_line, run_main
+
+    code, err = run_main(["distill", "--method", "sre2l", "--arch", "LeNet", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2
+    one_line(err, "--arch: has no effect with --method sre2l")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
