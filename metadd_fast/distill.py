@@ -443,7 +443,6 @@ class SRe2L(Distiller):
         if not bns:
             raise ac.InputError("teacher: SRe2L needs a network with BatchNorm2d layers")
         ac.nonnegative_float("r_bn", r_bn)
-        ac.no_effect("arch", kw.get("arch", "ConvNet"), "ConvNet", "for SRe2L (it recovers through the teacher)")
         super().__init__(real, ipc, **kw)
         self._check_teacher(teacher)
         if self.robust_alpha is not None and self.embedding is None and not callable(getattr(teacher, "embed", None)):

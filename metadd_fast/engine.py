@@ -129,8 +129,6 @@ class EngineConfig:
         argcheck.device("device", self.device)
         if self.robust_alpha is None:
             argcheck.no_effect("robust_weight", self.robust_weight, 1.0, "without robust_alpha")
-        if self.method == "sre2l":
-            argcheck.no_effect("arch", self.arch, "ConvNet", "for sre2l (it recovers through the teacher)")
         if not isinstance(self.metadd_models, (tuple, list)) or not all(isinstance(m, str) for m in self.metadd_models):
             raise argcheck.type_error("metadd_models", "a tuple of spec strings", self.metadd_models)
         if self.teacher is not None:

@@ -673,6 +673,30 @@ def _canaries() -> list:
             Case("canary", "ok after", False, fail(ValueError), ("x",))]
 
 
+def _training_entries() -> list:
+    from metadd_fast import training
+    from metadd_fast.augment import DiffAugment
+
+    net = Lazy(lambda: small_net(), "<ConvNet>")
+    base = {"model": net, "images": tensor("randn", 6, 1, 8, 8), "labels": labels(0, 1, 2, 0, 1, 2), "epochs": 1}
+    return [
+        Entry("training.train_model", training.train_model, base)
+        .arg("model", bad=[None, 3])
+        .arg("images", bad=[tensor("int", 6, 1, 8, 8), tensor("randn", 6, 8, 8), tensor("nan", 6, 1, 8, 8), None])
+        .arg("labels", bad=[labels(0, 1), tensor("randn", 6), None])
+        .arg("epochs", "count", good=[])
+        .arg("lr", "pfloat", good=[0.1], kind_good=False)
+        .arg("batch_size", "count")
+        .arg("augment", bad=["flip", 3], good=[None, Lazy(lambda: DiffAugment("flip"), "<DiffAugment>")])
+        .arg("seed", "seed", good=[])
+        .arg("progress", "bool", good=[False]),
+        Entry("training.predict", training.predict, {"model": net, "images": tensor("randn", 6, 1, 8, 8)})
+        .arg("model", bad=[None, "net"])
+        .arg("images", bad=[tensor("int", 6, 1, 8, 8), tensor("randn", 0, 1, 8, 8), None])
+        .arg("batch_size", "count"),
+    ]
+
+
 def cases() -> list:
     """Every case, in a fixed order (only the harness's canaries with FUZZ_API_CANARIES=1)."""
     if os.environ.get("FUZZ_API_CANARIES") == "1":
@@ -680,7 +704,7 @@ def cases() -> list:
     out = []
     for group in (_data_entries, _kmeans_entries, _grouping_entries, _evaluate_entries, _engine_entries,
                   _model_source_entries, _zca_entries, _augment_entries, _distill_entries, _metadd_entries,
-                  _ops_entries):
+                  _ops_entries, _training_entries):
         for entry in group():
             out += entry.cases
     return out

@@ -44,7 +44,6 @@ def test_arguments_without_effect_are_refused(tiny):
     refused(InputError, "lr_net: has no effect with inner_steps=0", DC, tiny, 2, inner_steps=0, lr_net=0.1)
     refused(InputError, "embedding: has no effect without robust_alpha", DC, tiny, 2, embedding=lambda x: x)
     teacher = ConvNet(1, 3, width=8, depth=1, norm="batchnorm", im_size=(8, 8)).eval()
-    refused(InputError, "arch: has no effect for SRe2L", SRe2L, tiny, 2, teacher=teacher, arch="LeNet")
     refused(InputError, "teacher: expected (1, >= 5) logits", SRe2L, tiny, 2, teacher=teacher, label_offset=2)
 
 
