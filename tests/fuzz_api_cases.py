@@ -710,15 +710,21 @@ def cases() -> list:
     return out
 
 
+def _message(err: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
 def run_case(case: Case) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             case.run()
     except (TypeError, ValueError) as err:
-        return {"outcome": "refused", "error": f"{type(err).__name__}: {err}"[:400]}
+        return {"outcome": "refused", "error": _message(err)}
     except BaseException as err:  # noqa: BLE001 (every other exception is a crash)
-        return {"outcome": "crashed", "error": f"{type(err).__name__}: {err}"[:400]}
+        return {"outcome": "crashed", "error": _message(err)}
     return {"outcome": "accepted"}
 
 
