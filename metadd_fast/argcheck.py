@@ -125,7 +125,10 @@ def real(name: str, value, low: Optional[float] = None, high: Optional[float] = 
     expected = " ".join(filter(None, ("a finite float", _bounds(low, high, low_open, high_open))))
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise type_error(name, expected, value)
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond any float
+        raise value_error(name, expected, value) from None
     if (not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low))
             or (high is not None and (value >= high if high_open else value > high))):
         raise value_error(name, expected, value)

@@ -47,6 +47,7 @@ def test_floats():
     assert ac.positive_float("lr", 2) == 2.0 and type(ac.positive_float("lr", 2)) is float
     refused(InputTypeError, "^lr: expected a finite float > 0, got bool$", ac.positive_float, "lr", True)
     refused(InputTypeError, "got str", ac.finite_float, "x", "1.0")
+    refused(InputError, "^x: expected a finite float, got 1000000", ac.finite_float, "x", 10 ** 400)
     assert ac.fraction("alpha", 1) == 1.0
     refused(InputError, r"^alpha: expected a finite float in \(0, 1\], got 0.0$", ac.fraction, "alpha", 0.0)
     assert ac.nonnegative_float("w", 0) == 0.0
