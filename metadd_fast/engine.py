@@ -122,7 +122,7 @@ class EngineConfig:
         return self.robust_alpha is not None
 
     def check(self, world: int) -> None:
-        """ValueError/TypeError (InputError) naming the field that is wrong, for a run over ``world`` ranks."""
+        """ValueError/TypeError naming the field that is wrong, for a run over ``world`` ranks."""
         argcheck.positive_int("world", world)
         argcheck.seed("seed", self.seed)
         argcheck.boolean("pin_memory", self.pin_memory)
@@ -134,40 +134,40 @@ class EngineConfig:
         if self.teacher is not None:
             argcheck.string("teacher", self.teacher, "None or a spec string")
         if self.method not in DISTILLERS:
-            raise InputError(f"method: expected one of {', '.join(DISTILLERS)}, got {self.method!r}")
+            raise ValueError(f"method: expected one of {', '.join(DISTILLERS)}, got {self.method!r}")
         for name in ("ipc", "iterations", "classes_per_chunk", "batch_real", "cvar_chunks", "pretrain_epochs"):
             argcheck.positive_int(name, getattr(self, name))
         if isinstance(self.metadd_weight, bool) or not isinstance(self.metadd_weight, (int, float)) or \
                 not 0 <= self.metadd_weight < math.inf:
-            raise InputError(f"metadd_weight: expected a finite float >= 0, got {self.metadd_weight!r}")
+            raise ValueError(f"metadd_weight: expected a finite float >= 0, got {self.metadd_weight!r}")
         if isinstance(self.robust_weight, bool) or not isinstance(self.robust_weight, (int, float)) or \
                 not 0 < self.robust_weight < math.inf:
-            raise InputError(f"robust_weight: expected a finite float > 0, got {self.robust_weight!r}")
+            raise ValueError(f"robust_weight: expected a finite float > 0, got {self.robust_weight!r}")
         for name in ("robust_alpha", "metadd_alpha"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not 0 < value <= 1):
-                raise InputError(f"{name}: expected None or a float in (0, 1], got {value!r}")
+                raise ValueError(f"{name}: expected None or a float in (0, 1], got {value!r}")
         if self.arch not in MODELS:
-            raise InputError(f"arch: expected one of {', '.join(MODELS)}, got {self.arch!r}")
+            raise ValueError(f"arch: expected one of {', '.join(MODELS)}, got {self.arch!r}")
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
                                     or not 0 < self.lr < math.inf):
-            raise InputError(f"lr: expected None or a finite float > 0, got {self.lr!r}")
+            raise ValueError(f"lr: expected None or a finite float > 0, got {self.lr!r}")
         if self.metadd_weight and len(self.metadd_models) < 2:
-            raise InputError(f"metadd_models: MetaDD needs at least 2 networks, got {len(self.metadd_models)}")
+            raise ValueError(f"metadd_models: MetaDD needs at least 2 networks, got {len(self.metadd_models)}")
         if not self.metadd_weight and (self.metadd_models or self.metadd_alpha is not None):
-            raise InputError("metadd_weight: metadd_models and metadd_alpha act only with metadd_weight > 0")
+            raise ValueError("metadd_weight: metadd_models and metadd_alpha act only with metadd_weight > 0")
         if (self.method == "sre2l") != (self.teacher is not None):
-            raise InputError("teacher: sre2l needs a teacher and only sre2l uses one, "
+            raise ValueError("teacher: sre2l needs a teacher and only sre2l uses one, "
                              f"got method={self.method!r}, teacher={self.teacher!r}")
         self.specs()
         if self.cvar_chunks > 1 and not self.coupled():
-            raise InputError("cvar_chunks: coupling chunks needs robust_alpha")
+            raise ValueError("cvar_chunks: coupling chunks needs robust_alpha")
         if self.coupled() and self.cvar_chunks > 1 and self.cvar_chunks % world:
-                raise InputError(f"cvar_chunks: the {self.cvar_chunks} chunks of a round cannot be split evenly "
+                raise ValueError(f"cvar_chunks: the {self.cvar_chunks} chunks of a round cannot be split evenly "
                                  f"over {world} ranks; use a multiple of the world size")
         if self.pin_memory and torch.device(self.device or "cpu").type != "cuda":
-            raise InputError(f"pin_memory: pinned host memory serves a CUDA device, got device={self.device!r}")
+            raise ValueError(f"pin_memory: pinned host memory serves a CUDA device, got device={self.device!r}")
 
 
 class SyntheticStore:
