@@ -224,9 +224,9 @@ class MetaDDLoss(nn.Module):
 
     def _parts(self, t: CAMTarget, images: Tensor, labels: Tensor, create_graph: bool):
         """(A, weight in the form of docs/ops.md section 1, labels or None) of one model on ``images``."""
-        A, logits = t.run(images, leaf=not create_graph and self._gradcam(t))
         if self._gradcam(t):
-            return A, t.gradcam_weights(A, logits, labels, create_graph), None
+            return _gradcam_parts(t, images, labels, create_graph)
+        A, _ = t.run(images)
         return A, t.head_weight(A), labels
 
     def _gradcam(self, t: CAMTarget) -> bool:
@@ -386,6 +386,14 @@ class MetaDDLoss(nn.Module):
         if together:
             return _Chunked.apply(images, labels, self, out_size, backend, chunk)
         return _Streamed.apply(images, labels, groups, self, out_size, backend, chunk)
+
+
+@torch.compiler.disable
+def _gradcam_parts(t: CAMTarget, images: Tensor, labels: Tensor, create_graph: bool) -> tuple:
+    """(A, Grad-CAM weights (B, C), None) of one network on ``images``. Eager under torch.compile:
+    the weights are d score / d A, and a compiled region does not expose its inner map A to autograd."""
+    A, logits = t.run(images, leaf=not create_graph)
+    return A, t.gradcam_weights(A, logits, labels, create_graph), None
 
 
 def _check_channels(t: CAMTarget, images: Tensor) -> None:

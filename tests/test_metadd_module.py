@@ -186,7 +186,7 @@ def test_bad_call_arguments_are_named():
     with pytest.raises(InputError, match=re.escape("images: models[0] (ConvNet) cannot run on images of shape "
                                                    "(C, H, W) = (3, 4, 4)")):
         fn(x[:, :, :4, :4], y)
-    with pytest.raises(InputError, match=re.escape("labels: expected a tensor on cpu (like images), got meta")):
+    with pytest.raises(ValueError, match=re.escape("labels: expected a tensor on cpu (like images), got meta")):
         fn(x, y.to("meta"))
 
 
