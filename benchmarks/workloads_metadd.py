@@ -4,13 +4,16 @@ Providers (mode "full" = forward + backward to the images):
 - "floor": what any MetaDD term must do, one forward with grad and one backward to the
   images of each of the K frozen networks (the backward of its label scores);
 - "eager": the naive per-model autograd graph (reference CAMs, every model's graph kept);
-- "keep" (fused CAM op, every model's graph kept), "stream" (the default: chunks from the
-  default memory budget) and "stream_cvar" (stream with a CVaR, alpha=0.3).
+- "keep" (fused CAM op, every model's graph kept), "stream" (the default: no budget given),
+  "stream_budget" (stream with ``memory_budget=BUDGET_MB``) and "stream_cvar" (the default
+  with a CVaR, alpha=0.3).
 
 As a script, it prints each provider's time and peak extra memory with its ratio to the
 naive graph's and to the floor's, and appends the rows to benchmarks/results/results.csv:
 
-    python benchmarks/workloads_metadd.py [--device cpu|cuda] [--workloads NAME ...]
+    python benchmarks/workloads_metadd.py [--device cpu|cuda] [--workloads NAME ...] [--providers NAME ...]
+
+Ratios to "eager" are written only when it is among the providers.
 
 (benchmarks/run.py --ops metadd_loss runs the same cases in the common table.)
 """
@@ -33,9 +36,13 @@ WORKLOADS = {
     "dc_cifar10_ipc50_k4_skewed": (SKEWED, 500, 32, 3, 10),
     "dc_cifar10_ipc10_k4": (ZOO, 100, 32, 3, 10),
     "dc_cifar10_ipc10_k4_skewed": (SKEWED, 100, 32, 3, 10),
+    "dc_cifar10_ipc1_k4": (ZOO, 10, 32, 3, 10),
 }
 CPU_WORKLOADS = ["dc_cifar10_ipc50_k4", "dc_cifar10_ipc50_k4_skewed"]
-PROVIDERS = ("floor", "eager", "keep", "stream", "stream_cvar")
+ALL_PROVIDERS = ("floor", "eager", "keep", "stream", "stream_budget", "stream_cvar")
+# --providers reaches the timing processes (benchmarks/run.py's children) through the environment
+PROVIDERS = tuple(os.environ.get("METADD_BENCH_PROVIDERS", ",".join(ALL_PROVIDERS)).split(","))
+BUDGET_MB = 100  # "stream_budget": about 5 images of the zoo mix's 32x32 graphs (9.4 MB each) per chunk
 MODES = ("full",)
 TIMING = dict(warmup=1, reps=3)
 MEMORY_CALLS = 1
@@ -67,7 +74,8 @@ def run(op: str, provider: str, inputs):
     if key not in _losses:
         kw = dict(memory="keep" if provider in ("eager", "keep") else "stream",
                   alpha=0.3 if provider == "stream_cvar" else None,
-                  backend="reference" if provider == "eager" else None)
+                  backend="reference" if provider == "eager" else None,
+                  memory_budget=BUDGET_MB if provider == "stream_budget" else None)
         _losses[key] = mf.MetaDDLoss(models, **kw)
     return _losses[key](images, labels)
 
@@ -89,21 +97,27 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None)
+    ap.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=list(ALL_PROVIDERS),
+                    help="the providers to run (floor and keep always run: the ratios' bases)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
+    providers = [p for p in ALL_PROVIDERS if p in {"floor", "keep", *args.providers}]
+    os.environ["METADD_BENCH_PROVIDERS"] = ",".join(providers)
     meta = run_meta(args.device)
     print(f"device: {meta['device']}")
-    print(f"{'workload':28} {'provider':12} {'p50 ms':>10} {'x floor':>8} {'x naive':>8} {'extra MB':>9} {'x naive':>8}")
+    print(f"{'workload':28} {'provider':13} {'p50 ms':>10} {'x floor':>8} {'x keep':>7} {'extra MB':>9} {'x keep':>7}")
     for workload in args.workloads or (list(WORKLOADS) if args.device == "cuda" else CPU_WORKLOADS):
         times = run_child("metadd_loss", workload, args.device, "time")["full"]["time"]
         memory = run_child("metadd_loss", workload, args.device, "memory")["full"]
         rows = []
-        for p in PROVIDERS:
+        for p in providers:
             t = times[p][0]
-            ratios = {"time_vs_floor": t / times["floor"][0], "time_vs_naive": t / times["eager"][0],
-                      "memory_vs_naive": memory[p] / memory["eager"]}
-            print(f"{workload:28} {p:12} {t * 1e3:10.1f} {ratios['time_vs_floor']:8.2f} "
-                  f"{ratios['time_vs_naive']:8.2f} {memory[p] / 1e6:9.1f} {ratios['memory_vs_naive']:8.2f}", flush=True)
+            ratios = {"time_vs_floor": t / times["floor"][0], "time_vs_keep": t / times["keep"][0],
+                      "memory_vs_keep": memory[p] / memory["keep"]}
+            if "eager" in providers:
+                ratios.update(time_vs_naive=t / times["eager"][0], memory_vs_naive=memory[p] / memory["eager"])
+            print(f"{workload:28} {p:13} {t * 1e3:10.1f} {ratios['time_vs_floor']:8.2f} {ratios['time_vs_keep']:7.2f} "
+                  f"{memory[p] / 1e6:9.1f} {ratios['memory_vs_keep']:7.2f}", flush=True)
             metrics = [("time", "ms", t * 1e3), ("peak_extra_memory", "MB", memory[p] / 1e6)]
             metrics += [(name, "x", value) for name, value in ratios.items()]
             rows += [dict(op="metadd_loss", provider=p, mode="full", workload=workload, metric=metric, unit=unit,

@@ -57,13 +57,15 @@ class CAMTarget:
 
     kind: "linear" (weights (N, C): linear head after global average pooling),
     "flatten" (weights (N, C, H, W): flatten + linear head) or "gradcam" (per-image
-    weights (B, C): the spatial mean of d score / d A). Decided on the first batch.
+    weights (B, C): the spatial mean of d score / d A). Decided on the first batch, with
+    ``classes``: the labels it takes, the head's rows (or the logits' for Grad-CAM).
     """
 
     def __init__(self, model: nn.Module, layer: Optional[nn.Module], head: Optional[nn.Module]):
         self.model, self.layer, self.head = model, layer, head
         self.kind: Optional[str] = None
         self.weights_vary: Optional[bool] = None  # whether Grad-CAM weights depend on A (decided by probe)
+        self.classes: Optional[int] = None  # classes its CAM can take as labels (decided by probe)
         self.name = type(model).__name__  # in messages; MetaDDLoss names it models[k] (Class)
 
     def __repr__(self) -> str:
@@ -104,6 +106,7 @@ class CAMTarget:
                              f"got shape {tuple(A.shape)}")
         _check_map(self.name, A, images.shape[2:])
         self.kind = _head_kind(_last_linear(self.head), A, logits)
+        self.classes = logits.shape[-1] if self.kind == "gradcam" else _last_linear(self.head).out_features
         self.weights_vary = self._gradcam_weights_vary(images)
 
     def _gradcam_weights_vary(self, images: Tensor) -> bool:

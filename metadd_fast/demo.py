@@ -182,30 +182,23 @@ def pretrain_metadd_nets(cfg: DemoConfig, train: Dataset, test: Dataset, minorit
 
 def calibrate_metadd_weight(make_method: Callable[[], DM], metadd: MetaDDLoss, fraction: float,
                             probes: int = 4) -> dict:
-    """The MetaDD weight w with w * ||d metadd / d x|| = fraction * ||d method / d x|| at the
-    initial synthetic images x. ``make_method()`` builds the distiller without MetaDD (the same
-    seed as the run, so the same initial images); its gradient norm is the mean over
-    ``probes`` steps, each from x (a fresh random network per step in DM), read from
-    ``images.grad`` after ``step()``. Returns {"weight", "fraction", "method_grad_norm",
-    "metadd_grad_norm", "probes"}."""
+    """:meth:`MetaDDLoss.starting_weight` for a distiller: the MetaDD weight w with
+    w * ||d metadd / d x|| = fraction * ||d method / d x|| at the initial synthetic images x.
+    ``make_method()`` builds the distiller without MetaDD (the same seed as the run, so the same
+    initial images); its gradient norm is the mean over ``probes`` steps, each from x (a fresh
+    random network per step in DM), read from ``images.grad`` after ``step()``. Returns
+    starting_weight's {"weight", "fraction", "method_grad_norm", "metadd_grad_norm"} and "probes"."""
     method = make_method()
     start = method.images.detach().clone()
-    norms = []
+    grads = []
     for _ in range(probes):
         method.step()
         if method.images.grad is None:
             raise RuntimeError("make_method: its step() left no gradient on the images")
-        norms.append(float(method.images.grad.norm()))
+        grads.append(float(method.images.grad.norm()))
         with torch.no_grad():
             method.images.copy_(start)
-    x = start.clone().requires_grad_()
-    metadd(x, method.labels).backward()
-    metadd_norm = float(x.grad.norm())
-    if not metadd_norm > 0:
-        raise ValueError("metadd: its gradient on the initial images is zero; the weight cannot be set")
-    method_norm = statistics.fmean(norms)
-    return {"weight": fraction * method_norm / metadd_norm, "fraction": fraction, "method_grad_norm": method_norm,
-            "metadd_grad_norm": metadd_norm, "probes": probes}
+    return {**metadd.starting_weight(start, method.labels, grads, fraction), "probes": probes}
 
 
 def _cam_stats(metadd: MetaDDLoss, images: torch.Tensor, labels: torch.Tensor) -> tuple:

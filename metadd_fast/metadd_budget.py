@@ -9,12 +9,13 @@ buffers and workspaces beside the saved tensors: ``HEADROOM`` times the saved by
 covers them (the largest overshoot measured, ResNet18's backward at 32x32 on chunks of
 two images on the CPU, was 2.0x; whole batches stay near 1.0x).
 
-:func:`chunk_images` turns a budget into images per chunk. Without a budget given,
-the budget is ``DEFAULT_SHARE`` of the graph that ``memory="keep"`` would hold for the
-whole batch (so the default peak is a fixed fraction of the naive graph's, whatever
-the mix of networks), and at most ``FREE_SHARE`` of the memory free on the device:
-``torch.cuda.mem_get_info`` on CUDA, ``MemAvailable`` of /proc/meminfo on the CPU
-(no cap where neither is known).
+:func:`chunk_images` plans a call from its budget: the budget given (``memory_budget``, in
+MB), or by default ``FREE_SHARE`` of the memory free on the device (``torch.cuda.mem_get_info``
+on CUDA, ``MemAvailable`` of /proc/meminfo on the CPU). When the whole batch's graph (what
+``memory="keep"`` holds, times ``HEADROOM``) fits the budget, the call runs in one pass, as
+``memory="keep"`` does: splitting would only cost time. Otherwise it is split into chunks
+of as many images as the budget holds. Where the free memory is unknown and no budget is
+given, the call runs in one pass.
 """
 from __future__ import annotations
 
@@ -25,10 +26,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_SHARE", "FREE_SHARE", "HEADROOM", "saved_bytes", "free_bytes", "chunk_images"]
+__all__ = ["FREE_SHARE", "HEADROOM", "saved_bytes", "free_bytes", "chunk_images"]
 
-DEFAULT_SHARE = 0.2  # default budget: this share of the whole batch's graph in memory="keep"
-FREE_SHARE = 0.5  # ... and at most this share of the device's free memory
+FREE_SHARE = 0.5  # default budget: this share of the device's free memory ("fits comfortably")
 HEADROOM = 2.0  # peak of a pass with its backward / the bytes its graph saves
 MB = 10**6
 
@@ -65,23 +65,26 @@ def free_bytes(device: torch.device) -> Optional[int]:
     return None
 
 
-def chunk_images(batch: int, per_image: int, whole_graph: int, fixed: int, budget_mb: Optional[float],
-                 device: torch.device) -> int:
-    """Images per chunk, in [1, batch], so that ``fixed + chunk * HEADROOM * per_image`` bytes fit
-    the budget.
+def chunk_images(batch: int, per_image: int, whole_graph: int, fixed: int, whole_fixed: int,
+                 budget_mb: Optional[float], device: torch.device) -> Optional[int]:
+    """None when the whole batch runs in one pass (``whole_fixed + HEADROOM * whole_graph`` bytes
+    fit the budget, or no budget is known), else images per chunk, in [1, batch], so that
+    ``fixed + chunk * HEADROOM * per_image`` bytes fit it.
 
     batch: images in the call. per_image: saved graph bytes per image of what runs on one chunk.
-    whole_graph: saved graph bytes of memory="keep" on the whole batch (for the default budget).
-    fixed: bytes held whatever the chunk (maps, their gradient, the image gradient).
-    budget_mb: the budget in MB (10**6 bytes), or None for the default (see the module doc).
+    whole_graph: saved graph bytes of memory="keep" on the whole batch. fixed / whole_fixed:
+    bytes held whatever the chunk (maps, their gradient, the image gradient) when split / in one
+    pass. budget_mb: the budget in MB (10**6 bytes), or None for the default (see the module doc).
     """
     if budget_mb is not None:
         budget = budget_mb * MB
     else:
-        budget = DEFAULT_SHARE * HEADROOM * whole_graph
-        free = free_bytes(device)
-        if free is not None:
-            budget = min(budget, FREE_SHARE * free)
+        budget = free_bytes(device)
+        if budget is None:
+            return None
+        budget *= FREE_SHARE
+    if whole_fixed + HEADROOM * whole_graph <= budget:
+        return None
     per_image = HEADROOM * max(per_image, 1)
     chunk = int((budget - fixed) // per_image)
     if chunk < 1 and budget_mb is not None:

@@ -19,24 +19,32 @@ the whole batch:
   at a time, only on the images whose CVaR weight is non-zero, and pushes its
   gradient into the images.
 
-``memory_budget`` (MB) sets the chunk size from the graph bytes per image measured
-on the first call; without it the budget is a fifth of the graph memory="keep"
-would hold (at most half the device's free memory). ``chunk_size`` sets it directly.
+The chunks come from the graph bytes per image measured on the first call and a budget:
+``memory_budget`` (MB), or by default half the device's free memory. When the whole
+batch's graph fits the budget, stream mode runs it in one pass, as memory="keep" does
+(so the default splits only where memory is short); ``chunk_size`` sets the chunk directly.
 
-Models stay frozen: they run in eval mode with requires_grad off, and their modes
-and flags are restored afterwards; no parameter gradient is ever computed.
+The networks are submodules (``.networks``), so ``.to()``, ``.cuda()``, ``.double()`` and
+``torch.compile`` of the loss reach them, but frozen ones: ``parameters()`` and ``modules()``
+of the loss (or of a module holding it) do not list them, ``train()``/``eval()`` and
+``apply()`` do not reach them, and ``state_dict()`` leaves them out unless
+``save_networks=True``. They run in eval mode with requires_grad off, and their modes and
+flags are restored afterwards; no parameter gradient is ever computed.
 """
 from __future__ import annotations
 
 import contextlib
+import math
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .adapters import CAMTarget, cam_target
+from .errors import InputError, first_line
 from .ops import backends, checks
-from .ops.cam_args import NORMS
+from .ops.cam_args import NORMS, _out_size
 from .ops.cam_maps import cam_maps_of_parts
 from .ops.cvar import check_alpha, cvar
 from .ops.map_variance import map_variance
@@ -61,6 +69,46 @@ def _frozen(models):
                 p.requires_grad_(flag)
 
 
+class _FrozenNetworks(nn.ModuleList):
+    """The K networks of a MetaDDLoss: submodules that ``.to()``/``.half()``/``.cuda()`` (``_apply``)
+    and ``repr`` reach, kept out of what would train, re-initialize or save them: ``named_modules``
+    (hence ``parameters()``, ``buffers()``, ``modules()`` of every module above) yields this
+    container alone, ``train()`` and ``apply()`` stop here, and ``state_dict()`` holds them only
+    with ``save``; loading a state dict without them leaves them as they are."""
+
+    def __init__(self, networks, save: bool):
+        super().__init__(networks)
+        self.save = save
+        self.register_load_state_dict_pre_hook(_keep_unsaved_networks)
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        if memo is None:
+            memo = set()
+        if self not in memo or not remove_duplicate:
+            memo.add(self)
+            yield prefix, self
+
+    def train(self, mode: bool = True):
+        self.training = mode  # the networks keep their own modes (the loss runs them in eval mode)
+        return self
+
+    def apply(self, fn):
+        fn(self)
+        return self
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        if self.save:
+            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        return OrderedDict() if destination is None else destination
+
+
+def _keep_unsaved_networks(module: _FrozenNetworks, state_dict, prefix, *args) -> None:
+    """A state dict that does not hold the networks (saved with save_networks=False) loads
+    without touching them: their own tensors stand in for the missing entries."""
+    if not any(key.startswith(prefix) for key in state_dict):
+        state_dict.update(nn.ModuleList.state_dict(module, prefix=prefix, keep_vars=True))
+
+
 def _autocast_state(device_type: str):
     if torch.is_autocast_enabled(device_type):
         return device_type, torch.get_autocast_dtype(device_type)
@@ -78,15 +126,17 @@ class MetaDDLoss(nn.Module):
     Grad-CAM where the head is not linear) or "gradcam" (Grad-CAM for every model).
     out_size, relu, norm, eps: as :func:`metadd_fast.cam_variance`. alpha: None (mean
     over images) or the CVaR tail fraction; groups/num_groups: CVaR over groups of
-    images (a default for ``forward``'s ``groups``). memory: "stream" or "keep".
-    chunk_size: images per chunk in stream mode. backend: as the fused ops.
+    images (a default for ``forward``'s ``groups``; with ``alpha`` only). memory: "stream" or
+    "keep". chunk_size: images per chunk in stream mode. memory_budget: MB for stream mode's
+    chunks. backend: as the fused ops. save_networks: whether ``state_dict()`` holds the
+    networks' weights (default False: a checkpoint of a module holding the loss stays small).
     """
 
     def __init__(self, models: Sequence, *, mode: str = "cam", out_size=None, relu: bool = True,
                  norm: str = "minmax", eps: float = 1e-8, alpha: Optional[float] = None,
                  groups: Optional[Tensor] = None, num_groups: Optional[int] = None, memory: str = "stream",
                  chunk_size: Optional[int] = None, memory_budget: Optional[float] = None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, save_networks: bool = False):
         super().__init__()
         if isinstance(models, (nn.Module, CAMTarget)) or not isinstance(models, (list, tuple)):
             raise TypeError(f"models: expected a list of networks, got {type(models).__name__}")
@@ -95,8 +145,25 @@ class MetaDDLoss(nn.Module):
         checks.choice("mode", mode, ("cam", "gradcam"))
         checks.choice("memory", memory, ("stream", "keep"))
         checks.choice("norm", norm, NORMS)
+        for name, flag in (("relu", relu), ("save_networks", save_networks)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+            raise InputError(f"eps: expected a finite float >= 0, got {eps!r}")
+        if out_size is not None:
+            out_size = _out_size(out_size, ())
         if alpha is not None:
             check_alpha(alpha)
+        elif groups is not None or num_groups is not None:
+            raise InputError(f"{'groups' if groups is not None else 'num_groups'}: a CVaR over groups needs alpha "
+                             f"(the tail fraction); got it with alpha=None")
+        if num_groups is not None and (isinstance(num_groups, bool) or not isinstance(num_groups, int)
+                                       or num_groups < 1):
+            raise InputError(f"num_groups: expected None or a positive int, got {num_groups!r}")
+        if groups is not None:
+            if not isinstance(groups, Tensor):
+                raise TypeError(f"groups: expected None or an integer tensor, got {type(groups).__name__}")
+            checks.integer("groups", groups)
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size: expected None or a positive int, got {chunk_size!r}")
@@ -106,10 +173,10 @@ class MetaDDLoss(nn.Module):
             if memory == "keep" or chunk_size is not None:
                 raise ValueError("memory_budget: sets the chunks of memory='stream'; give it without chunk_size "
                                  "and without memory='keep'")
-        # Plain list: the frozen models are not submodules (no parameters of this loss).
         self.targets = [cam_target(m) for m in models]
         for k, t in enumerate(self.targets):  # probe errors and warnings name the network
             t.name = f"models[{k}] ({type(t.model).__name__})"
+        self.networks = _FrozenNetworks([t.model for t in self.targets], save_networks)
         self.mode, self.memory, self.chunk_size, self.backend = mode, memory, chunk_size, backend
         self.memory_budget = memory_budget
         self.out_size, self.relu, self.norm, self.eps = out_size, relu, norm, eps
@@ -125,13 +192,41 @@ class MetaDDLoss(nn.Module):
     def models(self) -> list:
         return [t.model for t in self.targets]
 
+    def starting_weight(self, images: Tensor, labels: Tensor, method_grad, fraction: float = 0.5) -> dict:
+        """The weight ``w`` of this term (``loss = method_loss + w * metadd(images, labels)``) whose
+        gradient at ``images`` (the initial synthetic images) is ``fraction`` of the method's:
+        ``w * ||d metadd / d images|| = fraction * ||d method_loss / d images||``.
+
+        method_grad: the method's gradient with respect to ``images`` (a tensor), its norm (a
+        float), or a list of either (their norms' mean: methods that draw a random network per
+        step, as DM and DC do). fraction: a positive float (0.5: the demo's). Returns {"weight",
+        "fraction", "method_grad_norm", "metadd_grad_norm"}; ``images`` is left unchanged.
+        """
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < math.inf:
+            raise InputError(f"fraction: expected a positive finite float, got {fraction!r}")
+        grads = method_grad if isinstance(method_grad, (list, tuple)) else [method_grad]
+        if not grads:
+            raise InputError("method_grad: expected a gradient, a norm or a list of them, got an empty list")
+        norms = [float(g.detach().double().norm()) if isinstance(g, Tensor) else g for g in grads]
+        if not all(isinstance(n, (int, float)) and not isinstance(n, bool) and 0 < n < math.inf for n in norms):
+            raise InputError(f"method_grad: expected gradients with finite non-zero norms, got norms {norms}")
+        x = images.detach().clone().requires_grad_()
+        (g,) = torch.autograd.grad(self(x, labels), x)
+        metadd_norm = float(g.double().norm())
+        if not 0 < metadd_norm < math.inf:
+            raise InputError(f"images: the term's gradient on them has norm {metadd_norm}; no weight makes it a "
+                             f"fraction of the method's")
+        method_norm = sum(norms) / len(norms)
+        return {"weight": fraction * method_norm / metadd_norm, "fraction": fraction, "method_grad_norm": method_norm,
+                "metadd_grad_norm": metadd_norm}
+
     # ---- pieces ---------------------------------------------------------------------------
 
     def _parts(self, t: CAMTarget, images: Tensor, labels: Tensor, create_graph: bool):
         """(A, weight in the form of docs/ops.md section 1, labels or None) of one model on ``images``."""
-        A, logits = t.run(images, leaf=not create_graph and self._gradcam(t))
         if self._gradcam(t):
-            return A, t.gradcam_weights(A, logits, labels, create_graph), None
+            return _gradcam_parts(t, images, labels, create_graph)
+        A, _ = t.run(images)
         return A, t.head_weight(A), labels
 
     def _gradcam(self, t: CAMTarget) -> bool:
@@ -150,21 +245,53 @@ class MetaDDLoss(nn.Module):
         num_groups = self.num_groups if groups is not None else None
         return cvar(v, self.alpha, groups, num_groups, backend=backend)
 
+    def _check_call(self, images, labels, groups) -> Optional[Tensor]:
+        """The call's arguments against each other and the networks' placement; ``groups`` or
+        the default given to the constructor."""
+        checks.floating_tensor("images", images, "(B, C, H, W)")
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels: expected an integer tensor, got {type(labels).__name__}")
+        checks.integer("labels", labels)
+        if tuple(labels.shape) != (images.shape[0],):
+            raise InputError(f"labels: expected shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        checks.same_device([("images", images), ("labels", labels)])
+        if groups is not None and self.alpha is None:
+            raise InputError("groups: a CVaR over groups needs the loss's alpha (the tail fraction); "
+                             "got groups with alpha=None")
+        amp = torch.is_autocast_enabled(images.device.type)
+        for t in self.targets:
+            p = next((p for p in (*t.model.parameters(), *t.model.buffers()) if p.is_floating_point()), None)
+            if p is not None and (p.device != images.device or (p.dtype != images.dtype and not amp)):
+                raise InputError(f"images: {images.dtype} on {images.device}, but {t.name} holds {p.dtype} on "
+                                 f"{p.device}; move the loss and its networks with .to(images) (or the images)")
+        return self.groups if groups is None else groups
+
     def _prepare(self, images: Tensor) -> tuple:
-        """Probe every model once per input shape: head kinds and the common map size."""
+        """Probe every model once per input shape: head kinds, classes and the common map size.
+        The probe sees the first two images with non-finite pixels set to 0 (what it decides
+        belongs to the networks, not to the pixels)."""
         key = tuple(images.shape[1:])
         if key not in self._map_sizes:
-            probe = images[:2].detach()
+            probe = torch.nan_to_num(images[:2].detach(), nan=0.0, posinf=0.0, neginf=0.0)
             with _frozen(self.models), torch.no_grad():
                 sizes = []
                 for t in self.targets:
-                    t.probe(probe)
-                    sizes.append(tuple(t.run(probe[:1])[0].shape[2:]))
+                    _check_channels(t, images)
+                    try:
+                        t.probe(probe)
+                        sizes.append(tuple(t.run(probe[:1])[0].shape[2:]))
+                    except RuntimeError as err:  # the network's own forward refused the images
+                        raise InputError(f"images: {t.name} cannot run on images of shape (C, H, W) = {key}: "
+                                         f"{first_line(err)}") from err
             self._map_sizes[key] = sizes
         if self.out_size is not None:
-            return (self.out_size, self.out_size) if isinstance(self.out_size, int) else tuple(self.out_size)
+            return self.out_size
         sizes = self._map_sizes[key]
         return max(h for h, _ in sizes), max(w for _, w in sizes)
+
+    def _classes(self) -> int:
+        """Classes every network scores (labels index them): the fewest heads' rows or logits."""
+        return min(t.classes for t in self.targets)
 
     def _graph_bytes(self, images: Tensor, labels: Tensor, out_size, backend: str) -> list:
         """Graph bytes per image of each model's pass with create_graph (as in :meth:`_variances`
@@ -173,7 +300,7 @@ class MetaDDLoss(nn.Module):
         key = (tuple(images.shape[1:]), images.dtype, images.device, _autocast_state(images.device.type))
         if key not in self._graph_sizes:
             n = min(2, images.shape[0])
-            x, y = images[:n].detach().clone(), labels[:n]
+            x, y = torch.nan_to_num(images[:n].detach(), nan=0.0, posinf=0.0, neginf=0.0), labels[:n]
             sizes = []
             with _frozen(self.models), torch.enable_grad():
                 for t in self.targets:
@@ -183,17 +310,20 @@ class MetaDDLoss(nn.Module):
             self._graph_sizes[key] = sizes
         return self._graph_sizes[key]
 
-    def _chunk(self, images: Tensor, labels: Tensor, out_size, backend: str, together: bool) -> int:
+    def _chunk(self, images: Tensor, labels: Tensor, out_size, backend: str, together: bool) -> Optional[int]:
         """Images per chunk in stream mode: ``chunk_size``, or what the budget allows when the K
-        models run on a chunk ``together`` (their graphs summed) or one at a time (the largest)."""
+        models run on a chunk ``together`` (their graphs summed) or one at a time (the largest);
+        None (one pass, every graph kept, as memory="keep") when the whole batch fits the budget."""
         if self.chunk_size is not None:
             return self.chunk_size
         sizes = self._graph_bytes(images, labels, out_size, backend)
         B, K = images.shape[0], len(self.targets)
         P = out_size[0] * out_size[1]
+        whole_fixed = images.numel() * images.element_size() + K * B * P * 8
         fixed = images.numel() * images.element_size() + (0 if together else 2 * K * B * P * 8)
         per_image = sum(sizes) if together else max(sizes)
-        return chunk_images(B, int(per_image), int(B * sum(sizes)), fixed, self.memory_budget, images.device)
+        return chunk_images(B, int(per_image), int(B * sum(sizes)), fixed, whole_fixed, self.memory_budget,
+                            images.device)
 
     # ---- the two memory modes -----------------------------------------------------------
 
@@ -241,26 +371,37 @@ class MetaDDLoss(nn.Module):
         """Scalar loss, differentiable with respect to ``images`` (B, C, H, W). In stream mode
         without ``alpha``, the image gradient is computed here when ``images`` requires grad
         (call under ``torch.no_grad()`` for the loss value alone)."""
-        checks.floating_tensor("images", images, "(B, C, H, W)")
-        if not isinstance(labels, Tensor):
-            raise TypeError(f"labels: expected an integer tensor, got {type(labels).__name__}")
-        checks.integer("labels", labels)
-        if tuple(labels.shape) != (images.shape[0],):
-            raise ValueError(f"labels: expected shape ({images.shape[0]},), got {tuple(labels.shape)}")
-        groups = self.groups if groups is None else groups
+        groups = self._check_call(images, labels, groups)
         backend = backends.resolve(self.backend, images.device)
         out_size = self._prepare(images)
+        checks.index_range("labels", labels, self._classes())  # all of them, before any chunk runs
         together = self.alpha is None
         chunk = self._chunk(images, labels, out_size, backend, together) if self.memory == "stream" else None
         if not (torch.is_grad_enabled() and images.requires_grad):  # the value alone, no graph kept
             with torch.no_grad():
                 U = self.maps_no_grad(images, labels, out_size, backend, chunk)
                 return self._reduce(self._variance(U, backend), groups, backend)
-        if self.memory == "keep":
+        if chunk is None:  # memory="keep", or a stream whose whole graph fits its budget
             return self._reduce(self._variances(images, labels, out_size, backend), groups, backend)
         if together:
             return _Chunked.apply(images, labels, self, out_size, backend, chunk)
         return _Streamed.apply(images, labels, groups, self, out_size, backend, chunk)
+
+
+@torch.compiler.disable
+def _gradcam_parts(t: CAMTarget, images: Tensor, labels: Tensor, create_graph: bool) -> tuple:
+    """(A, Grad-CAM weights (B, C), None) of one network on ``images``. Eager under torch.compile:
+    the weights are d score / d A, and a compiled region does not expose its inner map A to autograd."""
+    A, logits = t.run(images, leaf=not create_graph)
+    return A, t.gradcam_weights(A, logits, labels, create_graph), None
+
+
+def _check_channels(t: CAMTarget, images: Tensor) -> None:
+    """The images' channels against the network's first convolution, where it has one."""
+    conv = next((m for m in t.model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if conv is not None and conv.in_channels != images.shape[1]:
+        raise InputError(f"images: expected {conv.in_channels} channels (the input of {t.name}), got "
+                         f"{images.shape[1]} (shape {tuple(images.shape)})")
 
 
 class _Chunked(torch.autograd.Function):

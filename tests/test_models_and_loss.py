@@ -183,7 +183,7 @@ def test_stream_backward_reruns_only_tail_images():
     hooks = [m.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].shape[0])) for m in models]
     x = torch.randn(20, 3, 24, 24, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 10, (20,))
-    loss = mf.MetaDDLoss(models, alpha=0.1)(x, y)
+    loss = mf.MetaDDLoss(models, alpha=0.1, chunk_size=20)(x, y)  # streamed (the default runs one pass here)
     seen.clear()
     loss.backward()
     for h in hooks:
