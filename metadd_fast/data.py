@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-__all__ = ["Dataset", "load_digits", "with_inverted_minority", "load_cifar", "load_image_folder", "load",
+__all__ = ["Dataset", "normalize_pixels", "denormalize", "load_digits", "with_inverted_minority", "load_cifar", "load_image_folder", "load",
            "class_batches"]
 
 _IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".tif", ".tiff", ".webp")
@@ -38,7 +38,8 @@ _IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".tif", ".tiff", 
 
 @dataclass
 class Dataset:
-    """images (N, C, H, W) float32, normalized with mean/std per channel; labels (N,) int64."""
+    """images (N, C, H, W): float32 normalized with mean/std per channel, or uint8 pixels
+    (decoded image folders) normalized per batch by :meth:`take`; labels (N,) int64."""
 
     name: str
     images: torch.Tensor
@@ -58,11 +59,30 @@ class Dataset:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def take(self, idx) -> torch.Tensor:
+        """The images at ``idx``, normalized float32: the stored rows (float storage), or uint8
+        pixels through :func:`normalize_pixels` (only the rows taken are converted)."""
+        x = self.images[idx]
+        return normalize_pixels(x, self.mean, self.std) if x.dtype == torch.uint8 else x
+
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Images back to [0, 1] pixel scale (clamped), for saving and plotting."""
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device)[:, None, None]
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device)[:, None, None]
-        return (x * std + mean).clamp(0, 1)
+        return denormalize(x, self.mean, self.std)
+
+
+def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalized images (N, C, H, W) back to [0, 1] pixel scale (clamped), for saving and plotting."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device)[:, None, None]
+    s = torch.tensor(std, dtype=x.dtype, device=x.device)[:, None, None]
+    return (x * s + m).clamp(0, 1)
+
+
+def normalize_pixels(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 pixels (n, C, H, W) -> float32 (pixels / 255 - mean) / std per channel: the one
+    formula for decoded images, whether normalized per class or per batch."""
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return ((pixels.float() / 255.0) - m) / s
 
 
 def _normalized(name, pixels: torch.Tensor, labels, num_classes, mean=None, std=None) -> Dataset:
