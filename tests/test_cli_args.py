@@ -156,19 +156,19 @@ def test_demo_flags_are_checked(capsys, argv, flag):
 
 
 def test_internal_errors_keep_their_traceback(tmp_path, monkeypatch):
-    from metadd_fast import pipeline
+    from metadd_fast import engine
 
     def broken(*args, **kwargs):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(pipeline, "run_distill", broken)
+    monkeypatch.setattr(engine, "run_chunked", broken)
     with pytest.raises(ValueError, match="an internal bug"):
         main(["distill", *TINY, "--out", str(tmp_path / "run")])
 
 
 def test_internal_errors_keep_their_traceback_through_the_cli(tmp_path):
-    script = ("import sys; from metadd_fast import pipeline, cli\n"
+    script = ("import sys; from metadd_fast import engine, cli\n"
               "def broken(*a, **k): raise RuntimeError('an internal bug')\n"
-              "pipeline.run_distill = broken\nsys.exit(cli.main(sys.argv[1:]))")
+              "engine.run_chunked = broken\nsys.exit(cli.main(sys.argv[1:]))")
     r = cli("distill", *TINY, "--out", tmp_path / "run", script=script)
     assert r.returncode == 1 and "Traceback" in r.stderr and "RuntimeError: an internal bug" in r.stderr
