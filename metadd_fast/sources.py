@@ -45,7 +45,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .data import _IMAGE_EXT, Dataset, load
+from .data import _IMAGE_EXT, Dataset, load, normalize_pixels
 from .errors import InputError, first_line
 from .results import atomic_write
 
@@ -134,9 +134,7 @@ class Source:
 
     def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (n, C, H, W) -> float32 normalized with this source's mean and std."""
-        m = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        s = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return ((pixels.float() / 255.0) - m) / s
+        return normalize_pixels(pixels, self.mean, self.std)
 
 
 class TensorSource(Source):
