@@ -136,7 +136,7 @@ class Source:
         """uint8 (n, C, H, W) -> float32 normalized with this source's mean and std."""
         m = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
         s = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return ((pixels.float() / 255.0) - m) / s
+        return pixels.float().div_(255.0).sub_(m).div_(s)  # in place: one float copy at the peak
 
 
 class TensorSource(Source):
@@ -348,7 +348,7 @@ class ImageFolderSource(Source):
         stats = _check_stats(mean, std)
         self.root, self.split, self.fit = os.path.abspath(os.fspath(root)), split, fit
         self.workers, self.cache_bytes = workers or _workers(), cache_bytes
-        self._pool, self._cache = None, collections.OrderedDict()
+        self._pool, self._pool_pid, self._cache = None, None, collections.OrderedDict()
         base = os.path.basename(self.root)
         self.name = os.path.basename(os.path.dirname(self.root)) if base in ("train", "val", "test") else base
         self.classes, self.files, self.reindexed = self._index(classes, index_dir)
@@ -381,8 +381,9 @@ class ImageFolderSource(Source):
         classes = [str(c) for c in classes]
         missing, extra = sorted(set(classes) - set(subdirs)), sorted(set(subdirs) - set(classes))
         if missing or extra or len(set(classes)) != len(classes):
-            raise InputError(f"root: {self.root}'s class folders do not match the {len(classes)} classes given"
-                             f" (missing: {', '.join(missing[:3]) or '-'}; not among them: {', '.join(extra[:3]) or '-'})")
+            raise InputError(f"root: {self.root}'s class folders do not match the {len(classes)} classes given "
+                             f"(missing: {', '.join(missing[:3]) or '-'}; "
+                             f"not among them: {', '.join(extra[:3]) or '-'})")
         return classes, None
 
     def _annotated(self, ann: str, classes) -> tuple:
@@ -419,8 +420,8 @@ class ImageFolderSource(Source):
                  "files": [[f for f, _, _ in listed[c]] for c in names],
                  "sizes": [[s for _, s, _ in listed[c]] for c in names],
                  "mtimes": [[m for _, _, m in listed[c]] for c in names], "annotations": self._annotations}
-        self.listing = hashlib.sha256(json.dumps([table[k] for k in ("classes", "files", "sizes", "mtimes", "annotations")],
-                                                 separators=(",", ":")).encode()).hexdigest()[:16]
+        listing = [table[k] for k in ("classes", "files", "sizes", "mtimes", "annotations")]
+        self.listing = hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()[:16]
         reason = None
         if index_dir is not None:
             path = os.path.join(index_dir, f"index_{self.split}.json")
@@ -495,8 +496,9 @@ class ImageFolderSource(Source):
         items = list(items)
         if self.workers == 1 or len(items) <= 1:
             return [fn(x) for x in items]
-        if self._pool is None:
+        if self._pool is None or self._pool_pid != os.getpid():  # a forked child has none of the threads
             self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="metadd-decode")
+            self._pool_pid = os.getpid()
         futures = [self._pool.submit(fn, x) for x in items]
         try:
             return [f.result() for f in futures]
