@@ -271,10 +271,6 @@ def _check_stats(mean, std) -> tuple:
     return mean, std
 
 
-def _walk_error(err: OSError):
-    raise InputError(f"{err.filename}: cannot be listed ({err.strerror})") from err
-
-
 def _stat(path: str) -> tuple:
     try:
         st = os.stat(path)
@@ -284,19 +280,31 @@ def _stat(path: str) -> tuple:
 
 
 def _list_class(root: str, name: str) -> list:
-    """[(path relative to root, size, mtime_ns)] of the images under class folder ``name``, sorted;
-    names starting with "." are skipped. InputError for a class folder without images."""
-    folder = os.path.join(root, name)
-    found = []
-    for dirpath, dirnames, names in os.walk(folder, onerror=_walk_error):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for n in names:
-            if n.startswith(".") or not n.lower().endswith(_IMAGE_EXT):
-                continue
-            full = os.path.join(dirpath, n)
-            found.append((os.path.relpath(full, root).replace(os.sep, "/"), *_stat(full)))
+    """[(path relative to root, size, mtime_ns)] of the images under class folder ``name`` (and its
+    sub-folders; symbolic links to folders are not followed, as os.walk), sorted; names starting
+    with "." are skipped. InputError for a class folder without images."""
+    found, pending = [], [name]
+    while pending:
+        rel = pending.pop()
+        folder = os.path.join(root, rel)
+        try:
+            with os.scandir(folder) as it:
+                for e in it:
+                    n = e.name
+                    if n.startswith("."):
+                        continue
+                    if e.is_dir(follow_symlinks=False):
+                        pending.append(f"{rel}/{n}")
+                    elif n.lower().endswith(_IMAGE_EXT):
+                        try:
+                            st = e.stat()
+                        except OSError as err:
+                            raise InputError(f"{e.path}: cannot be read ({err.strerror})") from err
+                        found.append((f"{rel}/{n}", st.st_size, st.st_mtime_ns))
+        except OSError as err:
+            raise InputError(f"{folder}: cannot be listed ({err.strerror})") from err
     if not found:
-        raise InputError(f"{folder}: class folder without images ({', '.join(_IMAGE_EXT)})")
+        raise InputError(f"{os.path.join(root, name)}: class folder without images ({', '.join(_IMAGE_EXT)})")
     found.sort()
     return found
 
