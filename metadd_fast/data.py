@@ -82,7 +82,7 @@ def normalize_pixels(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     formula for decoded images, whether normalized per class or per batch."""
     m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return ((pixels.float() / 255.0) - m) / s
+    return pixels.float().div_(255.0).sub_(m).div_(s)  # in place: one float copy at the peak
 
 
 def _normalized(name, pixels: torch.Tensor, labels, num_classes, mean=None, std=None) -> Dataset:

@@ -269,10 +269,6 @@ def _check_stats(mean, std) -> tuple:
     return mean, std
 
 
-def _walk_error(err: OSError):
-    raise InputError(f"{err.filename}: cannot be listed ({err.strerror})") from err
-
-
 def _stat(path: str) -> tuple:
     try:
         st = os.stat(path)
@@ -282,19 +278,31 @@ def _stat(path: str) -> tuple:
 
 
 def _list_class(root: str, name: str) -> list:
-    """[(path relative to root, size, mtime_ns)] of the images under class folder ``name``, sorted;
-    names starting with "." are skipped. InputError for a class folder without images."""
-    folder = os.path.join(root, name)
-    found = []
-    for dirpath, dirnames, names in os.walk(folder, onerror=_walk_error):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for n in names:
-            if n.startswith(".") or not n.lower().endswith(_IMAGE_EXT):
-                continue
-            full = os.path.join(dirpath, n)
-            found.append((os.path.relpath(full, root).replace(os.sep, "/"), *_stat(full)))
+    """[(path relative to root, size, mtime_ns)] of the images under class folder ``name`` (and its
+    sub-folders; symbolic links to folders are not followed, as os.walk), sorted; names starting
+    with "." are skipped. InputError for a class folder without images."""
+    found, pending = [], [name]
+    while pending:
+        rel = pending.pop()
+        folder = os.path.join(root, rel)
+        try:
+            with os.scandir(folder) as it:
+                for e in it:
+                    n = e.name
+                    if n.startswith("."):
+                        continue
+                    if e.is_dir(follow_symlinks=False):
+                        pending.append(f"{rel}/{n}")
+                    elif n.lower().endswith(_IMAGE_EXT):
+                        try:
+                            st = e.stat()
+                        except OSError as err:
+                            raise InputError(f"{e.path}: cannot be read ({err.strerror})") from err
+                        found.append((f"{rel}/{n}", st.st_size, st.st_mtime_ns))
+        except OSError as err:
+            raise InputError(f"{folder}: cannot be listed ({err.strerror})") from err
     if not found:
-        raise InputError(f"{folder}: class folder without images ({', '.join(_IMAGE_EXT)})")
+        raise InputError(f"{os.path.join(root, name)}: class folder without images ({', '.join(_IMAGE_EXT)})")
     found.sort()
     return found
 
@@ -346,7 +354,7 @@ class ImageFolderSource(Source):
         stats = _check_stats(mean, std)
         self.root, self.split, self.fit = os.path.abspath(os.fspath(root)), split, fit
         self.workers, self.cache_bytes = workers or _workers(), cache_bytes
-        self._pool, self._cache = None, collections.OrderedDict()
+        self._pool, self._pool_pid, self._cache = None, None, collections.OrderedDict()
         base = os.path.basename(self.root)
         self.name = os.path.basename(os.path.dirname(self.root)) if base in ("train", "val", "test") else base
         self.classes, self.files, self.reindexed = self._index(classes, index_dir)
@@ -379,8 +387,9 @@ class ImageFolderSource(Source):
         classes = [str(c) for c in classes]
         missing, extra = sorted(set(classes) - set(subdirs)), sorted(set(subdirs) - set(classes))
         if missing or extra or len(set(classes)) != len(classes):
-            raise InputError(f"root: {self.root}'s class folders do not match the {len(classes)} classes given"
-                             f" (missing: {', '.join(missing[:3]) or '-'}; not among them: {', '.join(extra[:3]) or '-'})")
+            raise InputError(f"root: {self.root}'s class folders do not match the {len(classes)} classes given "
+                             f"(missing: {', '.join(missing[:3]) or '-'}; "
+                             f"not among them: {', '.join(extra[:3]) or '-'})")
         return classes, None
 
     def _annotated(self, ann: str, classes) -> tuple:
@@ -417,8 +426,8 @@ class ImageFolderSource(Source):
                  "files": [[f for f, _, _ in listed[c]] for c in names],
                  "sizes": [[s for _, s, _ in listed[c]] for c in names],
                  "mtimes": [[m for _, _, m in listed[c]] for c in names], "annotations": self._annotations}
-        self.listing = hashlib.sha256(json.dumps([table[k] for k in ("classes", "files", "sizes", "mtimes", "annotations")],
-                                                 separators=(",", ":")).encode()).hexdigest()[:16]
+        listing = [table[k] for k in ("classes", "files", "sizes", "mtimes", "annotations")]
+        self.listing = hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()[:16]
         reason = None
         if index_dir is not None:
             path = os.path.join(index_dir, f"index_{self.split}.json")
@@ -493,8 +502,9 @@ class ImageFolderSource(Source):
         items = list(items)
         if self.workers == 1 or len(items) <= 1:
             return [fn(x) for x in items]
-        if self._pool is None:
+        if self._pool is None or self._pool_pid != os.getpid():  # a forked child has none of the threads
             self._pool = concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="metadd-decode")
+            self._pool_pid = os.getpid()
         futures = [self._pool.submit(fn, x) for x in items]
         try:
             return [f.result() for f in futures]

@@ -317,3 +317,18 @@ def test_cli_names_a_truncated_image_in_one_line(imagenet, tmp_path, capsys):
                          capsys)
     assert code == 2
     one_line(err, f"{victim}: not a readable image (OSError: image file is truncated")
+
+
+def test_decode_benchmark_writes_its_rows(tmp_path):
+    import csv
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import data_scale
+
+    out = tmp_path / "decode.csv"
+    argv = ["--classes", "2", "--per-class", "3", "--image", "40x30", "--sizes", "16", "--reps", "1", "--out", str(out)]
+    assert data_scale.main(argv) == 0 and data_scale.main(argv) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [r["method"] for r in rows] == ["plain", "draft_1_thread", "parallel"] * 2
+    assert all(r["images"] == "6" and r["size"] == "16" and float(r["images_per_s_p50"]) > 0 for r in rows)
