@@ -1,7 +1,19 @@
-"""Real data at ImageNet scale: how fast image folders decode (``--parts decode``).
+"""Real data at ImageNet scale: how fast image folders decode (``--parts decode``), and what
+the chunked engine costs at 100 vs 1,000 classes (``--parts engine``).
 
     python benchmarks/data_scale.py                          # 10 classes x 50 JPEGs of 500 x 375, 64 and 224 px
     python benchmarks/data_scale.py --per-class 100 --sizes 64,128,224 --workers 2
+    python benchmarks/data_scale.py --parts engine           # 100 x 20 and 1,000 x 20 JPEGs, 64 px
+
+engine: ImageNet-layout folders of ``--scales`` (default 100 and 1,000 classes x 20 JPEGs of
+500 x 375; ``--unique`` distinct generated files, hard-linked into every class folder), and
+two chunked runs on each (``--classes-per-chunk`` 10, IPC 1, ``--iterations`` per chunk,
+networks from state_dict files of random weights): ``sre2l+metadd`` (ConvNetBN teacher,
+MetaDD over ConvNetD1 and ConvNetD2; decodes no image) and ``dm+robust`` (DM through
+ConvNetD2 with robust DD, alpha 0.5: every class is decoded, grouped and dropped). Each run
+is a fresh process (``--engine-reps`` of them): seconds to the imports, the index, the first
+image update and the end; peak RSS at the first update and at the end. Rows go to
+benchmarks/results/data_scale_engine.csv; the summary prints the 1,000-over-100 ratios.
 
 decode: an ImageNet-layout folder of generated photo-like JPEGs (500 x 375, as ImageNet's
 typical image; :func:`metadd_fast.testing_data.make_imagenet_folder`) is decoded to
@@ -26,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -140,9 +154,140 @@ def decode_rows(args, root: str) -> list:
     return rows
 
 
+# ---- engine: time to the first step and peak RSS at 100 vs 1,000 classes -------------------
+
+ENGINE_OUT = os.path.join(HERE, "results", "data_scale_engine.csv")
+ENGINE_FIELDS = ["cpu", "cpus", "commit", "date", "run", "classes", "per_class", "images", "image", "size", "ipc",
+                 "iterations", "classes_per_chunk", "threads", "import_s", "index_s", "first_step_s", "total_s",
+                 "rss_first_step_MB", "peak_rss_MB", "loadavg_before", "loadavg_after"]
+
+# One chunked run in its own process (peak RSS is per process): argv = folder, out, config (JSON),
+# size, threads. Prints one JSON line: seconds from the start to the imports, the index and the
+# first image update (every distiller's finish_step), the total, and the peak RSS then and at the end.
+ENGINE_CHILD = """
+import json, resource, sys, time
+t0 = time.perf_counter()
+import torch
+from metadd_fast import engine
+from metadd_fast.sources import ImageFolderSource
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+torch.set_num_threads(int(sys.argv[5]))
+t_import = time.perf_counter() - t0
+first = []
+for cls in set(engine.DISTILLERS.values()):
+    def finish(self, real=cls.finish_step):
+        if not first:
+            first.append((time.perf_counter() - t0, rss()))
+        return real(self)
+    cls.finish_step = finish
+source = ImageFolderSource(sys.argv[1], int(sys.argv[4]), index_dir=sys.argv[2])
+t_index = time.perf_counter() - t0 - t_import
+engine.run_chunked(engine.EngineConfig(**json.loads(sys.argv[3])), source, sys.argv[2], progress=False)
+print(json.dumps(dict(import_s=t_import, index_s=t_index, first_step_s=first[0][0], total_s=time.perf_counter() - t0,
+                      rss_first_step_MB=first[0][1], peak_rss_MB=rss())))
+"""
+
+ENGINE_RUNS = ("sre2l+metadd", "dm+robust")
+
+
+def linked_folder(root: str, unique: str, classes: int, per_class: int) -> str:
+    """An ImageNet-layout ``<root>/train`` of ``classes`` x ``per_class`` files, hard links to the
+    JPEGs of the folder ``unique`` (generating 20,000 distinct photo-like JPEGs takes longer than
+    decoding them; the decoder sees the same bytes either way). Returns the train folder."""
+    from metadd_fast.testing_data import wnid
+
+    files = sorted(os.path.join(dp, f) for dp, _, names in os.walk(unique) for f in names)
+    train = os.path.join(root, "train")
+    for c in range(classes):
+        os.makedirs(os.path.join(train, wnid(c)))
+        for i in range(per_class):
+            src = files[(c * per_class + i) % len(files)]
+            os.link(src, os.path.join(train, wnid(c), f"{wnid(c)}_{i}.JPEG"))
+    return train
+
+
+def engine_config(run: str, folder: str, classes: int, size: int, ipc: int, iterations: int, per_chunk: int,
+                  batch_real: int) -> dict:
+    """The run's EngineConfig fields; its networks are state_dict files of random weights for
+    ``classes`` classes written into ``folder`` (as a user's checkpoints: no zoo training)."""
+    import torch
+
+    from metadd_fast.models import get_model
+
+    def weights(arch):
+        path = os.path.join(folder, f"{arch}_{classes}.pt")
+        if not os.path.exists(path):
+            torch.manual_seed(0)
+            torch.save(get_model(arch, 3, classes, (size, size)).state_dict(), path)
+        return f"{arch}={path}"
+
+    common = dict(ipc=ipc, iterations=iterations, classes_per_chunk=per_chunk, batch_real=batch_real)
+    if run == "sre2l+metadd":
+        return dict(common, method="sre2l", teacher=weights("ConvNetBN"), metadd_weight=1.0,
+                    metadd_models=(weights("ConvNetD1"), weights("ConvNetD2")))
+    return dict(common, method="dm", arch="ConvNetD2", robust_alpha=0.5)
+
+
+def engine_rows(args, tmp: str) -> list:
+    """For each scale (classes x images per class) and run, ``--engine-reps`` fresh processes."""
+    import subprocess
+
+    from metadd_fast.testing_data import make_imagenet_folder
+
+    unique = os.path.join(tmp, "unique")
+    t0 = time.perf_counter()
+    make_imagenet_folder(unique, 1, args.unique, size=args.image, seed=0)
+    print(f"generated {args.unique} distinct JPEGs of {args.image[0]}x{args.image[1]} in "
+          f"{time.perf_counter() - t0:.1f} s (linked into every folder)")
+    base = {"cpu": _cpu_model(), "cpus": _cpus(), "commit": measure.git_commit(), "date": time.strftime("%Y-%m-%d"),
+            "image": f"{args.image[0]}x{args.image[1]}", "size": args.engine_size, "ipc": 1,
+            "iterations": args.iterations, "classes_per_chunk": args.classes_per_chunk, "threads": args.threads}
+    rows = []
+    for classes, per_class in args.scales:
+        root = os.path.join(tmp, f"{classes}x{per_class}")
+        train = linked_folder(root, unique, classes, per_class)
+        for run in ENGINE_RUNS:
+            cfg = engine_config(run, root, classes, args.engine_size, 1, args.iterations, args.classes_per_chunk,
+                                per_class)
+            for rep in range(args.engine_reps):
+                out = os.path.join(root, f"{run}_{rep}")
+                load_before = os.getloadavg()[0]
+                done = subprocess.run([sys.executable, "-c", ENGINE_CHILD, train, out, json.dumps(cfg),
+                                       str(args.engine_size), str(args.threads)], capture_output=True, text=True,
+                                      env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
+                if done.returncode:
+                    raise SystemExit(f"data_scale.py: {run} at {classes} classes failed:\n{done.stderr[-2000:]}")
+                m = json.loads(done.stdout.strip().splitlines()[-1])
+                row = dict(base, run=run, classes=classes, per_class=per_class, images=classes * per_class,
+                           loadavg_before=f"{load_before:.2f}", loadavg_after=f"{os.getloadavg()[0]:.2f}",
+                           **{k: f"{v:.2f}" if k.endswith("_s") else f"{v:.0f}" for k, v in m.items()})
+                rows.append(row)
+                print(f"{run:13s} {classes:5d} classes x {per_class:4d}: first step {m['first_step_s']:6.1f} s "
+                      f"(index {m['index_s']:.1f} s), total {m['total_s']:6.1f} s, peak RSS {m['peak_rss_MB']:.0f} MB "
+                      f"(at the first step {m['rss_first_step_MB']:.0f} MB)")
+                shutil.rmtree(out)
+    return rows
+
+
+def engine_summary(rows: list) -> None:
+    """Peak RSS and time to the first step at the largest scale over the smallest, per run (medians)."""
+    for run in ENGINE_RUNS:
+        by = {}
+        for r in rows:
+            if r["run"] == run:
+                by.setdefault(int(r["classes"]), []).append(r)
+        if len(by) < 2:
+            continue
+        lo, hi = by[min(by)], by[max(by)]
+        med = lambda rs, k: float(np.median([float(r[k]) for r in rs]))  # noqa: E731
+        print(f"{run}: {max(by)} vs {min(by)} classes: peak RSS x{med(hi, 'peak_rss_MB') / med(lo, 'peak_rss_MB'):.3f}, "
+              f"first step x{med(hi, 'first_step_s') / med(lo, 'first_step_s'):.2f} "
+              f"(index {med(lo, 'index_s'):.1f} -> {med(hi, 'index_s'):.1f} s)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="decode", help="comma-separated parts to run: decode")
+    p.add_argument("--parts", default="decode", help="comma-separated parts to run: decode, engine")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--image", default="500x375", help="generated JPEG size, WIDTHxHEIGHT")
@@ -152,14 +297,31 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=120.0, help="seconds of timed rounds per size, at most")
     p.add_argument("--root", default=None, help="an existing ImageNet-layout folder (with train/) instead")
     p.add_argument("--out", default=DECODE_OUT)
+    p.add_argument("--scales", default="100x20,1000x20",
+                   help="engine: CLASSESxIMAGES_PER_CLASS folders, comma-separated (equal images per class)")
+    p.add_argument("--unique", type=int, default=200, help="engine: distinct JPEGs generated (then hard-linked)")
+    p.add_argument("--engine-size", type=int, default=64, help="engine: decode size (px)")
+    p.add_argument("--iterations", type=int, default=1, help="engine: steps per chunk")
+    p.add_argument("--classes-per-chunk", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1, help="engine: torch threads per run")
+    p.add_argument("--engine-reps", type=int, default=2, help="engine: processes per scale and run")
+    p.add_argument("--engine-out", default=ENGINE_OUT)
     args = p.parse_args(argv)
+    args.scales = [tuple(int(v) for v in x.lower().split("x")) for x in args.scales.split(",")]
     args.image = tuple(int(v) for v in args.image.lower().split("x"))
     args.sizes = [int(v) for v in args.sizes.split(",")]
     parts = args.parts.split(",")
-    unknown = sorted(set(parts) - {"decode"})
+    unknown = sorted(set(parts) - {"decode", "engine"})
     if unknown:
         p.error(f"--parts: unknown part(s) {', '.join(unknown)}")
     with tempfile.TemporaryDirectory() as tmp:
+        if "engine" in parts:
+            rows = engine_rows(args, tmp)
+            append_rows(args.engine_out, ENGINE_FIELDS, rows)
+            engine_summary(rows)
+            print(f"appended {len(rows)} rows to {args.engine_out}")
+            if parts == ["engine"]:
+                return 0
         root = args.root
         if root is None:
             root = os.path.join(tmp, "imagenet")

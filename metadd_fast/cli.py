@@ -167,7 +167,7 @@ def _as_flag_error(err: ValueError) -> InputError:
         raise err
     rest = re.sub(r"\b([a-z]+(?:_[a-z]+)+)\b", lambda m: f"--{m[1].replace('_', '-')}" if m[1] in fields else m[1],
                   rest)
-    return InputError(f"--{field.replace('_', '-')}: {rest}")
+    return ca.flag_error(f"--{field.replace('_', '-')}", rest)
 
 
 DEFAULT_METADD_MODELS = ("ConvNet", "ConvNetD1", "AlexNet", "LeNet")  # zoo networks trained on the real data

@@ -458,11 +458,10 @@ def _check_run_file(run_file: str, cfg: EngineConfig, digest: str, source_key: s
                      f"use another --out or --restart")
 
 
-def _whitened(source, out: str):
-    """(ZCA fitted on every image of ``source``, the source whitened) and ``<out>/zca.pt``."""
+def _whitened(source):
+    """(ZCA fitted on every image of ``source``, the source whitened)."""
     ds = source.dataset()
     zca = ZCA.fit(ds.images)
-    atomic_save(zca.state_dict(), os.path.join(out, "zca.pt"))
     return zca, TensorSource(zca.whiten_dataset(ds))
 
 
@@ -486,13 +485,19 @@ def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bo
     if rank == 0 and os.path.exists(run_file):
         _check_run_file(run_file, cfg, digest, source.key, out)
     state = _read_state(state_path, digest)  # read and checked before anything is written
+    zca, source = _whitened(source) if cfg.zca else (None, source)
+    # Every network before the run's files: a bad weights file is reported with nothing written
+    # (zoo networks without a file, loaded last, are trained and cached in <out>/models/).
+    nets = _networks(cfg, source, out, rank, (group if group is not None else dist.group.WORLD)
+                     if distributed else None)
     os.makedirs(os.path.join(out, "chunks"), exist_ok=True)
     if rank == 0 and not os.path.exists(run_file):
         atomic_write_json({"digest": digest, "config": cfg.identity(), "source": source.key}, run_file)
+    if rank == 0 and zca is not None:
+        atomic_save(zca.state_dict(), os.path.join(out, "zca.pt"))
     if distributed:
         dist.barrier(group)
     n = source.num_classes
-    zca, source = _whitened(source, out) if cfg.zca else (None, source)
     store = SyntheticStore(os.path.join(out, "synthetic.f32"), n * cfg.ipc, source.shape)
     per = cfg.classes_per_chunk or n
     chunks = [list(range(s, min(n, s + per))) for s in range(0, n, per)]
@@ -503,8 +508,6 @@ def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bo
     else:  # coupled chunks: every rank takes part in every round, with every world-th chunk of it
         mine = [(i, r, list(range(rank, len(r), world))) for i, r in enumerate(rounds)]
     cvar_group = (group if group is not None else dist.group.WORLD) if distributed and span > 1 else None
-    nets = _networks(cfg, source, out, rank, (group if group is not None else dist.group.WORLD)
-                     if distributed else None)
     marker = lambda i: os.path.join(out, "chunks", f"chunk_{i:05d}.pt")  # noqa: E731
     start = time.perf_counter()
     for i, r, positions in tqdm(mine, desc=f"rank {rank} rounds" if span > 1 else f"rank {rank} chunks",
