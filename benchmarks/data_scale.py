@@ -262,9 +262,10 @@ def engine_rows(args, tmp: str) -> list:
                            loadavg_before=f"{load_before:.2f}", loadavg_after=f"{os.getloadavg()[0]:.2f}",
                            **{k: f"{v:.2f}" if k.endswith("_s") else f"{v:.0f}" for k, v in m.items()})
                 rows.append(row)
+                append_rows(args.engine_out, ENGINE_FIELDS, [row])  # each row as it comes: a long run keeps them
                 print(f"{run:13s} {classes:5d} classes x {per_class:4d}: first step {m['first_step_s']:6.1f} s "
                       f"(index {m['index_s']:.1f} s), total {m['total_s']:6.1f} s, peak RSS {m['peak_rss_MB']:.0f} MB "
-                      f"(at the first step {m['rss_first_step_MB']:.0f} MB)")
+                      f"(at the first step {m['rss_first_step_MB']:.0f} MB)", flush=True)
                 shutil.rmtree(out)
     return rows
 
@@ -317,7 +318,6 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if "engine" in parts:
             rows = engine_rows(args, tmp)
-            append_rows(args.engine_out, ENGINE_FIELDS, rows)
             engine_summary(rows)
             print(f"appended {len(rows)} rows to {args.engine_out}")
             if parts == ["engine"]:

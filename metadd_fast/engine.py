@@ -222,7 +222,10 @@ def _reads_real(cfg: EngineConfig) -> bool:
 def _chunk_real(source, classes: list, pin: bool, reads: bool = True) -> Dataset:
     """The real images of ``classes`` (labels 0.. in their order), read class by class into one
     tensor: uint8 pixels for a source that decodes (``class_pixels``; normalized per batch by
-    :meth:`Dataset.take`), else its float images. ``reads`` False: no image (shape only)."""
+    :meth:`Dataset.take`), else its float images. ``reads`` False: no image (shape only).
+    An in-memory source's every class (the one-chunk run) is its own Dataset, not a copy."""
+    if reads and not pin and isinstance(source, TensorSource) and classes == list(range(source.num_classes)):
+        return source.dataset()  # class c's rows in the same order as class_images(c): the same draws
     counts = [source.counts[c] for c in classes] if reads else [0] * len(classes)
     pixels = getattr(source, "class_pixels", None)
     images, start = None, 0

@@ -49,8 +49,10 @@ def _metadd(folder):
 
 
 def _sre2l(folder):
-    """SRe2L (zoo ConvNetBN teacher trained on the real data) + MetaDD + robust DD, two chunks per CVaR."""
-    return dict(CFG, method="sre2l", teacher="ConvNetBN", robust_alpha=0.5, cvar_chunks=2, **_metadd(folder))
+    """SRe2L (zoo ConvNetBN teacher trained on the real data) + MetaDD + robust DD, two chunks per CVaR,
+    a checkpoint every step (each rank its own state file; a killed round resumes mid-way)."""
+    return dict(CFG, method="sre2l", teacher="ConvNetBN", robust_alpha=0.5, cvar_chunks=2, checkpoint_every=1,
+                **_metadd(folder))
 
 
 def _dc(folder):
@@ -85,6 +87,8 @@ def test_two_gloo_ranks_give_the_one_process_result(tmp_path, make):
     assert torch.isfinite(images).all()
     assert torch.equal(images, single["images"]) and torch.equal(labels, single["labels"])
     assert images.shape == (12, *SHAPE) and not torch.equal(images[:2], images[2:4])
+    if cfg.get("checkpoint_every"):  # each rank checkpoints its part of the round
+        assert (tmp_path / "two" / "state.pt").exists() and (tmp_path / "two" / "state.rank1.pt").exists()
     trained = ["01_metadd_models_ConvNetD2.pt"] if cfg["method"] == "dc" else \
         ["00_teacher_ConvNetBN.pt", "02_metadd_models_ConvNetD2.pt"]  # zoo networks without a file
     assert sorted(os.listdir(tmp_path / "two" / "models")) == trained
