@@ -42,8 +42,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import measure  # noqa: E402
 
-from metadd_fast.engine import EngineConfig, RandomImageSource, run_chunked  # noqa: E402
+from metadd_fast.engine import EngineConfig, run_chunked  # noqa: E402
 from metadd_fast.models import get_model  # noqa: E402
+from metadd_fast.sources import RandomSource  # noqa: E402
 
 OUT = os.path.join(HERE, "results", "engine_scale.csv")
 FIELDS = ["device", "torch", "commit", "method", "arch", "teacher", "metadd_models", "metadd_weight", "size", "ipc",
@@ -57,12 +58,14 @@ NETWORKS = {  # library -> (teacher, MetaDD networks)
 CLASSES = 1000
 
 
-class ImageNetShaped(RandomImageSource):
+class ImageNetShaped(RandomSource):
     """The first ``run`` classes of a 1,000-class ImageNet-shaped source (networks have 1,000 outputs)."""
+
+    num_outputs = CLASSES
 
     def __init__(self, run: int, per_class: int, size: int):
         super().__init__(CLASSES, per_class, (3, size, size), seed=0)
-        self.num_classes = run
+        self.num_classes, self.counts = run, self.counts[:run]
         self.key += f":first{run}"
 
 

@@ -28,7 +28,7 @@ from metadd_fast.data import load_digits  # noqa: E402
 from metadd_fast.distill import DISTILLERS  # noqa: E402
 from metadd_fast.models import ConvNet, get_model  # noqa: E402
 
-METADD_MODELS = ("ConvNet", "ConvNetD1", "AlexNet", "LeNet")  # the demo's (DistillConfig.metadd_models)
+METADD_MODELS = ("ConvNet", "ConvNetD1", "AlexNet", "LeNet")  # the CLI default (cli.DEFAULT_METADD_MODELS)
 VARIANTS = {"without": None, "keep": "keep", "stream": "stream"}  # name -> MetaDDLoss memory (None: no term)
 
 

@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 def _add_distill(sub):
     p = sub.add_parser("distill", help="distill a dataset into a small synthetic set (resumable)",
-                       description="Distill a dataset. The output folder holds config.json, checkpoints "
+                       description="Distill a dataset. The output folder holds run.json, checkpoints "
                                    "(state.pt, every --checkpoint-every steps) and, at the end, synthetic.pt "
                                    "(DC's format) and PNGs. Re-running the same command continues an "
                                    "interrupted run; --restart discards it.")
@@ -31,7 +31,7 @@ def _add_distill(sub):
                    help="weight of the MetaDD term (0: off)")
     p.add_argument("--metadd-models", type=ca.model_specs, default=None,
                    help="comma-separated networks (at least 2) for MetaDD (default ConvNet,ConvNetD1,AlexNet,LeNet: "
-                        "zoo networks trained on the real data); with --classes-per-chunk each may be "
+                        "zoo networks trained on the real data); each may be "
                         "[torchvision:|timm:]ARCH=PATH, a state_dict file (read with weights_only=True)")
     p.add_argument("--metadd-alpha", type=ca.alpha_or_none, default=None,
                    help="CVaR tail in (0, 1] of the MetaDD term over synthetic images (none: mean)")
@@ -56,13 +56,13 @@ def _add_distill(sub):
                    help="large-IPC engine with --robust-alpha: chunks optimized together under one CVaR over "
                         "all their groups (split across ranks; a multiple of the world size)")
     p.add_argument("--teacher", type=ca.model_spec, default=None,
-                   help="large-IPC engine, sre2l: the teacher, [torchvision:|timm:]ARCH=PATH (a state_dict "
+                   help="sre2l: the teacher, [torchvision:|timm:]ARCH=PATH (a state_dict "
                         "file) or a zoo ARCH trained on the real data (default ConvNetBN)")
     p.add_argument("--device", default=None,
-                   help="large-IPC engine: device of the chunk being optimized (default: cpu; under torchrun "
+                   help="device of the chunk being optimized (default: cpu; under torchrun "
                         "on GPUs, cuda:<local rank>)")
     p.add_argument("--pin-memory", action="store_true",
-                   help="large-IPC engine: keep each chunk's real images in pinned host memory (CUDA)")
+                   help="keep each chunk's real images in pinned host memory (CUDA)")
 
 
 def _add_evaluate(sub):
@@ -155,24 +155,50 @@ def _bench(args) -> int:
 
 def _as_flag_error(err: ValueError) -> InputError:
     """The engine's ValueError ("field: message", naming EngineConfig fields) as the CLI's
-    one-line error naming flags; any other ValueError is a bug and is raised as it is."""
+    one-line error naming flags; an InputError (a file or the data named) is said as it is;
+    any other ValueError is a bug and is raised as it is."""
     from .engine import EngineConfig
 
+    if isinstance(err, InputError):
+        return err
     fields = EngineConfig.__dataclass_fields__
     field, sep, rest = str(err).partition(": ")
     if not sep or field not in fields:
         raise err
     rest = re.sub(r"\b([a-z]+(?:_[a-z]+)+)\b", lambda m: f"--{m[1].replace('_', '-')}" if m[1] in fields else m[1],
                   rest)
-    return InputError(f"--{field.replace('_', '-')}: {rest}")
+    return ca.flag_error(f"--{field.replace('_', '-')}", rest)
 
 
-def _distill_chunked(args, train) -> int:
+DEFAULT_METADD_MODELS = ("ConvNet", "ConvNetD1", "AlexNet", "LeNet")  # zoo networks trained on the real data
+
+
+def _engine_config(args, device):
+    from .engine import EngineConfig
+
+    teacher = args.teacher if args.teacher is not None or args.method != "sre2l" else "ConvNetBN"
+    return EngineConfig(method=args.method, ipc=args.ipc, iterations=args.iterations,
+                        classes_per_chunk=args.classes_per_chunk, batch_real=args.batch_real, arch=args.arch,
+                        lr=args.lr, seed=args.seed, robust_alpha=args.robust_alpha, robust_weight=args.robust_weight,
+                        cvar_chunks=args.cvar_chunks, metadd_weight=args.metadd_weight,
+                        metadd_alpha=args.metadd_alpha, teacher=teacher,
+                        metadd_models=tuple(args.metadd_models) if args.metadd_weight else (),
+                        zca=args.zca, checkpoint_every=args.checkpoint_every, device=device,
+                        pin_memory=args.pin_memory)
+
+
+def _distill(args) -> int:
+    """One runner (the engine; without --classes-per-chunk one chunk of every class). Every flag,
+    network spec and weights file is checked against the data's index before any image is read."""
     import torch
     import torch.distributed as dist
 
-    from .engine import DatasetSource, EngineConfig, run_chunked
+    from .engine import run_chunked
+    from .sources import open_source
 
+    ca.check_distill(args)
+    if args.metadd_weight and args.metadd_models is None:
+        args.metadd_models = DEFAULT_METADD_MODELS
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -180,19 +206,15 @@ def _distill_chunked(args, train) -> int:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.set_device(torch.device(device))
-    teacher = args.teacher if args.teacher is not None or args.method != "sre2l" else "ConvNetBN"
-    cfg = EngineConfig(method=args.method, ipc=args.ipc, iterations=args.iterations,
-                       classes_per_chunk=args.classes_per_chunk, batch_real=args.batch_real, arch=args.arch,
-                       lr=args.lr, seed=args.seed, robust_alpha=args.robust_alpha, robust_weight=args.robust_weight,
-                       cvar_chunks=args.cvar_chunks, metadd_weight=args.metadd_weight,
-                       metadd_alpha=args.metadd_alpha, teacher=teacher,
-                       metadd_models=tuple(args.metadd_models) if args.metadd_weight else (),
-                       device=device, pin_memory=args.pin_memory)
+    cfg = _engine_config(args, device)
     try:
-        world = dist.get_world_size() if dist.is_initialized() else 1
         try:
-            cfg.check(world)
-            run = run_chunked(cfg, DatasetSource(train), args.out)
+            cfg.check(dist.get_world_size() if dist.is_initialized() else 1)
+            if args.restart:
+                _discard_run(args.out)
+            source = open_source(args.dataset, "train", path=args.data_path, size=args.size, index_dir=args.out)
+            ca.check_train_data(args, source)
+            run = run_chunked(cfg, source, args.out)
         except ValueError as err:  # the engine names its config fields: say them as flags
             raise _as_flag_error(err) from err
     finally:
@@ -203,40 +225,22 @@ def _distill_chunked(args, train) -> int:
     return 0
 
 
-RUN_FILES = ("config.json", "state.pt", "synthetic.pt", "run.json", "synthetic.f32", "groups.pt")
+RUN_FILES = ("config.json", "state.pt", "synthetic.pt", "run.json", "synthetic.f32", "groups.pt", "zca.pt",
+             "synthetic.png", "cams.png")
 
 
 def _discard_run(out: str) -> None:
-    """--restart: remove a previous run's files from ``out`` (and nothing else)."""
+    """--restart: remove a previous run's files from ``out`` (and nothing else; cached networks
+    and the data index are kept: they are checked against what they were made from)."""
+    import glob
     import shutil
 
     for f in RUN_FILES:
         if os.path.exists(os.path.join(out, f)):
             os.remove(os.path.join(out, f))
+    for f in glob.glob(os.path.join(glob.escape(out), "state.rank*.pt")):
+        os.remove(f)
     shutil.rmtree(os.path.join(out, "chunks"), ignore_errors=True)
-
-
-def _distill(args) -> int:
-    from . import pipeline
-    from .data import load
-
-    ca.check_distill(args)
-    args.metadd_models = args.metadd_models or pipeline.DistillConfig.metadd_models
-    train = load(args.dataset, "train", path=args.data_path, size=args.size)
-    ca.check_train_data(args, train)
-    if args.restart:
-        _discard_run(args.out)
-    if args.classes_per_chunk:
-        return _distill_chunked(args, train)
-    cfg = pipeline.DistillConfig(
-        dataset=args.dataset, data_path=args.data_path, size=args.size, method=args.method, ipc=args.ipc,
-        iterations=args.iterations, lr=args.lr, batch_real=args.batch_real, arch=args.arch,
-        metadd_weight=args.metadd_weight, metadd_models=tuple(args.metadd_models),
-        metadd_alpha=args.metadd_alpha, robust_alpha=args.robust_alpha, robust_weight=args.robust_weight,
-        zca=args.zca, seed=args.seed, checkpoint_every=args.checkpoint_every)
-    run = pipeline.run_distill(cfg, args.out, train=train)
-    print(f"wrote {os.path.join(args.out, 'synthetic.pt')} ({run['seconds']:.0f} s)")
-    return 0
 
 
 def _evaluate(args) -> int:

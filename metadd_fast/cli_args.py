@@ -209,16 +209,9 @@ def check_distill(args) -> None:
         raise flag_error("--robust-weight", "has no effect without --robust-alpha")
     if args.method == "sre2l" and args.arch != "ConvNet":
         raise flag_error("--arch", "has no effect with --method sre2l (it recovers through the teacher)")
-    if args.classes_per_chunk is None:
-        for flag, given in (("--cvar-chunks", args.cvar_chunks != 1), ("--device", args.device is not None),
-                            ("--pin-memory", args.pin_memory), ("--teacher", args.teacher is not None)):
-            if given:
-                raise flag_error(flag, "applies to the large-IPC engine only; add --classes-per-chunk")
-        if args.metadd_models is not None and any(":" in s or "=" in s for s in args.metadd_models):
-            raise flag_error("--metadd-models", "[SOURCE:]ARCH=PATH networks need the large-IPC engine "
-                                                "(--classes-per-chunk); without it give zoo names")
-        return
-    if args.zca:
+    if args.classes_per_chunk is None and args.cvar_chunks != 1:
+        raise flag_error("--cvar-chunks", "applies to the large-IPC engine only; add --classes-per-chunk")
+    if args.classes_per_chunk is not None and args.zca:
         raise flag_error("--zca", "not available with the large-IPC engine (--classes-per-chunk)")
     if args.teacher is not None and args.method != "sre2l":
         raise flag_error("--teacher", f"only --method sre2l uses a teacher, got --method {args.method}")
@@ -253,30 +246,32 @@ def check_evaluate(args) -> None:
         check_new_file("--json", args.json)
 
 
-def check_models(flag: str, names, ds) -> None:
-    """Each zoo network of ``names`` can be built for the images of ``ds`` (some need larger ones)."""
+def check_models(flag: str, names, shape, num_classes: int) -> None:
+    """Each zoo network of ``names`` can be built for images of ``shape`` (C, H, W) and
+    ``num_classes`` classes (some need larger images)."""
     from .models import get_model
 
+    channel, h, w = shape
     for name in names:
         try:
-            get_model(name, ds.channel, ds.num_classes, ds.im_size)
+            get_model(name, channel, num_classes, (h, w))
         except (RuntimeError, ValueError) as err:  # a map pooled below 1x1, or a 1x1 map normalized
-            raise flag_error(flag, f"{name} cannot take {ds.channel}x{ds.im_size[0]}x{ds.im_size[1]} images "
+            raise flag_error(flag, f"{name} cannot take {channel}x{h}x{w} images "
                                    f"({str(err).splitlines()[0]})") from None
 
 
-def check_train_data(args, train) -> None:
-    """``distill``'s flags against its training split: enough real images per class for --ipc,
-    and networks that take its images."""
-    counts = train.labels.bincount(minlength=train.num_classes).tolist()
+def check_train_data(args, source) -> None:
+    """``distill``'s flags against its training split's index (a :class:`metadd_fast.sources.Source`;
+    no image is read): enough real images per class for --ipc, and networks that take its images."""
+    counts = list(source.counts)
     if min(counts) == 0:
-        raise flag_error("--data-path", f"class {counts.index(0)} of {train.name} has no training images")
+        raise flag_error("--data-path", f"class {counts.index(0)} of {source.name} has no training images")
     if min(counts) < args.ipc:
-        raise flag_error("--ipc", f"at most {min(counts)} (the fewest real images of a class in {train.name}: "
+        raise flag_error("--ipc", f"at most {min(counts)} (the fewest real images of a class in {source.name}: "
                                   f"class {counts.index(min(counts))}), got {args.ipc}")
-    check_models("--arch", [args.arch], train)
+    check_models("--arch", [args.arch], source.shape, source.num_classes)
     if args.metadd_weight:
-        check_models("--metadd-models", _zoo_names(args.metadd_models), train)
+        check_models("--metadd-models", _zoo_names(args.metadd_models or ()), source.shape, source.num_classes)
 
 
 def check_synthetic(args, images, labels, test) -> None:
@@ -289,4 +284,4 @@ def check_synthetic(args, images, labels, test) -> None:
     if int(labels.max()) >= test.num_classes:
         raise flag_error("--synthetic", f"{args.synthetic} has label {int(labels.max())}, but --dataset "
                                         f"{test.name} has classes 0..{test.num_classes - 1}")
-    check_models("--archs", args.archs, test)
+    check_models("--archs", args.archs, tuple(test.images.shape[1:]), test.num_classes)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from . import argcheck
 from .errors import InputError
 
-__all__ = ["Dataset", "load_digits", "with_inverted_minority", "load_cifar", "load_image_folder", "load",
+__all__ = ["Dataset", "normalize_pixels", "denormalize", "load_digits", "with_inverted_minority", "load_cifar", "load_image_folder", "load",
            "class_batches"]
 
 _IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".tif", ".tiff", ".webp")
@@ -39,7 +39,8 @@ _IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".tif", ".tiff", 
 
 @dataclass
 class Dataset:
-    """images (N, C, H, W) float32, normalized with mean/std per channel; labels (N,) int64."""
+    """images (N, C, H, W): float32 normalized with mean/std per channel, or uint8 pixels
+    (decoded image folders) normalized per batch by :meth:`take`; labels (N,) int64."""
 
     name: str
     images: torch.Tensor
@@ -59,11 +60,30 @@ class Dataset:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def take(self, idx) -> torch.Tensor:
+        """The images at ``idx``, normalized float32: the stored rows (float storage), or uint8
+        pixels through :func:`normalize_pixels` (only the rows taken are converted)."""
+        x = self.images[idx]
+        return normalize_pixels(x, self.mean, self.std) if x.dtype == torch.uint8 else x
+
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Images back to [0, 1] pixel scale (clamped), for saving and plotting."""
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device)[:, None, None]
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device)[:, None, None]
-        return (x * std + mean).clamp(0, 1)
+        return denormalize(x, self.mean, self.std)
+
+
+def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalized images (N, C, H, W) back to [0, 1] pixel scale (clamped), for saving and plotting."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device)[:, None, None]
+    s = torch.tensor(std, dtype=x.dtype, device=x.device)[:, None, None]
+    return (x * s + m).clamp(0, 1)
+
+
+def normalize_pixels(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 pixels (n, C, H, W) -> float32 (pixels / 255 - mean) / std per channel: the one
+    formula for decoded images, whether normalized per class or per batch."""
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return pixels.float().div_(255.0).sub_(m).div_(s)  # in place: one float copy at the peak
 
 
 def _normalized(name, pixels: torch.Tensor, labels, num_classes, mean=None, std=None) -> Dataset:
@@ -237,38 +257,15 @@ def _read_members(path: str, files: list) -> list:
 
 
 def load_image_folder(root: str, size=None) -> Dataset:
-    """Images in class sub-folders of ``root`` (sorted class names are the labels), RGB,
-    resized to ``size`` (int or (H, W); default: the first image's size)."""
-    from PIL import Image, UnidentifiedImageError
+    """Images in class sub-folders of ``root`` (sorted class names are the labels), all in memory:
+    :class:`metadd_fast.sources.ImageFolderSource`'s decode (RGB, resized to ``size``, int or
+    (H, W), default the first image's size) and statistics (ImageNet's for wnid-named classes,
+    else a sample of at most 1,000 images). For small folders; large ones stream through the
+    source (:func:`metadd_fast.sources.open_source`)."""
+    from .sources import ImageFolderSource
 
-    argcheck.instance("root", root, (str, os.PathLike), "a folder path")
-    size = argcheck.optional(argcheck.image_size, "size", size)
-    if not os.path.isdir(root):
-        raise InputError(f"root: {root} is not a folder")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not classes:
-        raise InputError(f"root: {root} has no class sub-folders")
-    files = []
-    for label, c in enumerate(classes):
-        for dirpath, _, names in sorted(os.walk(os.path.join(root, c))):
-            files += [(os.path.join(dirpath, n), label) for n in sorted(names) if n.lower().endswith(_IMAGE_EXT)]
-    if not files:
-        raise InputError(f"root: {root} has no images ({', '.join(_IMAGE_EXT)})")
-    if size is not None:  # the float32 result, refused by name before any image is decoded
-        argcheck.allocation("size", len(files) * 3 * size[0] * size[1] * 4, torch.device("cpu"),
-                            f"{len(files)} RGB images of {size[0]}x{size[1]} in float32")
-    pixels = []
-    for path, _ in files:
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                size = size or (im.height, im.width)
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-                pixels.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()))
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as err:
-            raise InputError(f"{path}: not a readable image ({err})") from err
-    pix = torch.stack(pixels).permute(0, 3, 1, 2).float() / 255.0
-    return _normalized(os.path.basename(os.path.normpath(root)), pix, [l for _, l in files], len(classes))
+    with ImageFolderSource(root, size) as src:
+        return src.dataset()
 
 
 def load(name: str, split: str = "train", *, path: str = None, size: int = None) -> Dataset:
@@ -291,8 +288,9 @@ def load(name: str, split: str = "train", *, path: str = None, size: int = None)
         if path is None:
             raise InputError("path: the image-folder dataset needs its root folder")
         argcheck.instance("path", path, (str, os.PathLike), "a folder path")
-        return load_image_folder(os.path.join(path, split) if os.path.isdir(os.path.join(path, split)) else path,
-                                 size)
+        from .sources import folder_split
+
+        return load_image_folder(folder_split(path, split), size)
 
 
 def class_batches(ds: Dataset) -> list:

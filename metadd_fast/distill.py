@@ -69,6 +69,7 @@ class Distiller:
     """
 
     default_lr = 1.0
+    _reads_real = True  # whether match_loss() reads real images (SRe2L's does not)
 
     def __init__(self, real: Dataset, ipc: int, *, lr: Optional[float] = None, batch_real: int = 128,
                  arch: str = "ConvNet", init: str = "real", metadd: Optional[MetaDDLoss] = None,
@@ -87,13 +88,19 @@ class Distiller:
         self.augment = DiffAugment(augment) if augment else None
         self.gen = torch.Generator().manual_seed(seed)
         self.by_class = class_batches(real)
+        # Real images a class needs: ipc to start from; one for batches (noise init: SRe2L's recover
+        # without robust DD reads none, so a chunked run need not decode any).
+        need = ipc if init == "real" else 1 if robust_alpha is not None or self._reads_real else 0
+        short = [c for c, idx in enumerate(self.by_class) if len(idx) < need]
+        if short:
+            raise ac.InputError(f"ipc: classes {short} have fewer than {need} real images")
         self.labels = torch.arange(real.num_classes).repeat_interleave(ipc).to(self.device)
         # The labels the teacher and the MetaDD networks see: the chunked engine gives each
         # distiller a chunk of classes, whose class 0 is class ``label_offset`` of those networks.
         self.global_labels = self.labels + label_offset
         if init == "real":
             pick = [idx[torch.randperm(len(idx), generator=self.gen)[:ipc]] for idx in self.by_class]
-            images = real.images[torch.cat(pick)].clone()
+            images = real.take(torch.cat(pick)).clone()
         else:
             images = torch.randn(len(self.labels), *real.images.shape[1:], generator=self.gen)
         self.images = images.to(self.device).requires_grad_()
@@ -154,7 +161,7 @@ class Distiller:
 
     def _real(self, c: int) -> Tensor:
         idx = self.by_class[c]
-        batch = self.real.images[idx[torch.randperm(len(idx), generator=self.gen)[: self.batch_real]]]
+        batch = self.real.take(idx[torch.randperm(len(idx), generator=self.gen)[: self.batch_real]])
         return batch.to(self.device, non_blocking=True)  # real data stays on the host; batches stream in
 
     def _syn(self, c: int) -> Tensor:
@@ -436,6 +443,7 @@ class SRe2L(Distiller):
     class c, every step, under the step's augmentation."""
 
     default_lr = 0.05
+    _reads_real = False
 
     def __init__(self, real: Dataset, ipc: int, *, teacher: nn.Module, r_bn: float = 0.01, **kw):
         ac.module("teacher", teacher)

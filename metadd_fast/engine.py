@@ -2,11 +2,20 @@
 memory-mapped synthetic set, class sharding across ranks, cross-rank robust-DD CVaR, and
 per-chunk checkpoints that survive ``kill -9``.
 
-The synthetic set (classes * ipc, C, H, W) float32 lives in ``<out>/synthetic.f32``, a
-memory-mapped file, so host and device memory depend on the chunk, not on the IPC:
-only the chunk being optimized is on the device (``device=``), its real images stay
-on the host (pinned with ``pin_memory=True``, so batches copy asynchronously).
+This is the one runner behind ``metadd-fast distill``: without ``classes_per_chunk`` (None)
+the run is one chunk holding every class, with the same config, resume format and network
+cache.
+
+The real data is a class-indexed source (:mod:`metadd_fast.sources`): only its index is held,
+and a chunk reads the images of its own classes when it starts (as uint8 pixels for decoded
+image folders, normalized per batch; in-memory sources as they are) and drops them when it
+ends. The synthetic set (classes * ipc, C, H, W) float32 lives in ``<out>/synthetic.f32``, a
+memory-mapped file, so host and device memory depend on the chunk, not on the number of
+classes or the IPC: only the chunk being optimized is on the device (``device=``), its real
+images stay on the host (pinned with ``pin_memory=True``, so batches copy asynchronously).
 Classes are optimized ``classes_per_chunk`` at a time, each chunk by its own distiller.
+Every network is loaded (weights files read and fitted first) before the first image is
+decoded, and SRe2L without robust DD reads no real image (its recover starts from noise).
 
 What a chunk means per method:
 
@@ -44,9 +53,15 @@ does not grow with the real set). ``<out>/groups.pt`` holds ``group_sizes`` (cla
 real images per synthetic image; a 0 is a synthetic image that represents no real one.
 
 Each finished chunk is marked by an atomically written ``chunks/chunk_XXXXX.pt``; after
-a barrier rank 0 writes the merged ``synthetic.pt``. A killed run restarted with the
-same command skips finished rounds and redoes at most the one that was running. A
-checkpoint from another run, or a corrupt one, is refused with a clear message.
+a barrier rank 0 writes the merged ``synthetic.pt`` and ``synthetic.png`` (with MetaDD
+``cams.png``). With ``checkpoint_every``, each rank also saves the round it is running every
+that many steps (``state.pt``, rank r > 0 ``state.rank<r>.pt``), so a killed run restarted
+with the same command skips finished rounds and resumes the one that was running from its
+last checkpoint (without it, redoes that round). ``run.json`` holds the run's identity. A
+checkpoint from another run, or a corrupt or crafted one, is refused with a message naming
+the file. With ``zca``, the run distills in regularised-ZCA space fitted on every real image
+(:mod:`metadd_fast.zca`; CIFAR-sized sets: it needs the whole set in memory), saves the
+transform in ``zca.pt`` and the synthetic set un-whitened.
 """
 from __future__ import annotations
 
@@ -65,16 +80,21 @@ from tqdm.auto import tqdm
 
 from . import argcheck
 from .ops.cvar import cvar
-from .data import Dataset
+from .data import Dataset, class_batches
 from .distill import DISTILLERS
-from .errors import InputError
+from .errors import InputError, first_line, load_failure
 from .grouping import class_nearest_groups
 from .metadd_loss import MetaDDLoss
 from .model_sources import file_digest, load_model, parse_spec
 from .models import MODELS, get_model
 from .results import atomic_save, atomic_write_json, load_json_object, save_synthetic
+from .run_figures import save_cams, save_synthetic_grid
+from .sources import TensorSource
+from .zca import ZCA
 
-__all__ = ["EngineConfig", "SyntheticStore", "RandomImageSource", "DatasetSource", "run_chunked"]
+__all__ = ["EngineConfig", "SyntheticStore", "run_chunked"]
+
+RUN_ONLY = ("device", "pin_memory", "checkpoint_every")  # where and how a run executes, not what it computes
 
 
 @dataclasses.dataclass
@@ -82,14 +102,16 @@ class EngineConfig:
     """A chunked run. ``robust_alpha``: robust-DD CVaR tail (None: off) over the groups of a
     round of ``cvar_chunks`` chunks, with weight ``robust_weight`` (as the distillers'). ``metadd_weight``, ``metadd_models``
     (>= 2 spec strings), ``metadd_alpha``: the MetaDD term; ``teacher``: SRe2L's teacher
-    spec; ``pretrain_epochs``: for zoo specs without weights. ``device`` and ``pin_memory``
-    say where the run executes and are not part of the run's identity (a run may resume
-    elsewhere)."""
+    spec; ``pretrain_epochs``: for zoo specs without weights. ``classes_per_chunk`` None: one
+    chunk of every class. ``zca``: distill in ZCA space. ``checkpoint_every``: steps between
+    checkpoints within a round (None: a round is redone if killed). ``device``,
+    ``pin_memory`` and ``checkpoint_every`` say where and how the run executes and are not
+    part of the run's identity (a run may resume elsewhere)."""
 
     method: str = "dm"
     ipc: int = 10
     iterations: int = 20
-    classes_per_chunk: int = 10
+    classes_per_chunk: Optional[int] = 10
     batch_real: int = 64
     arch: str = "ConvNet"
     lr: Optional[float] = None
@@ -102,6 +124,8 @@ class EngineConfig:
     metadd_alpha: Optional[float] = None
     teacher: Optional[str] = None
     pretrain_epochs: int = 15
+    zca: bool = False
+    checkpoint_every: Optional[int] = None
     device: Optional[str] = None
     pin_memory: bool = False
 
@@ -110,10 +134,13 @@ class EngineConfig:
         out = [("teacher", parse_spec(self.teacher, "teacher"))] if self.teacher is not None else []
         return out + [("metadd_models", parse_spec(m, "metadd_models")) for m in self.metadd_models]
 
+    def identity(self) -> dict:
+        """What the result depends on, as JSON values: every field but RUN_ONLY's."""
+        return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_ONLY}))
+
     def digest(self, source_key: str) -> str:
-        config = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "pin_memory")}
         weights = [file_digest(spec.path) for _, spec in self.specs() if spec.path is not None]
-        blob = json.dumps({"config": config, "source": source_key, "weights": weights}, sort_keys=True)
+        blob = json.dumps({"config": self.identity(), "source": source_key, "weights": weights}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def coupled(self) -> bool:
@@ -135,8 +162,12 @@ class EngineConfig:
             argcheck.string("teacher", self.teacher, "None or a spec string")
         if self.method not in DISTILLERS:
             raise ValueError(f"method: expected one of {', '.join(DISTILLERS)}, got {self.method!r}")
-        for name in ("ipc", "iterations", "classes_per_chunk", "batch_real", "cvar_chunks", "pretrain_epochs"):
+        for name in ("ipc", "iterations", "classes_per_chunk", "batch_real", "cvar_chunks", "pretrain_epochs",
+                     "checkpoint_every"):
+            if getattr(self, name) is None and name in ("classes_per_chunk", "checkpoint_every"):
+                continue
             argcheck.positive_int(name, getattr(self, name))
+        argcheck.boolean("zca", self.zca)
         if isinstance(self.metadd_weight, bool) or not isinstance(self.metadd_weight, (int, float)) or \
                 not 0 <= self.metadd_weight < math.inf:
             raise ValueError(f"metadd_weight: expected a finite float >= 0, got {self.metadd_weight!r}")
@@ -191,46 +222,34 @@ class SyntheticStore:
         return torch.from_numpy(np.memmap(self.path, dtype=np.float32, mode="c", shape=self.shape))
 
 
-class RandomImageSource:
-    """Real images made on demand, class by class (ImageNet-shaped scale tests without ImageNet):
-    ``per_class`` images of ``shape`` whose mean depends on the class."""
-
-    def __init__(self, num_classes: int, per_class: int, shape: tuple, seed: int = 0):
-        self.num_classes, self.per_class, self.shape, self.seed = num_classes, per_class, tuple(shape), seed
-        self.num_outputs = num_classes
-        self.key = f"random:{num_classes}:{per_class}:{self.shape}:{seed}"
-
-    def __call__(self, c: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + c)
-        return torch.randn(self.per_class, *self.shape, generator=g) + torch.randn(1, *self.shape, generator=g)
-
-    def dataset(self) -> Dataset:
-        """Every class at once (to train zoo networks on; small sources only)."""
-        return _chunk_dataset(self, list(range(self.num_classes)), False)
+def _reads_real(cfg: EngineConfig) -> bool:
+    """Whether the run reads real images: every method but SRe2L without robust DD."""
+    return cfg.method != "sre2l" or cfg.robust_alpha is not None
 
 
-class DatasetSource:
-    """Real images of one class from an in-memory :class:`Dataset`."""
-
-    def __init__(self, ds: Dataset):
-        self.ds, self.num_classes, self.shape = ds, ds.num_classes, tuple(ds.images.shape[1:])
-        self.num_outputs = ds.num_classes
-        self.key = f"dataset:{ds.name}:{len(ds)}:{self.shape}"
-
-    def __call__(self, c: int) -> torch.Tensor:
-        return self.ds.images[self.ds.labels == c]
-
-    def dataset(self) -> Dataset:
-        return self.ds
-
-
-def _chunk_dataset(source: Callable, classes: list, pin: bool) -> Dataset:
-    images = [source(c) for c in classes]
-    labels = torch.cat([torch.full((len(x),), i, dtype=torch.int64) for i, x in enumerate(images)])
-    channel = images[0].shape[1]
-    images = torch.cat(images)
-    return Dataset("chunk", images.pin_memory() if pin else images, labels, len(classes), (0.0,) * channel,
-                   (1.0,) * channel)
+def _chunk_real(source, classes: list, pin: bool, reads: bool = True) -> Dataset:
+    """The real images of ``classes`` (labels 0.. in their order), read class by class into one
+    tensor: uint8 pixels for a source that decodes (``class_pixels``; normalized per batch by
+    :meth:`Dataset.take`), else its float images. ``reads`` False: no image (shape only).
+    An in-memory source's every class (the one-chunk run) is its own Dataset, not a copy."""
+    if reads and not pin and isinstance(source, TensorSource) and classes == list(range(source.num_classes)):
+        return source.dataset()  # class c's rows in the same order as class_images(c): the same draws
+    counts = [source.counts[c] for c in classes] if reads else [0] * len(classes)
+    pixels = getattr(source, "class_pixels", None)
+    images, start = None, 0
+    for c, n in zip(classes, counts):
+        if n == 0:
+            continue
+        x = pixels(c) if pixels is not None else source.class_images(c)
+        if images is None:
+            images = torch.empty((sum(counts), *x.shape[1:]), dtype=x.dtype, pin_memory=pin)
+        images[start:start + n] = x
+        start += n
+        del x
+    if images is None:
+        images = torch.empty((0, *source.shape), dtype=torch.uint8)
+    labels = torch.arange(len(classes)).repeat_interleave(torch.tensor(counts, dtype=torch.int64))
+    return Dataset("chunk", images, labels, len(classes), tuple(source.mean), tuple(source.std))
 
 
 @dataclasses.dataclass
@@ -242,14 +261,17 @@ class Networks:
 
 
 def _load_networks(cfg: EngineConfig, source, out: str) -> Networks:
-    """The teacher and MetaDD networks on ``cfg.device``; zoo specs without weights are trained
-    on ``source.dataset()`` and cached in ``<out>/models/``."""
-    nets = []
-    for i, (flag, spec) in enumerate(cfg.specs()):
-        nets.append(load_model(spec, flag, channel=source.shape[0], num_classes=source.num_outputs,
-                               im_size=source.shape[1:], seed=cfg.seed + i, train=source.dataset,
-                               cache=os.path.join(out, "models", f"{i:02d}_{flag}_{spec.arch}.pt"),
-                               epochs=cfg.pretrain_epochs, data_key=source.key).to(cfg.device))
+    """The teacher and MetaDD networks on ``cfg.device``: those with a weights file first (so a
+    bad file is reported before any image is read), then zoo specs without weights, trained on
+    ``source.dataset()`` (small sources) and cached in ``<out>/models/``."""
+    specs = cfg.specs()
+    nets = [None] * len(specs)
+    for i in sorted(range(len(specs)), key=lambda i: specs[i][1].path is None):
+        flag, spec = specs[i]
+        nets[i] = load_model(spec, flag, channel=source.shape[0], num_classes=source.num_outputs,
+                             im_size=source.shape[1:], seed=cfg.seed + i, train=source.dataset,
+                             cache=os.path.join(out, "models", f"{i:02d}_{flag}_{spec.arch}.pt"),
+                             epochs=cfg.pretrain_epochs, data_key=source.key).to(cfg.device)
     teacher = nets.pop(0) if cfg.teacher is not None else None
     if teacher is not None and not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules()):
         raise ValueError(f"teacher: {cfg.teacher} has no BatchNorm2d layer, which SRe2L's recovery matches")
@@ -275,8 +297,8 @@ def _networks(cfg: EngineConfig, source, out: str, rank: int, group) -> Networks
 
 
 def _distiller(cfg: EngineConfig, source, classes: list, nets: Networks):
-    real = _chunk_dataset(source, classes, cfg.pin_memory)
-    kw = dict(teacher=nets.teacher) if cfg.method == "sre2l" else {}
+    real = _chunk_real(source, classes, cfg.pin_memory, _reads_real(cfg))
+    kw = dict(teacher=nets.teacher, init="noise") if cfg.method == "sre2l" else {}  # SRe2L recovers from noise
     return DISTILLERS[cfg.method](real, cfg.ipc, lr=cfg.lr, batch_real=cfg.batch_real, arch=cfg.arch,
                                   metadd=nets.metadd, metadd_weight=cfg.metadd_weight,
                                   robust_alpha=cfg.robust_alpha, robust_weight=cfg.robust_weight, seed=cfg.seed * 1_000_003 + classes[0],
@@ -308,40 +330,120 @@ def _coupled_step(distillers: list, offsets: list, num_groups: int, alpha: float
         d.finish_step()
 
 
-def _group_sizes(cfg: EngineConfig, source, classes: list, images: torch.Tensor, nets: Networks) -> torch.Tensor:
-    """Real images per group (len(classes) * ipc,) int64 over ALL real images of the chunk's
-    classes, each in the group of its nearest final synthetic image of its class, in the
-    embedding of the teacher, else the first MetaDD network, else a fresh ``arch`` network
-    (seed ``cfg.seed``). Streamed a class at a time (:func:`class_nearest_groups`)."""
+def _group_sizes(cfg: EngineConfig, real: Dataset, images: torch.Tensor, nets: Networks) -> torch.Tensor:
+    """Real images per group (classes * ipc,) int64 over ALL real images of a chunk (``real``,
+    its distiller's), each in the group of its nearest final synthetic image of its class, in
+    the embedding of the teacher, else the first MetaDD network, else a fresh ``arch`` network
+    (seed ``cfg.seed``). Streamed a class at a time (:func:`class_nearest_groups`), each
+    normalized from the chunk's stored images as it is embedded."""
     net = nets.teacher if nets.teacher is not None else nets.metadd.models[0] if nets.metadd is not None else None
     if net is None:
         torch.manual_seed(cfg.seed)
-        net = get_model(cfg.arch, source.shape[0], len(classes), source.shape[1:]).to(cfg.device).eval()
-    ids = class_nearest_groups(getattr(net, "embed", net), source, classes, images.detach(), cfg.ipc,
-                               batch_size=cfg.batch_real, device=cfg.device)
-    return torch.bincount(ids.cpu(), minlength=len(classes) * cfg.ipc)
+        net = get_model(cfg.arch, real.channel, real.num_classes, real.im_size).to(cfg.device).eval()
+    by_class = class_batches(real)
+    ids = class_nearest_groups(getattr(net, "embed", net), lambda c: real.take(by_class[c]),
+                               range(real.num_classes), images.detach(), cfg.ipc, batch_size=cfg.batch_real,
+                               device=cfg.device)
+    return torch.bincount(ids.cpu(), minlength=real.num_classes * cfg.ipc)
+
+
+def _load_checkpoint(path: str, what: str):
+    """A run-folder file read as data (torch.load with weights_only=True: tensors and plain
+    containers only, so a crafted file cannot run code); InputError naming the file otherwise."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any read failure: a corrupt file, or one that names code to run
+        refused, detail = load_failure(err)
+        if refused:
+            raise InputError(f"{path}: refused: the {what} holds more than tensors and plain containers "
+                             f"({detail}); delete it to start over") from err
+        raise InputError(f"{path}: corrupt {what} ({detail}); delete it to start over") from err
+
+
+def _read_state(path: str, digest: str) -> Optional[dict]:
+    """A rank's round checkpoint (None if there is none): {"digest", "round", "positions",
+    "iteration", "distillers": [state_dict per chunk]}, refused if corrupt, crafted or another run's."""
+    if not os.path.exists(path):
+        return None
+    state = _load_checkpoint(path, "checkpoint")
+    if not isinstance(state, dict) or state.get("digest") != digest or \
+            not isinstance(state.get("distillers"), list) or not isinstance(state.get("iteration"), int):
+        raise InputError(f"{path}: checkpoint does not match this run; delete it to start over")
+    return state
+
+
+def _resume(path: str, state: Optional[dict], round_index: int, positions: list, distillers: list) -> int:
+    """Load ``state`` into the round's distillers if it is this round's; returns its iteration
+    (0: start the round afresh; a checkpoint of an earlier round is stale and ignored)."""
+    if state is None or state.get("round") != round_index or state.get("positions") != positions:
+        return 0
+    if len(state["distillers"]) != len(distillers):
+        raise InputError(f"{path}: checkpoint does not match this run; delete it to start over")
+    for d, sd in zip(distillers, state["distillers"]):
+        images = sd.get("images") if isinstance(sd, dict) else None
+        if not isinstance(images, torch.Tensor) or images.shape != d.images.shape:
+            raise InputError(f"{path}: checkpoint does not match this run (expected synthetic images of shape "
+                             f"{tuple(d.images.shape)}); delete it to start over")
+        try:
+            d.load_state_dict(sd)
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+            raise InputError(f"{path}: the checkpoint does not fit this run ({first_line(err)}); "
+                             f"delete it to start over") from err
+    return state["iteration"]
+
+
+@dataclasses.dataclass
+class _Round:
+    """Where a round stands: its index among the rounds, the rank's state file and what it held."""
+
+    index: int
+    state_path: str
+    state: Optional[dict]
+    digest: str
+
+
+def _start(rnd: _Round, positions: list, distillers: list, group) -> int:
+    """The iteration the round resumes from, -1 if the distillers must be rebuilt: coupled chunks
+    of a distributed round resume only if every rank's checkpoint is at the same iteration."""
+    done = _resume(rnd.state_path, rnd.state, rnd.index, positions, distillers)
+    if group is None:
+        return done
+    both = torch.tensor([done, -done])
+    dist.all_reduce(both, op=dist.ReduceOp.MIN, group=group)
+    return done if int(both[0]) == -int(both[1]) else -1 if done else 0
 
 
 def _run_round(cfg: EngineConfig, source, store: SyntheticStore, chunks: list, positions: list, group,
-               nets: Networks) -> list:
+               nets: Networks, rnd: _Round, zca: Optional[ZCA], progress: bool) -> list:
     """Optimize the chunks at ``positions`` of a round (lists of classes) and write them to the
-    store. Returns what each chunk's marker adds: with robust_alpha its ``group_sizes``."""
+    store, saving the rank's part of the round every ``checkpoint_every`` steps. Returns what
+    each chunk's marker adds: with robust_alpha its ``group_sizes``."""
     distillers = [_distiller(cfg, source, chunks[p], nets) for p in positions]
+    done = _start(rnd, positions, distillers, group)
+    if done < 0:  # this rank's checkpoint is ahead of another's: start the round afresh
+        distillers, done = [_distiller(cfg, source, chunks[p], nets) for p in positions], 0
     sizes = [len(c) * cfg.ipc for c in chunks]
     offsets = [sum(sizes[:p]) for p in positions]
-    for _ in range(cfg.iterations):
-        if not cfg.coupled():
-            for d in distillers:
-                d.step()
-        else:
-            scale = cfg.robust_weight * sum(len(c) for c in chunks)  # as Distiller.robust_scale, per round
-            _coupled_step(distillers, offsets, sum(sizes), cfg.robust_alpha, scale, cfg.device, group)
+    with tqdm(total=cfg.iterations, initial=done, desc=f"round {rnd.index}", leave=False,
+              disable=not progress) as bar:  # closed on failure too, so an error message starts its own line
+        for it in range(done + 1, cfg.iterations + 1):
+            if not cfg.coupled():
+                for d in distillers:
+                    terms = d.step()
+                bar.set_postfix({k: f"{v:.3g}" for k, v in terms.items()} if distillers else {})
+            else:
+                scale = cfg.robust_weight * sum(len(c) for c in chunks)  # as Distiller.robust_scale, per round
+                _coupled_step(distillers, offsets, sum(sizes), cfg.robust_alpha, scale, cfg.device, group)
+            bar.update(1)
+            if cfg.checkpoint_every and (it % cfg.checkpoint_every == 0 or it == cfg.iterations):
+                atomic_save({"digest": rnd.digest, "round": rnd.index, "positions": positions, "iteration": it,
+                             "distillers": [d.state_dict() for d in distillers]}, rnd.state_path)
     for p, d in zip(positions, distillers):
-        store.write(chunks[p][0] * cfg.ipc, d.images)
+        images = d.images.detach()
+        store.write(chunks[p][0] * cfg.ipc, zca.unwhiten(images.cpu()) if zca is not None else images)
     if cfg.robust_alpha is None:
         return [{} for _ in positions]
-    return [{"group_sizes": _group_sizes(cfg, source, chunks[p], d.images, nets)}
-            for p, d in zip(positions, distillers)]
+    return [{"group_sizes": _group_sizes(cfg, d.real, d.images, nets)} for d in distillers]
 
 
 def _read_marker(path: str, digest: str) -> bool:
@@ -355,12 +457,32 @@ def _read_marker(path: str, digest: str) -> bool:
     return True
 
 
+def _check_run_file(run_file: str, cfg: EngineConfig, digest: str, source_key: str, out: str) -> None:
+    """Refuse a run folder whose run.json is unreadable or describes another run (naming what differs)."""
+    have = load_json_object(run_file, "run description", "delete it or use --restart")
+    if have.get("digest") == digest:
+        return
+    config = have.get("config") if isinstance(have.get("config"), dict) else {}
+    diff = sorted(k for k, v in cfg.identity().items() if config.get(k) != v)
+    diff += ["data"] if have.get("source") != source_key else []
+    raise InputError(f"out: {out} holds a different run (differs in {', '.join(diff) or 'weights files'}); "
+                     f"use another --out or --restart")
+
+
+def _whitened(source):
+    """(ZCA fitted on every image of ``source``, the source whitened)."""
+    ds = source.dataset()
+    zca = ZCA.fit(ds.images)
+    return zca, TensorSource(zca.whiten_dataset(ds))
+
+
 def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bool = True) -> Optional[dict]:
-    """Distill ``source`` (a callable class -> real images (n, C, H, W), with ``num_classes``,
-    ``shape`` (C, H, W), ``num_outputs`` (the classes of the teacher and MetaDD networks, of
-    which the source's are the first), ``key`` (its identity) and ``dataset()`` (all of it,
-    to train zoo networks on)) in class chunks into ``out``. In a distributed run pass ``group`` (or rely on the
-    default group); rank 0 returns {"images" (classes * ipc, C, H, W) float32 backed by
+    """Distill ``source`` (a class-indexed :class:`metadd_fast.sources.Source`: ``num_classes``,
+    ``counts``, ``shape`` (C, H, W), ``mean``/``std``, ``num_outputs`` (the classes of the
+    teacher and MetaDD networks, of which the source's are the first), ``key`` (its identity),
+    ``class_images(c)`` or ``class_pixels(c)``, and ``dataset()`` (all of it, to train zoo
+    networks on)) in class chunks into ``out``. In a distributed run pass ``group`` (or rely on
+    the default group); rank 0 returns {"images" (classes * ipc, C, H, W) float32 backed by
     ``synthetic.f32``, "labels" (classes * ipc,) int64, "seconds" (from the first chunk, the
     networks loaded), and with robust_alpha "group_sizes" (classes * ipc,) int64}, other
     ranks None."""
@@ -369,35 +491,42 @@ def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bo
     world = dist.get_world_size(group) if distributed else 1
     cfg.check(world)
     digest = cfg.digest(source.key)
-    os.makedirs(os.path.join(out, "chunks"), exist_ok=True)
     run_file = os.path.join(out, "run.json")
-    if rank == 0:
-        if os.path.exists(run_file):
-            if load_json_object(run_file, "run description", "delete it or use --restart").get("digest") != digest:
-                raise InputError(f"out: {out} holds a different run; use another --out")
-        else:
-            atomic_write_json({"digest": digest, "config": dataclasses.asdict(cfg), "source": source.key}, run_file)
+    state_path = os.path.join(out, "state.pt" if rank == 0 else f"state.rank{rank}.pt")
+    if rank == 0 and os.path.exists(run_file):
+        _check_run_file(run_file, cfg, digest, source.key, out)
+    state = _read_state(state_path, digest)  # read and checked before anything is written
+    zca, source = _whitened(source) if cfg.zca else (None, source)
+    # Every network before the run's files: a bad weights file is reported with nothing written
+    # (zoo networks without a file, loaded last, are trained and cached in <out>/models/).
+    nets = _networks(cfg, source, out, rank, (group if group is not None else dist.group.WORLD)
+                     if distributed else None)
+    os.makedirs(os.path.join(out, "chunks"), exist_ok=True)
+    if rank == 0 and not os.path.exists(run_file):
+        atomic_write_json({"digest": digest, "config": cfg.identity(), "source": source.key}, run_file)
+    if rank == 0 and zca is not None:
+        atomic_save(zca.state_dict(), os.path.join(out, "zca.pt"))
     if distributed:
         dist.barrier(group)
     n = source.num_classes
     store = SyntheticStore(os.path.join(out, "synthetic.f32"), n * cfg.ipc, source.shape)
-    chunks = [list(range(s, min(n, s + cfg.classes_per_chunk))) for s in range(0, n, cfg.classes_per_chunk)]
+    per = cfg.classes_per_chunk or n
+    chunks = [list(range(s, min(n, s + per))) for s in range(0, n, per)]
     span = cfg.cvar_chunks if cfg.coupled() else 1
     rounds = [list(range(s, min(len(chunks), s + span))) for s in range(0, len(chunks), span)]
     if span == 1:  # independent chunks: rank r takes chunks r, r + world, ...
-        mine = [(r, [0]) for r in rounds[rank::world]]
+        mine = [(i, r, [0]) for i, r in list(enumerate(rounds))[rank::world]]
     else:  # coupled chunks: every rank takes part in every round, with every world-th chunk of it
-        mine = [(r, list(range(rank, len(r), world))) for r in rounds]
+        mine = [(i, r, list(range(rank, len(r), world))) for i, r in enumerate(rounds)]
     cvar_group = (group if group is not None else dist.group.WORLD) if distributed and span > 1 else None
-    nets = _networks(cfg, source, out, rank, (group if group is not None else dist.group.WORLD)
-                     if distributed else None)
     marker = lambda i: os.path.join(out, "chunks", f"chunk_{i:05d}.pt")  # noqa: E731
     start = time.perf_counter()
-    for r, positions in tqdm(mine, desc=f"rank {rank} rounds" if span > 1 else f"rank {rank} chunks",
-                             disable=not progress):
-        if all([os.path.exists(marker(i)) and _read_marker(marker(i), digest) for i in r]):
+    for i, r, positions in tqdm(mine, desc=f"rank {rank} rounds" if span > 1 else f"rank {rank} chunks",
+                                disable=not progress or len(mine) < 2):
+        if all([os.path.exists(marker(c)) and _read_marker(marker(c), digest) for c in r]):
             continue  # every rank sees the same markers, so all skip a round or none does
-        extras = _run_round(cfg, source, store, [chunks[i] for i in r], positions, cvar_group, nets)
+        extras = _run_round(cfg, source, store, [chunks[c] for c in r], positions, cvar_group, nets,
+                            _Round(i, state_path, state, digest), zca, progress)
         for p, extra in zip(positions, extras):
             atomic_save({"digest": digest, "classes": chunks[r[p]], **extra}, marker(r[p]))
     if distributed:
@@ -415,4 +544,14 @@ def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bo
         result["group_sizes"] = torch.cat([torch.load(marker(i), weights_only=True)["group_sizes"]
                                            for i in range(len(chunks))])
         atomic_save({"group_sizes": result["group_sizes"]}, os.path.join(out, "groups.pt"))
+    _save_figures(cfg, source, nets, images, out)
     return result
+
+
+def _save_figures(cfg: EngineConfig, source, nets: Networks, images: torch.Tensor, out: str) -> None:
+    """synthetic.png and, with MetaDD, cams.png (the first classes only)."""
+    save_synthetic_grid(os.path.join(out, "synthetic.png"), images, cfg.ipc, source.mean, source.std,
+                        f"{cfg.method.upper()} on {source.name}, IPC {cfg.ipc}")
+    if nets.metadd is not None:
+        save_cams(os.path.join(out, "cams.png"), nets.metadd, images, cfg.ipc, source.mean, source.std,
+                  cfg.metadd_models)

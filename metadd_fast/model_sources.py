@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from . import argcheck
-from .errors import InputError, InputTypeError
+from .errors import InputError, InputTypeError, first_line, load_failure
 from .models import MODELS, get_model
 from .results import atomic_save
 from .training import train_model
@@ -137,11 +137,16 @@ def _cached_zoo_model(net: nn.Module, train: Callable, cache: str, key: dict,
     if os.path.exists(cache):
         try:
             saved = torch.load(cache, map_location="cpu", weights_only=True)
-        except Exception as err:  # any read failure: a corrupt cache file
-            raise InputError(f"{cache}: corrupt cached network ({type(err).__name__}); delete it to train "
-                             f"the network again") from err
+        except Exception as err:  # any read failure: a corrupt cache file, or one that names code to run
+            refused, detail = load_failure(err)
+            raise InputError(f"{cache}: {'refused: ' if refused else ''}corrupt cached network ({detail}); "
+                             f"delete it to start over (the network is trained again)") from err
         if isinstance(saved, dict) and saved.get("key") == blob:
-            net.load_state_dict(saved["state_dict"])
+            try:
+                net.load_state_dict(saved["state_dict"])
+            except (RuntimeError, TypeError, KeyError, AttributeError) as err:
+                raise InputError(f"{cache}: the cached network does not fit ({first_line(err)}); "
+                                 f"delete it to start over (the network is trained again)") from err
             return net
     data = train()
     train_model(net, data.images, data.labels, epochs=epochs, seed=seed)

@@ -34,7 +34,7 @@ def test_distill_then_evaluate(tmp_path, capsys):
     args = ["distill", "--iterations", "2", "--ipc", "1", "--batch-real", "8", "--arch", "ConvNetD1",
             "--checkpoint-every", "1", "--out", out]
     assert main(args) == 0
-    assert {"config.json", "state.pt", "synthetic.pt", "synthetic.png"} <= set(os.listdir(out))
+    assert {"run.json", "state.pt", "synthetic.pt", "synthetic.png"} <= set(os.listdir(out))
     assert main(args) == 0, "a finished run re-run with the same command is a no-op resume"
     assert main(args[:2] + ["3"] + args[3:]) == 2
     assert "holds a different run" in capsys.readouterr().err
@@ -52,7 +52,9 @@ def test_distill_with_metadd_and_robust_grouping(tmp_path):
     assert main(["distill", "--iterations", "1", "--ipc", "2", "--batch-real", "8", "--arch", "ConvNetD1",
                  "--metadd-weight", "1", "--metadd-models", "ConvNetD1,LeNet", "--metadd-alpha", "0.5",
                  "--robust-alpha", "0.5", "--out", out]) == 0
-    assert os.path.exists(os.path.join(out, "cams.png")) and os.path.exists(os.path.join(out, "metadd_models.pt"))
+    assert os.path.exists(os.path.join(out, "cams.png"))
+    assert sorted(os.listdir(os.path.join(out, "models"))) == ["00_metadd_models_ConvNetD1.pt",
+                                                               "01_metadd_models_LeNet.pt"]
 
 
 def test_chunked_distill_resume_and_restart(tmp_path, capsys):

@@ -78,7 +78,7 @@ DISTILL_CASES = [  # every other flag of distill: (argv, the flag named, what th
     (["--metadd-weight", "1", "--metadd-models", "ConvNet"], "--metadd-models", "expected at least 2 networks"),
     (["--metadd-weight", "1", "--metadd-models", "ConvNet,Foo"], "--metadd-models", "unknown zoo network 'Foo'"),
     (["--metadd-weight", "1", "--metadd-models", f"ConvNet={__file__},LeNet"], "--metadd-models",
-     "need the large-IPC engine"),
+     f"{__file__}: not a weights file torch.load(weights_only=True) reads"),
     (["--metadd-weight", "1", "--metadd-models", "LeNet,LeNet"], "--metadd-models", "expected distinct names"),
     (["--metadd-models", "ConvNet,LeNet"], "--metadd-models", "has no effect without --metadd-weight > 0"),
     (["--metadd-alpha", "0.5"], "--metadd-alpha", "has no effect without --metadd-weight > 0"),
@@ -96,10 +96,11 @@ DISTILL_CASES = [  # every other flag of distill: (argv, the flag named, what th
     (["--restart", "--resume"], "--resume", "give one of them"),
     (["--resume"], "--resume", "holds no run to continue"),
     (["--cvar-chunks", "2"], "--cvar-chunks", "applies to the large-IPC engine only"),
-    (["--device", "cpu"], "--device", "applies to the large-IPC engine only"),
-    (["--pin-memory"], "--pin-memory", "applies to the large-IPC engine only"),
+    (["--device", "tpu:x"], "--device", "expected a device such as cpu or cuda:0"),
+    (["--pin-memory"], "--pin-memory", "serves a CUDA --device"),
     (["--classes-per-chunk", "0"], "--classes-per-chunk", "expected a positive int"),
-    (["--teacher", "ConvNetBN"], "--teacher", "applies to the large-IPC engine only"),
+    (["--teacher", "ConvNetBN"], "--teacher", "only --method sre2l uses a teacher, got --method dm"),
+    (["--method", "sre2l", "--teacher", f"ConvNetBN={__file__}"], "--teacher", "not a weights file"),
     (["--classes-per-chunk", "3", "--method", "dc", "--teacher", "ConvNetBN"], "--teacher",
      "only --method sre2l uses a teacher, got --method dc"),
     (["--classes-per-chunk", "3", "--zca"], "--zca", "not available with the large-IPC engine"),
@@ -156,19 +157,19 @@ def test_demo_flags_are_checked(capsys, argv, flag):
 
 
 def test_internal_errors_keep_their_traceback(tmp_path, monkeypatch):
-    from metadd_fast import pipeline
+    from metadd_fast import engine
 
     def broken(*args, **kwargs):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr(pipeline, "run_distill", broken)
+    monkeypatch.setattr(engine, "run_chunked", broken)
     with pytest.raises(ValueError, match="an internal bug"):
         main(["distill", *TINY, "--out", str(tmp_path / "run")])
 
 
 def test_internal_errors_keep_their_traceback_through_the_cli(tmp_path):
-    script = ("import sys; from metadd_fast import pipeline, cli\n"
+    script = ("import sys; from metadd_fast import engine, cli\n"
               "def broken(*a, **k): raise RuntimeError('an internal bug')\n"
-              "pipeline.run_distill = broken\nsys.exit(cli.main(sys.argv[1:]))")
+              "engine.run_chunked = broken\nsys.exit(cli.main(sys.argv[1:]))")
     r = cli("distill", *TINY, "--out", tmp_path / "run", script=script)
     assert r.returncode == 1 and "Traceback" in r.stderr and "RuntimeError: an internal bug" in r.stderr

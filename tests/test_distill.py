@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import metadd_fast as mf
-from metadd_fast import data, pipeline
+from metadd_fast import data
+from metadd_fast.engine import EngineConfig, run_chunked
+from metadd_fast.sources import TensorSource
 from metadd_fast.distill import DC, DM, SRe2L
 from metadd_fast.evaluate import evaluate_synthetic, format_table
 from metadd_fast.models import ConvNet, get_model
@@ -161,13 +163,18 @@ def test_image_folder_loader(tmp_path):
 
 
 def _tiny_cfg(**kw):
-    base = dict(iterations=4, ipc=1, batch_real=8, checkpoint_every=1, arch="ConvNetD1")
+    base = dict(iterations=4, ipc=1, batch_real=8, checkpoint_every=1, arch="ConvNetD1", classes_per_chunk=None)
     base.update(kw)
-    return pipeline.DistillConfig(**base)
+    return EngineConfig(**base)
+
+
+def _run(cfg, out):
+    """The one runner (one chunk of every class) on the digits, as ``metadd-fast distill`` runs it."""
+    return run_chunked(cfg, TensorSource(data.load_digits("train", 16)), out, progress=False)
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
-    full = pipeline.run_distill(_tiny_cfg(), str(tmp_path / "a"), progress=False)
+    full = _run(_tiny_cfg(), str(tmp_path / "a"))
     real_step = DM.step
 
     def dying_step(self):
@@ -177,18 +184,18 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
 
     monkeypatch.setattr(DM, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.run_distill(_tiny_cfg(), str(tmp_path / "b"), progress=False)
+        _run(_tiny_cfg(), str(tmp_path / "b"))
     monkeypatch.setattr(DM, "step", real_step)
     assert not os.path.exists(tmp_path / "b" / "synthetic.pt")
-    resumed = pipeline.run_distill(_tiny_cfg(), str(tmp_path / "b"), progress=False)
+    resumed = _run(_tiny_cfg(), str(tmp_path / "b"))
     assert torch.equal(resumed["images"], full["images"])
     assert os.path.exists(tmp_path / "b" / "synthetic.png")
 
 
 def test_mismatched_or_corrupt_run_folder_is_refused(tmp_path):
-    pipeline.run_distill(_tiny_cfg(iterations=1), str(tmp_path), progress=False)
+    _run(_tiny_cfg(iterations=1), str(tmp_path))
     with pytest.raises(ValueError, match="holds a different run \\(differs in ipc\\)"):
-        pipeline.run_distill(_tiny_cfg(iterations=1, ipc=2), str(tmp_path), progress=False)
+        _run(_tiny_cfg(iterations=1, ipc=2), str(tmp_path))
     (tmp_path / "state.pt").write_bytes(b"\x00\x01")
     with pytest.raises(ValueError, match="corrupt checkpoint"):
-        pipeline.run_distill(_tiny_cfg(iterations=1), str(tmp_path), progress=False)
+        _run(_tiny_cfg(iterations=1), str(tmp_path))

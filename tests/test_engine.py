@@ -20,17 +20,18 @@ from metadd_fast.adapters import cam_target
 from metadd_fast.cli import main
 from metadd_fast.data import Dataset
 from metadd_fast.distill import SRe2L
-from metadd_fast.engine import EngineConfig, RandomImageSource, _load_networks, run_chunked
+from metadd_fast.engine import EngineConfig, _load_networks, run_chunked
 from metadd_fast.grouping import class_nearest_groups
 from metadd_fast.model_sources import load_model, parse_spec
 from metadd_fast.models import MobileNetV2, ResNet18ImageNet, get_model
+from metadd_fast.sources import RandomSource
 
 CFG = dict(ipc=2, iterations=2, classes_per_chunk=2, batch_real=6, arch="ConvNetD1")
 SHAPE = (3, 8, 8)
 
 
 def _source(num_classes=6):
-    return RandomImageSource(num_classes, 6, SHAPE, seed=3)
+    return RandomSource(num_classes, 6, SHAPE, seed=3)
 
 
 def _weights(folder, arch, num_classes=6, shape=SHAPE, seed=0):
@@ -48,8 +49,10 @@ def _metadd(folder):
 
 
 def _sre2l(folder):
-    """SRe2L (zoo ConvNetBN teacher trained on the real data) + MetaDD + robust DD, two chunks per CVaR."""
-    return dict(CFG, method="sre2l", teacher="ConvNetBN", robust_alpha=0.5, cvar_chunks=2, **_metadd(folder))
+    """SRe2L (zoo ConvNetBN teacher trained on the real data) + MetaDD + robust DD, two chunks per CVaR,
+    a checkpoint every step (each rank its own state file; a killed round resumes mid-way)."""
+    return dict(CFG, method="sre2l", teacher="ConvNetBN", robust_alpha=0.5, cvar_chunks=2, checkpoint_every=1,
+                **_metadd(folder))
 
 
 def _dc(folder):
@@ -84,6 +87,8 @@ def test_two_gloo_ranks_give_the_one_process_result(tmp_path, make):
     assert torch.isfinite(images).all()
     assert torch.equal(images, single["images"]) and torch.equal(labels, single["labels"])
     assert images.shape == (12, *SHAPE) and not torch.equal(images[:2], images[2:4])
+    if cfg.get("checkpoint_every"):  # each rank checkpoints its part of the round
+        assert (tmp_path / "two" / "state.pt").exists() and (tmp_path / "two" / "state.rank1.pt").exists()
     trained = ["01_metadd_models_ConvNetD2.pt"] if cfg["method"] == "dc" else \
         ["00_teacher_ConvNetBN.pt", "02_metadd_models_ConvNetD2.pt"]  # zoo networks without a file
     assert sorted(os.listdir(tmp_path / "two" / "models")) == trained
@@ -104,7 +109,7 @@ def test_the_metadd_term_acts(tmp_path, make):
 
 SCRIPT = textwrap.dedent("""
     import json, sys, time, torch
-    from metadd_fast import engine
+    from metadd_fast import engine, sources
     torch.set_num_threads(1)
     cfg = engine.EngineConfig(**json.loads(sys.argv[3]))
     real_finish = engine.DISTILLERS[cfg.method].finish_step
@@ -112,7 +117,7 @@ SCRIPT = textwrap.dedent("""
         time.sleep(0.15)
         return real_finish(self)
     engine.DISTILLERS[cfg.method].finish_step = slow_finish
-    engine.run_chunked(cfg, engine.RandomImageSource(int(sys.argv[2]), 6, (3, 8, 8), seed=3), sys.argv[1],
+    engine.run_chunked(cfg, sources.RandomSource(int(sys.argv[2]), 6, (3, 8, 8), seed=3), sys.argv[1],
                        progress=False)
 """)
 
@@ -157,10 +162,10 @@ def test_corrupt_or_foreign_checkpoints_are_refused(tmp_path):
 
 MEMORY = textwrap.dedent("""
     import json, resource, sys, torch
-    from metadd_fast import engine
+    from metadd_fast import engine, sources
     torch.set_num_threads(1)
     cfg = engine.EngineConfig(**json.loads(sys.argv[3]))
-    engine.run_chunked(cfg, engine.RandomImageSource(int(sys.argv[2]), 64, (3, 32, 32)), sys.argv[1],
+    engine.run_chunked(cfg, sources.RandomSource(int(sys.argv[2]), 64, (3, 32, 32)), sys.argv[1],
                        progress=False)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """)
@@ -335,7 +340,7 @@ def test_cli_engine_runs_metadd_and_refuses_what_it_would_ignore(tmp_path, capsy
                (base + ["--teacher", "ConvNetBN"], "--teacher: only --method sre2l uses a teacher"),
                (base + ["--cvar-chunks", "2"], "--cvar-chunks: couples chunks under robust DD's CVaR"),
                (base + ["--robust-alpha", "2"], "--robust-alpha: expected a float in (0, 1]"),
-               (base[:-2] + ["--teacher", "ConvNetBN"], "--teacher: applies to the large-IPC engine only"),
+               (base[:-2] + ["--teacher", "ConvNetBN"], "--teacher: only --method sre2l uses a teacher"),
                (base[:-2] + ["--cvar-chunks", "2"], "--cvar-chunks: applies to the large-IPC engine only"),
                (base[:-1] + ["0"], "--classes-per-chunk: expected a positive int")]
     for argv, words in refused:

@@ -24,13 +24,13 @@ TINY = ["--iterations", "1", "--ipc", "1", "--batch-real", "8", "--arch", "ConvN
 
 @pytest.mark.parametrize("name, flags", [
     ("state.pt", []),
-    ("metadd_models.pt", ["--metadd-weight", "1", "--metadd-models", "ConvNetD1,LeNet"]),
-    ("teacher.pt", ["--method", "sre2l"]),
+    ("models/00_metadd_models_ConvNetD1.pt", ["--metadd-weight", "1", "--metadd-models", "ConvNetD1,LeNet"]),
+    ("models/00_teacher_ConvNetBN.pt", ["--method", "sre2l"]),
 ])
 def test_crafted_run_folder_file_is_refused_without_running_it(tmp_path, name, flags):
     payload_runs(tmp_path)
     out, marker = tmp_path / "run", tmp_path / "marker"
-    out.mkdir()
+    (out / "models").mkdir(parents=True)
     torch.save({"distiller": Payload(marker), "key": Payload(marker), "state_dicts": [Payload(marker)]},
                str(out / name))
     r = cli("distill", *TINY, *flags, "--out", out)
@@ -76,21 +76,26 @@ def test_checkpoints_hold_only_data(tmp_path):
     """What a run writes reads back with weights_only=True (and is what a resume reads)."""
     out = tmp_path / "run"
     assert main(["distill", *TINY, "--checkpoint-every", "1", "--out", str(out)]) == 0
-    state = torch.load(str(out / "state.pt"), weights_only=True)["distiller"]
-    assert state["iteration"] == 1 and state["gen"].dtype == torch.uint8
+    state = torch.load(str(out / "state.pt"), weights_only=True)
+    assert state["iteration"] == 1 and state["distillers"][0]["gen"].dtype == torch.uint8
     assert torch.load(str(out / "synthetic.pt"), weights_only=True)["data"][0][0].shape == (10, 1, 16, 16)
     assert main(["distill", *TINY, "--checkpoint-every", "1", "--out", str(out)]) == 0
 
 
 def test_teacher_is_cached_as_a_state_dict(tmp_path):
-    from metadd_fast.pipeline import _teacher
+    from metadd_fast.model_sources import load_model, parse_spec
 
     full = data.load_digits("train", 8)
     small = data.Dataset("small", full.images[:40], full.labels[:40] % 2, 2, full.mean, full.std)
     path = str(tmp_path / "teacher.pt")
-    first = _teacher(small, 0, path)
-    assert all(isinstance(v, torch.Tensor) for v in torch.load(path, weights_only=True).values())
-    again = _teacher(small, 0, path)
+
+    def teacher():
+        return load_model(parse_spec("ConvNetBN", "--teacher"), "--teacher", channel=1, num_classes=2,
+                          im_size=(8, 8), train=lambda: small, cache=path, epochs=1)
+
+    first = teacher()
+    assert all(isinstance(v, torch.Tensor) for v in torch.load(path, weights_only=True)["state_dict"].values())
+    again = teacher()
     with torch.no_grad():
         assert torch.equal(first(small.images), again(small.images))
 
@@ -119,7 +124,7 @@ def test_disk_full_keeps_the_last_checkpoint_and_says_so_in_one_line(tmp_path):
             "--checkpoint-every", "1", "--out", out, script=DISK_FULL)
     assert r.returncode == 1
     one_line(r.stderr, f"could not write {out / 'state.pt'}: No space left on device; its last version is kept")
-    assert torch.load(str(out / "state.pt"), weights_only=True)["distiller"]["iteration"] == 1
+    assert torch.load(str(out / "state.pt"), weights_only=True)["iteration"] == 1
     assert not glob.glob(str(out / "*.tmp*"))
 
 
@@ -164,7 +169,7 @@ def test_permission_denied_through_the_cli(tmp_path, monkeypatch, capsys):
     code, err = run_main(["distill", *TINY, "--out", str(tmp_path / "run")], capsys)
     assert code == 1
     one_line(err, f"could not write {tmp_path / 'run' / 'state.pt'}: Permission denied; nothing was written")
-    assert sorted(os.listdir(tmp_path / "run")) == ["config.json"]
+    assert sorted(os.listdir(tmp_path / "run")) == ["chunks", "run.json", "synthetic.f32"]
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores file permissions")
@@ -228,17 +233,32 @@ def test_corrupt_run_json(tmp_path, capsys):
     one_line(err, f"{out / 'run.json'}: corrupt run description")
 
 
+def _state(images):
+    """A checkpoint of round 0 of this run (its digest from run.json) holding ``images``."""
+    def make(out):
+        assert main(["distill", *TINY, "--out", str(out)]) == 0  # writes run.json
+        digest = json.loads((out / "run.json").read_text())["digest"]
+        for f in ("state.pt", "synthetic.pt", "chunks/chunk_00000.pt"):
+            (out / f).unlink()
+        return {"digest": digest, "round": 0, "positions": [0], "iteration": 1, "distillers": [{"images": images}]}
+    return make
+
+
 @pytest.mark.parametrize("name, content, expected", [
-    ("config.json", b"{not json", "config.json: corrupt run config"),
-    ("config.json", b"[1, 2]", "config.json: corrupt run config (not a JSON object)"),
+    ("run.json", b"{not json", "run.json: corrupt run description"),
+    ("run.json", b"[1, 2]", "run.json: corrupt run description (not a JSON object)"),
     ("state.pt", b"junk", "state.pt: corrupt checkpoint ("),
     ("state.pt", {"distiller": {"images": torch.zeros(3, 1, 16, 16)}}, "state.pt: checkpoint does not match"),
-    ("state.pt", {"distiller": {"images": torch.zeros(10, 1, 16, 16)}}, "state.pt: the checkpoint does not fit"),
+    ("state.pt", _state(torch.zeros(3, 1, 16, 16)), "state.pt: checkpoint does not match this run (expected"),
+    ("state.pt", _state(torch.zeros(10, 1, 16, 16)), "state.pt: the checkpoint does not fit"),
     ("state.pt", [1, 2], "state.pt: checkpoint does not match this run"),
 ])
 def test_corrupt_run_folder_files(tmp_path, capsys, name, content, expected):
     out = tmp_path / "run"
     out.mkdir()
+    if callable(content):
+        content = content(out)
+        capsys.readouterr()
     if isinstance(content, bytes):
         (out / name).write_bytes(content)
     else:

@@ -78,15 +78,16 @@ def test_bad_input():
 
 
 def test_distill_run_with_zca_saves_unwhitened_images_and_the_transform(tmp_path):
-    from metadd_fast import pipeline
+    from metadd_fast.engine import EngineConfig, run_chunked
     from metadd_fast.results import load_synthetic
+    from metadd_fast.sources import TensorSource
 
-    cfg = pipeline.DistillConfig(iterations=1, ipc=1, batch_real=8, checkpoint_every=1, arch="ConvNetD1", zca=True,
-                                 lr=1e-9)  # the images barely move from their real initialization
-    pipeline.run_distill(cfg, str(tmp_path), progress=False)
+    cfg = EngineConfig(iterations=1, ipc=1, batch_real=8, checkpoint_every=1, arch="ConvNetD1", zca=True,
+                       classes_per_chunk=None, lr=1e-9)  # the images barely move from their real initialization
+    run_chunked(cfg, TensorSource(data.load_digits("train", 16)), str(tmp_path), progress=False)
     zca = ZCA.from_state_dict(torch.load(tmp_path / "zca.pt", weights_only=True))
     images, _ = load_synthetic(str(tmp_path / "synthetic.pt"))
-    state = torch.load(tmp_path / "state.pt", weights_only=False)["distiller"]
+    state = torch.load(tmp_path / "state.pt", weights_only=False)["distillers"][0]
     torch.testing.assert_close(zca.whiten(images), state["images"], atol=1e-4, rtol=1e-4)  # distilled in ZCA space
     train = data.load_digits("train", 16).images.flatten(1)
     # saved in the dataset's own space (direct distances: cdist's norm expansion is off by ~0.02 here)
