@@ -1,12 +1,14 @@
 """The ``metadd-fast`` command line: distill, evaluate, bench, demo, info."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
 import subprocess
 import sys
+import warnings
 
 from . import cli_args as ca
 from .errors import InputError, SaveError
@@ -63,6 +65,14 @@ def _add_distill(sub):
                         "on GPUs, cuda:<local rank>)")
     p.add_argument("--pin-memory", action="store_true",
                    help="large-IPC engine: keep each chunk's real images in pinned host memory (CUDA)")
+    p.add_argument("--threads", type=ca.positive_int, default=None,
+                   help="intra-op CPU threads of the run, on every rank (default: torch's, which is every core "
+                        "in a plain process and 1 under torchrun); results are bit-identical only at equal "
+                        "thread counts (run.json records them)")
+    p.add_argument("--rank-timeout", type=ca.positive_float, default=None,
+                   help="large-IPC engine under torchrun: seconds a rank waits for the others at a collective "
+                        "before it stops, naming the rank that did not answer (default 1800; more than one "
+                        "chunk's time: ranks wait for the slowest at the end)")
 
 
 def _add_evaluate(sub):
@@ -168,14 +178,18 @@ def _as_flag_error(err: ValueError) -> InputError:
 
 
 def _distill_chunked(args, train) -> int:
+    import datetime
+
     import torch
     import torch.distributed as dist
 
     from .engine import DatasetSource, EngineConfig, run_chunked
+    from .ranks import RankFailure
 
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(seconds=args.rank_timeout or 1800.0))
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if device is not None and torch.device(device).type == "cuda":
@@ -195,6 +209,9 @@ def _distill_chunked(args, train) -> int:
             run = run_chunked(cfg, DatasetSource(train), args.out)
         except ValueError as err:  # the engine names its config fields: say them as flags
             raise _as_flag_error(err) from err
+        except RankFailure as err:  # a rank died or hung: one line naming it
+            print(f"metadd-fast distill: {err}", file=sys.stderr)
+            return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -213,7 +230,8 @@ def _discard_run(out: str) -> None:
     for f in RUN_FILES:
         if os.path.exists(os.path.join(out, f)):
             os.remove(os.path.join(out, f))
-    shutil.rmtree(os.path.join(out, "chunks"), ignore_errors=True)
+    for folder in ("chunks", "ranks"):
+        shutil.rmtree(os.path.join(out, folder), ignore_errors=True)
 
 
 def _distill(args) -> int:
@@ -221,6 +239,10 @@ def _distill(args) -> int:
     from .data import load
 
     ca.check_distill(args)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     args.metadd_models = args.metadd_models or pipeline.DistillConfig.metadd_models
     train = load(args.dataset, "train", path=args.data_path, size=args.size)
     ca.check_train_data(args, train)
@@ -291,13 +313,28 @@ def build_parser() -> ca.OneLineParser:
     return parser
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+    """Warnings (a resume under other settings, a backend fallback) as one line
+    ``metadd-fast <command>: warning: ...`` on stderr, without the source line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"metadd-fast {command}: warning: {message}", file=file or sys.stderr)
+
+    previous, warnings.showwarning = warnings.showwarning, show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def main(argv=None) -> int:
     """Parse and check every argument, then run the command. A bad argument or input file ends
     in one line and status 2, a failed write (disk full, permission) in one line and status 1;
     any other error is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with _one_line_warnings(args.command):
+            return COMMANDS[args.command](args)
     except InputError as err:
         print(f"metadd-fast {args.command}: {err}", file=sys.stderr)
         return 2

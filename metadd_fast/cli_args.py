@@ -209,7 +209,8 @@ def check_distill(args) -> None:
         raise flag_error("--robust-weight", "has no effect without --robust-alpha")
     if args.classes_per_chunk is None:
         for flag, given in (("--cvar-chunks", args.cvar_chunks != 1), ("--device", args.device is not None),
-                            ("--pin-memory", args.pin_memory), ("--teacher", args.teacher is not None)):
+                            ("--pin-memory", args.pin_memory), ("--teacher", args.teacher is not None),
+                            ("--rank-timeout", args.rank_timeout is not None)):
             if given:
                 raise flag_error(flag, "applies to the large-IPC engine only; add --classes-per-chunk")
         if args.metadd_models is not None and any(":" in s or "=" in s for s in args.metadd_models):
@@ -224,6 +225,8 @@ def check_distill(args) -> None:
         raise flag_error("--cvar-chunks", "couples chunks under robust DD's CVaR; add --robust-alpha")
     if args.device is not None:
         _check_device(args.device)
+    if args.rank_timeout is not None and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise flag_error("--rank-timeout", "applies to distributed runs only (torchrun with more than one process)")
     if args.pin_memory and (args.device is None or not args.device.startswith("cuda")):
         raise flag_error("--pin-memory", f"pinned host memory serves a CUDA --device, got "
                                          f"{args.device or 'none (cpu)'}")

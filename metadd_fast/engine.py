@@ -63,6 +63,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from . import ranks, runinfo
 from .ops.cvar import cvar
 from .data import Dataset
 from .distill import DISTILLERS
@@ -353,11 +354,17 @@ def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bo
     default group); rank 0 returns {"images" (classes * ipc, C, H, W) float32 backed by
     ``synthetic.f32``, "labels" (classes * ipc,) int64, "seconds" (from the first chunk, the
     networks loaded), and with robust_alpha "group_sizes" (classes * ipc,) int64}, other
-    ranks None."""
+    ranks None. A rank whose peer dies or hangs raises :class:`~metadd_fast.ranks.RankFailure`
+    naming it; ``run.json`` records the settings the result depends on (:mod:`metadd_fast.runinfo`)."""
+    cfg.check(dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1)
+    with ranks.watch(out, group):
+        return _run_chunked(cfg, source, out, group, progress)
+
+
+def _run_chunked(cfg: EngineConfig, source, out: str, group, progress: bool) -> Optional[dict]:
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank(group) if distributed else 0
     world = dist.get_world_size(group) if distributed else 1
-    cfg.check(world)
     digest = cfg.digest(source.key)
     os.makedirs(os.path.join(out, "chunks"), exist_ok=True)
     run_file = os.path.join(out, "run.json")
@@ -367,6 +374,9 @@ def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bo
                 raise InputError(f"out: {out} holds a different run; use another --out")
         else:
             atomic_write_json({"digest": digest, "config": dataclasses.asdict(cfg), "source": source.key}, run_file)
+    env = runinfo.collect(cfg.seed, cfg.device, group)  # every rank: their thread counts
+    if rank == 0:
+        runinfo.note(run_file, env)
     if distributed:
         dist.barrier(group)
     n = source.num_classes

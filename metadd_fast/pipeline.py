@@ -2,7 +2,8 @@
 
 A run lives in an output folder: ``config.json`` (what was asked), ``state.pt``
 (the distiller, saved atomically every ``checkpoint_every`` steps), cached
-pre-trained networks, and at the end ``synthetic.pt`` (DC's format) with PNGs.
+pre-trained networks, ``run.json`` (the settings the result depends on:
+:mod:`metadd_fast.runinfo`), and at the end ``synthetic.pt`` (DC's format) with PNGs.
 Restarting the same command continues from the last checkpoint. Every file of the folder
 is read as data (JSON, or torch.load with weights_only=True: checkpoints hold tensors and
 plain containers, networks their state_dicts), and checked before anything is written: a
@@ -23,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as datasets
+from . import runinfo
 from .ops.backends import resolve
 from .distill import DISTILLERS, bn_teacher
 from .errors import InputError, first_line, load_failure
@@ -166,6 +168,7 @@ def run_distill(cfg: DistillConfig, out: str, *, progress: bool = True, shared_c
     cache = shared_cache or out
     if not os.path.exists(cfg_path):
         atomic_write_json(want, cfg_path)
+    runinfo.note(os.path.join(out, "run.json"), runinfo.collect(cfg.seed))  # and warns on a changed resume
     zca = None
     if cfg.zca:  # distill in ZCA space (docs/methods.md); zca.pt holds the transform
         zca = ZCA.fit(train.images)
