@@ -77,9 +77,12 @@ def _failure(out: str, world: int, rank: int, what: str) -> RankFailure:
             break
         time.sleep(0.1)
         dead, elsewhere = dead_ranks(out, world, rank)
-    who = (f"rank {', '.join(map(str, dead))} died" if len(dead) == 1 else f"ranks {', '.join(map(str, dead))} died") \
-        if dead else "no rank of this host died" + (
-            f" (see the logs of ranks {', '.join(map(str, elsewhere))}, on other hosts)" if elsewhere else " (one hung)")
+    if dead:
+        who = f"rank{'s' if len(dead) > 1 else ''} {', '.join(map(str, dead))} died"
+    elif elsewhere:
+        who = f"no rank of this host ended: see the logs of ranks {', '.join(map(str, elsewhere))} (other hosts)"
+    else:
+        who = "no rank of this host ended: one hung"
     return RankFailure(f"rank {rank}: {what}: {who}; finished chunks are kept in {out}/chunks: "
                        "the same command resumes the run")
 
