@@ -164,7 +164,7 @@ def test_permission_denied_through_the_cli(tmp_path, monkeypatch, capsys):
     code, err = run_main(["distill", *TINY, "--out", str(tmp_path / "run")], capsys)
     assert code == 1
     one_line(err, f"could not write {tmp_path / 'run' / 'state.pt'}: Permission denied; nothing was written")
-    assert sorted(os.listdir(tmp_path / "run")) == ["config.json"]
+    assert sorted(os.listdir(tmp_path / "run")) == ["config.json", "run.json"]
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores file permissions")
