@@ -18,7 +18,8 @@ __all__ = ["main"]
 
 def _add_distill(sub):
     p = sub.add_parser("distill", help="distill a dataset into a small synthetic set (resumable)",
-                       description="Distill a dataset. The output folder holds config.json, checkpoints "
+                       description="Distill a dataset. The output folder holds config.json, run.json (the settings "
+                                   "the result depends on: seed, threads, versions, ...), checkpoints "
                                    "(state.pt, every --checkpoint-every steps) and, at the end, synthetic.pt "
                                    "(DC's format) and PNGs. Re-running the same command continues an "
                                    "interrupted run; --restart discards it.")
