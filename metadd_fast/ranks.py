@@ -61,11 +61,12 @@ def dead_ranks(out: str, world: int, me: int) -> tuple:
         try:
             with open(_path(out, r)) as f:
                 info = json.load(f)
-        except (OSError, ValueError):
+            pid = int(info["pid"])
+        except (OSError, ValueError, TypeError, KeyError):
             continue
         if info.get("host") != host:
             elsewhere.append(r)
-        elif _gone(int(info.get("pid", -1))):
+        elif pid > 0 and _gone(pid):
             dead.append(r)
     return dead, elsewhere
 

@@ -3,8 +3,9 @@ in the middle of a chunk under ``torchrun --max-restarts 1`` (the run restarts, 
 unfinished chunks and gives the uninterrupted result), with no restart left (the run stops in
 bounded time naming the rank; the next launch resumes), and without torchrun (the survivor
 names the dead rank, or the hung one after --rank-timeout). tests/fault_hook.py makes the rank die."""
+import json
 import os
-import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,3 +122,21 @@ def test_without_torchrun_the_survivor_names_the_dead_rank_or_stops_after_the_ti
     assert seconds < 120, seconds
     saved = {c for _, r, w, c in _log(tmp_path) if w == "saved"}
     assert {0, 1, 2, 4} <= saved and KILL_CHUNK not in saved  # the survivor finished its own chunks first
+
+
+def test_dead_ranks_tells_ended_processes_from_live_ones_and_other_hosts(tmp_path):
+    from metadd_fast.ranks import dead_ranks
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    (tmp_path / "ranks").mkdir()
+    rows = {1: (socket.gethostname(), sleeper.pid), 2: (socket.gethostname(), os.getpid()),
+            3: ("elsewhere", os.getpid()), 4: (socket.gethostname(), -1)}
+    for r, (host, pid) in rows.items():
+        (tmp_path / "ranks" / f"rank_{r:05d}.json").write_text(json.dumps({"host": host, "pid": pid}))
+    (tmp_path / "ranks" / "rank_00005.json").write_text("{")  # half written: skipped
+    assert dead_ranks(str(tmp_path), 6, 0) == ([], [3])
+    sleeper.kill()
+    time.sleep(0.2)  # a zombie until reaped: ended
+    assert dead_ranks(str(tmp_path), 6, 0) == ([1], [3])
+    sleeper.wait()
+    assert dead_ranks(str(tmp_path), 6, 0) == ([1], [3]) and dead_ranks(str(tmp_path), 6, 1) == ([], [3])
