@@ -179,18 +179,15 @@ def _as_flag_error(err: ValueError) -> InputError:
 
 
 def _distill_chunked(args, train) -> int:
-    import datetime
-
     import torch
     import torch.distributed as dist
 
     from .engine import DatasetSource, EngineConfig, run_chunked
-    from .ranks import RankFailure
+    from .ranks import RankFailure, init_from_env
 
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=datetime.timedelta(seconds=args.rank_timeout or 1800.0))
+        init_from_env("nccl" if torch.cuda.is_available() else "gloo", args.rank_timeout or 1800.0)
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if device is not None and torch.device(device).type == "cuda":

@@ -11,6 +11,7 @@ resumes the run.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 from .results import atomic_write_json
 
-__all__ = ["RankFailure", "watch", "dead_ranks"]
+__all__ = ["RankFailure", "init_from_env", "watch", "dead_ranks"]
 
 # Words of the errors torch.distributed's backends raise as plain RuntimeErrors.
 _BACKEND_WORDS = ("gloo", "nccl", "connection closed", "timed out", "monitoredbarrier", "processgroup")
@@ -30,6 +31,18 @@ _BACKEND_WORDS = ("gloo", "nccl", "connection closed", "timed out", "monitoredba
 
 class RankFailure(RuntimeError):
     """A rank of a distributed run died or stopped answering; the message (one line) names it."""
+
+
+def init_from_env(backend: str, timeout_s: float) -> None:
+    """``dist.init_process_group`` from torchrun's environment (``env://``) with a timeout of
+    ``timeout_s`` seconds for every collective, and the process group's keys under a prefix
+    per restart (``TORCHELASTIC_RESTART_COUNT``): torchrun's c10d rendezvous keeps one store
+    across restarts, so a restarted rank could otherwise read a peer's address of the attempt
+    before and fail to connect (gloo: "connectFullMesh failed ... Connection refused")."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"metadd_fast/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def _path(out: str, rank: int) -> str:
