@@ -3,8 +3,10 @@ in the middle of a chunk under ``torchrun --max-restarts 1`` (the run restarts, 
 unfinished chunks and gives the uninterrupted result), with no restart left (the run stops in
 bounded time naming the rank; the next launch resumes), and without torchrun (the survivor
 names the dead rank, or the hung one after --rank-timeout). tests/fault_hook.py makes the rank die."""
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,10 +38,17 @@ def _torchrun(tmp, restarts, launch=0):
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", str(restarts),
            "--monitor-interval", "0.1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-           "--rdzv-id", f"faults{port}", HOOK, *ARGS, "--out", str(tmp / "run")]
+           "--rdzv-id", f"faults{port}", HOOK, *ARGS, "--rank-timeout", "60", "--out", str(tmp / "run")]
     start = time.time()
-    done = subprocess.run(cmd, env=_env(tmp, launch), capture_output=True, text=True, timeout=240)
-    return done, time.time() - start
+    proc = subprocess.Popen(cmd, env=_env(tmp, launch), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: a timeout ends the ranks too
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), time.time() - start
 
 
 def _log(tmp):
