@@ -1,12 +1,14 @@
 """The ``metadd-fast`` command line: distill, evaluate, bench, demo, info."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
 import subprocess
 import sys
+import warnings
 
 from . import cli_args as ca
 from .errors import InputError, SaveError
@@ -16,7 +18,8 @@ __all__ = ["main"]
 
 def _add_distill(sub):
     p = sub.add_parser("distill", help="distill a dataset into a small synthetic set (resumable)",
-                       description="Distill a dataset. The output folder holds run.json, checkpoints "
+                       description="Distill a dataset. The output folder holds run.json (the run's configuration "
+                                   "and the settings the result depends on: seed, threads, versions, ...), checkpoints "
                                    "(state.pt, every --checkpoint-every steps) and, at the end, synthetic.pt "
                                    "(DC's format) and PNGs. Re-running the same command continues an "
                                    "interrupted run; --restart discards it.")
@@ -63,6 +66,14 @@ def _add_distill(sub):
                         "on GPUs, cuda:<local rank>)")
     p.add_argument("--pin-memory", action="store_true",
                    help="keep each chunk's real images in pinned host memory (CUDA)")
+    p.add_argument("--threads", type=ca.positive_int, default=None,
+                   help="intra-op CPU threads of the run, on every rank (default: torch's, which is every core "
+                        "in a plain process and 1 under torchrun); results are bit-identical only at equal "
+                        "thread counts (run.json records them)")
+    p.add_argument("--rank-timeout", type=ca.positive_float, default=None,
+                   help="under torchrun: seconds a rank waits for the others at a collective "
+                        "before it stops, naming the rank that did not answer (default 1800; more than one "
+                        "chunk's time: ranks wait for the slowest at the end)")
 
 
 def _add_evaluate(sub):
@@ -194,14 +205,17 @@ def _distill(args) -> int:
     import torch.distributed as dist
 
     from .engine import run_chunked
+    from .ranks import RankFailure, init_from_env
     from .sources import open_source
 
     ca.check_distill(args)
     if args.metadd_weight and args.metadd_models is None:
         args.metadd_models = DEFAULT_METADD_MODELS
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        init_from_env("nccl" if torch.cuda.is_available() else "gloo", args.rank_timeout or 1800.0)
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if device is not None and torch.device(device).type == "cuda":
@@ -217,6 +231,9 @@ def _distill(args) -> int:
             run = run_chunked(cfg, source, args.out)
         except ValueError as err:  # the engine names its config fields: say them as flags
             raise _as_flag_error(err) from err
+        except RankFailure as err:  # a rank died or hung: one line naming it
+            print(f"metadd-fast distill: {err}", file=sys.stderr)
+            return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -240,7 +257,8 @@ def _discard_run(out: str) -> None:
             os.remove(os.path.join(out, f))
     for f in glob.glob(os.path.join(glob.escape(out), "state.rank*.pt")):
         os.remove(f)
-    shutil.rmtree(os.path.join(out, "chunks"), ignore_errors=True)
+    for folder in ("chunks", "ranks"):
+        shutil.rmtree(os.path.join(out, folder), ignore_errors=True)
 
 
 def _evaluate(args) -> int:
@@ -295,13 +313,28 @@ def build_parser() -> ca.OneLineParser:
     return parser
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+    """Warnings (a resume under other settings, a backend fallback) as one line
+    ``metadd-fast <command>: warning: ...`` on stderr, without the source line."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"metadd-fast {command}: warning: {message}", file=file or sys.stderr)
+
+    previous, warnings.showwarning = warnings.showwarning, show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def main(argv=None) -> int:
     """Parse and check every argument, then run the command. A bad argument or input file ends
     in one line and status 2, a failed write (disk full, permission) in one line and status 1;
     any other error is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with _one_line_warnings(args.command):
+            return COMMANDS[args.command](args)
     except InputError as err:
         print(f"metadd-fast {args.command}: {err}", file=sys.stderr)
         return 2

@@ -219,6 +219,8 @@ def check_distill(args) -> None:
         raise flag_error("--cvar-chunks", "couples chunks under robust DD's CVaR; add --robust-alpha")
     if args.device is not None:
         _check_device(args.device)
+    if args.rank_timeout is not None and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise flag_error("--rank-timeout", "applies to distributed runs only (torchrun with more than one process)")
     if args.pin_memory and (args.device is None or not args.device.startswith("cuda")):
         raise flag_error("--pin-memory", f"pinned host memory serves a CUDA --device, got "
                                          f"{args.device or 'none (cpu)'}")

@@ -78,7 +78,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import argcheck
+from . import argcheck, ranks, runinfo
 from .ops.cvar import cvar
 from .data import Dataset, class_batches
 from .distill import DISTILLERS
@@ -485,11 +485,17 @@ def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bo
     the default group); rank 0 returns {"images" (classes * ipc, C, H, W) float32 backed by
     ``synthetic.f32``, "labels" (classes * ipc,) int64, "seconds" (from the first chunk, the
     networks loaded), and with robust_alpha "group_sizes" (classes * ipc,) int64}, other
-    ranks None."""
+    ranks None. A rank whose peer dies or hangs raises :class:`~metadd_fast.ranks.RankFailure`
+    naming it; ``run.json`` records the settings the result depends on (:mod:`metadd_fast.runinfo`)."""
+    cfg.check(dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1)
+    with ranks.watch(out, group):
+        return _run_chunked(cfg, source, out, group, progress)
+
+
+def _run_chunked(cfg: EngineConfig, source, out: str, group, progress: bool) -> Optional[dict]:
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank(group) if distributed else 0
     world = dist.get_world_size(group) if distributed else 1
-    cfg.check(world)
     digest = cfg.digest(source.key)
     run_file = os.path.join(out, "run.json")
     state_path = os.path.join(out, "state.pt" if rank == 0 else f"state.rank{rank}.pt")
@@ -506,6 +512,9 @@ def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bo
         atomic_write_json({"digest": digest, "config": cfg.identity(), "source": source.key}, run_file)
     if rank == 0 and zca is not None:
         atomic_save(zca.state_dict(), os.path.join(out, "zca.pt"))
+    env = runinfo.collect(cfg.seed, cfg.device, group)  # every rank: their thread counts
+    if rank == 0:
+        runinfo.note(run_file, env)
     if distributed:
         dist.barrier(group)
     n = source.num_classes
