@@ -85,7 +85,7 @@ def test_cli_resume_under_another_thread_count_warns_in_one_line(tmp_path, capsy
 
 @pytest.mark.parametrize("extra, words", [
     (["--threads", "0"], "argument --threads: expected a positive int, got '0'"),
-    (["--rank-timeout", "5"], "argument --rank-timeout: applies to the large-IPC engine only"),
+    (["--rank-timeout", "5"], "argument --rank-timeout: applies to distributed runs only"),
     (["--rank-timeout", "5", "--classes-per-chunk", "5"], "argument --rank-timeout: applies to distributed runs "
                                                           "only"),
     (["--rank-timeout", "nan", "--classes-per-chunk", "5"], "argument --rank-timeout: expected a finite float > 0"),
