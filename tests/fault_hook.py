@@ -25,10 +25,10 @@ def _log(what: str, chunk: int) -> None:
 _run_round, _atomic_save = engine._run_round, engine.atomic_save
 
 
-def run_round(cfg, source, store, chunks, positions, group, nets):
+def run_round(cfg, source, store, chunks, positions, *rest):
     for p in positions:
         _log("start", chunks[p][0] // cfg.classes_per_chunk)
-    return _run_round(cfg, source, store, chunks, positions, group, nets)
+    return _run_round(cfg, source, store, chunks, positions, *rest)
 
 
 def atomic_save(obj, path):
