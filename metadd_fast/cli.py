@@ -1,4 +1,4 @@
-"""The ``metadd-fast`` command line: distill, evaluate, bench, demo, info."""
+"""The ``metadd-fast`` command line: distill, evaluate, export, bench, demo, info."""
 from __future__ import annotations
 
 import json
@@ -76,8 +76,33 @@ def _add_evaluate(sub):
     p.add_argument("--archs", type=ca.model_names, default="ConvNet,ConvNetD2,AlexNet,LeNet",
                    help="comma-separated zoo networks")
     p.add_argument("--seeds", type=ca.positive_int, default=3)
-    p.add_argument("--epochs", type=ca.positive_int, default=300)
+    p.add_argument("--epochs", type=ca.positive_int, default=None, help="training epochs (default: the recipe's)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--recipe", type=ca.recipe_name, default="dc",
+                   help="evaluation recipe: dc (default), dm, sre2l-imagenet, sre2l-tiny (docs/evaluation.md); "
+                        "--epochs, --lr, --batch-size, --temperature and --cutmix override it")
+    p.add_argument("--lr", type=ca.positive_float, default=None, help="learning rate (default: the recipe's)")
+    p.add_argument("--batch-size", type=ca.positive_int, default=None, help="batch size (default: the recipe's)")
+    p.add_argument("--soft-labels", type=ca.model_spec, default=None, metavar="TEACHER",
+                   help="train on the soft labels of this teacher ([torchvision:|timm:]ARCH=PATH, a state_dict "
+                        "file, or a zoo ARCH trained on the real data and cached in <synthetic's folder>/models/): "
+                        "KL to its outputs at --temperature on the same augmented images")
+    p.add_argument("--temperature", type=ca.positive_float, default=None,
+                   help="soft labels' temperature T > 0 (default: the recipe's)")
+    p.add_argument("--cutmix", type=ca.nonnegative_float, default=None, metavar="ALPHA",
+                   help="CutMix's Beta parameter, 0 off (default: the recipe's)")
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a synthetic set as SRe2L's PNG folder or DD-Ranking's tensors",
+                       description="--format imagefolder: PNGs in SRe2L's layout OUT/new{class:03d}/"
+                                   "class{class:03d}_id{i:03d}.png, de-normalized with --dataset's statistics "
+                                   "to 8 bits; --format tensors: one file {'images', 'labels'} for DD-Ranking's "
+                                   "Python API.")
+    p.add_argument("--synthetic", required=True, help="a synthetic.pt in DC's format")
+    p.add_argument("--format", required=True, choices=["imagefolder", "tensors"])
+    p.add_argument("--out", required=True, help="the folder (imagefolder) or file (tensors) to write")
+    _add_data_flags(p)
 
 
 def _add_data_flags(p):
@@ -248,10 +273,46 @@ def _evaluate(args) -> int:
     images, labels = load_synthetic(args.synthetic)
     test = load(args.dataset, "test", path=args.data_path, size=args.size)
     ca.check_synthetic(args, images, labels, test)
-    res = evaluate_synthetic(images, labels, test, args.archs, seeds=args.seeds, epochs=args.epochs)
+    teacher = _soft_label_teacher(args, test) if args.soft_labels else None
+    res = evaluate_synthetic(images, labels, test, args.archs, seeds=args.seeds, epochs=args.epochs,
+                             recipe=args.recipe, lr=args.lr, batch_size=args.batch_size, soft_labels=teacher,
+                             temperature=args.temperature, cutmix_alpha=args.cutmix)
     print(format_table({os.path.basename(os.path.dirname(os.path.abspath(args.synthetic))) or "synthetic": res}))
     if args.json:
         atomic_write_json(res, args.json)
+    return 0
+
+
+def _soft_label_teacher(args, test):
+    """--soft-labels' network, checked against the test split's images and classes (exit 2 if not)."""
+    from .data import load
+    from .evaluate import load_teacher
+
+    arch = args.soft_labels.partition("=")[0].replace(":", "_")
+    cache = os.path.join(os.path.dirname(os.path.abspath(args.synthetic)), "models", f"soft_labels_{arch}.pt")
+    try:
+        return load_teacher(args.soft_labels, test, flag="--soft-labels", cache=cache,
+                            train=lambda: load(args.dataset, "train", path=args.data_path, size=args.size),
+                            data_key=f"{args.dataset}:{args.data_path}:{args.size}")
+    except ValueError as err:  # names the flag: say it as argparse does
+        raise ca.flag_error("--soft-labels", str(err).partition(": ")[2]) from None
+
+
+def _export(args) -> int:
+    from .data import load
+    from .export import export_imagefolder, export_tensors
+    from .results import load_synthetic
+
+    ca.check_export(args)
+    images, labels = load_synthetic(args.synthetic)
+    if args.format == "tensors":
+        export_tensors(images, labels, args.out)
+        print(f"wrote {args.out} ({len(labels)} images)")
+        return 0
+    train = load(args.dataset, "train", path=args.data_path, size=args.size)
+    ca.check_synthetic(args, images, labels, train)
+    export_imagefolder(images, labels, args.out, train.mean, train.std)
+    print(f"wrote {len(labels)} PNGs to {args.out}")
     return 0
 
 
@@ -276,7 +337,8 @@ def _print_info(args) -> int:
     return 0
 
 
-COMMANDS = {"distill": _distill, "evaluate": _evaluate, "bench": _bench, "demo": _demo, "info": _print_info}
+COMMANDS = {"distill": _distill, "evaluate": _evaluate, "bench": _bench, "demo": _demo, "info": _print_info,
+            "export": _export}
 
 
 def build_parser() -> ca.OneLineParser:
@@ -285,6 +347,7 @@ def build_parser() -> ca.OneLineParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_distill(sub)
     _add_evaluate(sub)
+    _add_export(sub)
     _add_bench(sub)
     _add_demo(sub)
     sub.add_parser("info", help="versions, backends built, devices: what a bug report needs")
