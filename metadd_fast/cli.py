@@ -78,8 +78,9 @@ def _add_evaluate(sub):
     p.add_argument("--seeds", type=ca.positive_int, default=3)
     p.add_argument("--epochs", type=ca.positive_int, default=None, help="training epochs (default: the recipe's)")
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--recipe", type=ca.recipe_name, default="dc",
-                   help="evaluation recipe: dc (default), dm, sre2l-imagenet, sre2l-tiny (docs/evaluation.md); "
+    p.add_argument("--recipe", type=ca.recipe_name, default="default",
+                   help="evaluation recipe: default (SGD, DSA, 300 epochs), dc, dm, sre2l-imagenet, sre2l-tiny "
+                        "(docs/evaluation.md); "
                         "--epochs, --lr, --batch-size, --temperature and --cutmix override it")
     p.add_argument("--lr", type=ca.positive_float, default=None, help="learning rate (default: the recipe's)")
     p.add_argument("--batch-size", type=ca.positive_int, default=None, help="batch size (default: the recipe's)")

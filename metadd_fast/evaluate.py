@@ -1,8 +1,8 @@
 """Cross-architecture evaluation of a synthetic set, and worst-group accuracy (robust DD).
 
 For each architecture and seed: train a fresh network on the synthetic images under a
-recipe (:mod:`metadd_fast.recipes`; default ``dc``: SGD, momentum 0.9, wd 5e-4, lr / 10 at
-half, DSA), with hard labels or, given a teacher (``soft_labels=``), with the teacher's
+recipe (:mod:`metadd_fast.recipes`; ``default``: SGD, momentum 0.9, wd 5e-4, lr / 10 at
+half, DSA, 300 epochs), with hard labels or, given a teacher (``soft_labels=``), with the teacher's
 temperature-softened outputs on the same augmented images (:mod:`metadd_fast.soft_labels`),
 then test on the real test split.
 
@@ -131,7 +131,7 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test, archs: 
                        seeds: int = 3, epochs: Optional[int] = None, lr: Optional[float] = None,
                        batch_size: Optional[int] = None, augment=FROM_RECIPE,
                        clusters: Optional[torch.Tensor] = None, minority: Optional[torch.Tensor] = None,
-                       progress: bool = True, recipe: Union[str, Recipe] = "dc",
+                       progress: bool = True, recipe: Union[str, Recipe] = "default",
                        soft_labels: Union[nn.Module, str, None] = None, temperature: Optional[float] = None,
                        cutmix_alpha: Optional[float] = None, train: Optional[Callable] = None,
                        teacher_cache: Optional[str] = None, test_batch_size: int = 1024) -> dict:

@@ -4,11 +4,15 @@ Each preset writes out its paper's published settings (docs/evaluation.md has th
 and the sources); ``resolve(name, **overrides)`` gives the preset with every explicitly
 given setting replacing the preset's (``None`` keeps the preset's value).
 
-- ``dc``: DC/DSA's ConvNet evaluation (Zhao et al. 2021, VICO-UoE/DatasetCondensation
-  ``evaluate_synset``): SGD lr 0.01, momentum 0.9, wd 5e-4, lr / 10 at half, 300 epochs,
-  batch 256, DSA augmentation. This is :func:`metadd_fast.training.train_model`'s protocol,
-  and the default of ``evaluate``.
-- ``dm``: DM's (Zhao & Bilen 2023, ``main_DM.py``): the same with 1,000 epochs.
+- ``default``: SGD lr 0.01, momentum 0.9, wd 5e-4, lr / 10 at half, 300 epochs, batch 256,
+  DSA augmentation: DC's optimizer and schedule with DSA's augmentation at DC's epoch
+  count. This is :func:`metadd_fast.training.train_model`'s protocol, and what ``evaluate``
+  has always run.
+- ``dc``: DC's ConvNet evaluation (Zhao et al. 2021, VICO-UoE/DatasetCondensation
+  ``main.py``/``evaluate_synset``, data sets other than MNIST): as ``default``, without
+  augmentation (DC's code sets 300 epochs when nothing augments).
+- ``dm``: DM's and DSA's (``main_DM.py``; ``main.py`` with ``--dsa``): as ``default`` with
+  1,000 epochs (their code sets 1,000 when DSA augments).
 - ``sre2l-imagenet``: SRe2L's ImageNet-1K validation (VILA-Lab/SRe2L ``validate/train_KD``):
   AdamW lr 1e-3, wd 0.01, cosine to 0 over 300 epochs, batch 1024, T = 20,
   RandomResizedCrop(scale 0.08..1) + flip, CutMix (alpha 1).
@@ -16,7 +20,7 @@ given setting replacing the preset's (``None`` keeps the preset's value).
   SGD lr 0.2, momentum 0.9, wd 1e-4, 5 linear warm-up epochs from 0.01 x lr then cosine,
   100 epochs, batch 256, T = 20, RandomResizedCrop + flip, no CutMix.
 
-``temperature`` of the DC/DM presets (used only with soft labels) is DD-Ranking's default, 1.
+``temperature`` of the default, DC and DM presets (used only with soft labels) is DD-Ranking's default, 1.
 """
 from __future__ import annotations
 
@@ -55,7 +59,8 @@ class Recipe:
 
 
 RECIPES = {
-    "dc": Recipe("dc", "sgd", 0.01, 0.9, 5e-4, "step_half", 300, 256, 1.0, DEFAULT_STRATEGY),
+    "default": Recipe("default", "sgd", 0.01, 0.9, 5e-4, "step_half", 300, 256, 1.0, DEFAULT_STRATEGY),
+    "dc": Recipe("dc", "sgd", 0.01, 0.9, 5e-4, "step_half", 300, 256, 1.0, None),
     "dm": Recipe("dm", "sgd", 0.01, 0.9, 5e-4, "step_half", 1000, 256, 1.0, DEFAULT_STRATEGY),
     "sre2l-imagenet": Recipe("sre2l-imagenet", "adamw", 1e-3, 0.0, 0.01, "cosine", 300, 1024, 20.0, RRC_FLIP,
                              cutmix_alpha=1.0),
@@ -64,7 +69,7 @@ RECIPES = {
 }
 
 
-def resolve(name: str = "dc", **overrides) -> Recipe:
+def resolve(name: str = "default", **overrides) -> Recipe:
     """The preset ``name`` with the overrides that are not None (fields of :class:`Recipe`)."""
     if name not in RECIPES:
         raise ValueError(f"recipe: expected one of {', '.join(RECIPES)}, got {name!r}")

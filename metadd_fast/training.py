@@ -1,7 +1,7 @@
 """Training and testing networks: the field's evaluation protocol and model pre-training.
 
 ``train_model``: SGD with momentum 0.9 and weight decay 5e-4, the learning rate
-divided by 10 at half the epochs (DC's protocol), optional DSA augmentation; the loop is
+divided by 10 at half the epochs (DC's schedule), optional DSA augmentation; the loop is
 :func:`metadd_fast.student.train_student`'s (the one loop every recipe runs through).
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                 batch_size: int = 256, augment: Optional[DiffAugment] = None, seed: int = 0,
                 progress: bool = False, desc: str = "train") -> nn.Module:
     """Train ``model`` in place on (images, labels); returns it in eval mode. DC's recipe
-    (:data:`metadd_fast.recipes.RECIPES` ``["dc"]``) with these settings, run by
+    (:data:`metadd_fast.recipes.RECIPES` ``["default"]``) with these settings, run by
     :func:`metadd_fast.student.train_student`."""
-    recipe = dataclasses.replace(RECIPES["dc"], epochs=epochs, lr=lr, batch_size=batch_size, augment=augment)
+    recipe = dataclasses.replace(RECIPES["default"], epochs=epochs, lr=lr, batch_size=batch_size, augment=augment)
     return train_student(model, images, labels, recipe, seed=seed, progress=progress, desc=desc)
 
 

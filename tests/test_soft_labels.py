@@ -46,7 +46,7 @@ class Spy(nn.Module):
         return self.fc(x.flatten(1))
 
 
-@pytest.mark.parametrize("recipe", ["sre2l-imagenet", "dc"])
+@pytest.mark.parametrize("recipe", ["sre2l-imagenet", "default"])
 def test_teacher_and_student_see_the_same_augmented_images(recipe):
     images, labels = torch.randn(12, 1, 8, 8), torch.arange(12) % 10
     student_seen, teacher_seen = [], []
@@ -91,7 +91,8 @@ def test_cutmix_mixes_soft_labels_by_area():
 def test_recipes_are_overridden_by_explicit_settings_only():
     r = resolve("sre2l-tiny", epochs=3, lr=None)
     assert r.epochs == 3 and r.lr == 0.2 and r.temperature == 20 and r.warmup_epochs == 5
-    assert resolve("dc") == RECIPES["dc"]
+    assert resolve("dc") == RECIPES["dc"] and resolve() == RECIPES["default"]
+    assert RECIPES["dm"].epochs == 1000 and RECIPES["dm"].augment == RECIPES["default"].augment
     with pytest.raises(ValueError, match="recipe"):
         resolve("sre2l-cifar")
     x, y = torch.randn(4, 1, 8, 8), torch.arange(4)
@@ -111,7 +112,7 @@ def test_a_teacher_whose_classes_or_images_do_not_fit_is_refused():
         evaluate_synthetic(x, y, test, ["LeNet"], soft_labels=ConvNet(3, 10, width=8, im_size=(16, 16)))
 
 
-def test_train_model_is_the_dc_recipe_bit_for_bit():
+def test_train_model_is_the_default_recipe_bit_for_bit():
     """train_model runs through train_student; a plain loop of DC's protocol gives the same weights."""
     images, labels = torch.randn(20, 1, 8, 8), torch.arange(20) % 10
     for augment in (None, DiffAugment()):
@@ -149,7 +150,7 @@ def test_soft_labels_beat_hard_labels_on_one_real_image_per_class():
     train_model(teacher, train.images, train.labels, epochs=4, batch_size=64)
     assert accuracy(teacher, test.images, test.labels) >= 0.9
     idx = torch.stack([torch.nonzero(train.labels == c)[0, 0] for c in range(10)])
-    kw = dict(seeds=2, epochs=40, batch_size=10, progress=False, recipe="dc")
+    kw = dict(seeds=2, epochs=40, batch_size=10, progress=False, recipe="default")
     hard = evaluate_synthetic(train.images[idx], train.labels[idx], test, {"S": net}, **kw)["S"]
     soft = evaluate_synthetic(train.images[idx], train.labels[idx], test, {"S": net}, soft_labels=teacher,
                               temperature=4.0, **kw)["S"]
