@@ -235,34 +235,15 @@ def _read_members(path: str, files: list) -> list:
 
 
 def load_image_folder(root: str, size=None) -> Dataset:
-    """Images in class sub-folders of ``root`` (sorted class names are the labels), RGB,
-    resized to ``size`` (int or (H, W); default: the first image's size)."""
-    from PIL import Image, UnidentifiedImageError
+    """Images in class sub-folders of ``root`` (sorted class names are the labels), all in memory:
+    :class:`metadd_fast.sources.ImageFolderSource`'s decode (RGB, resized to ``size``, int or
+    (H, W), default the first image's size) and statistics (ImageNet's for wnid-named classes,
+    else a sample of at most 1,000 images). For small folders; large ones stream through the
+    source (:func:`metadd_fast.sources.open_source`)."""
+    from .sources import ImageFolderSource
 
-    if not os.path.isdir(root):
-        raise InputError(f"root: {root} is not a folder")
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not classes:
-        raise InputError(f"root: {root} has no class sub-folders")
-    files = []
-    for label, c in enumerate(classes):
-        for dirpath, _, names in sorted(os.walk(os.path.join(root, c))):
-            files += [(os.path.join(dirpath, n), label) for n in sorted(names) if n.lower().endswith(_IMAGE_EXT)]
-    if not files:
-        raise InputError(f"root: {root} has no images ({', '.join(_IMAGE_EXT)})")
-    size = (size, size) if isinstance(size, int) else size
-    pixels = []
-    for path, _ in files:
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                size = size or (im.height, im.width)
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-                pixels.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()))
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as err:
-            raise InputError(f"{path}: not a readable image ({err})") from err
-    pix = torch.stack(pixels).permute(0, 3, 1, 2).float() / 255.0
-    return _normalized(os.path.basename(os.path.normpath(root)), pix, [l for _, l in files], len(classes))
+    with ImageFolderSource(root, size) as src:
+        return src.dataset()
 
 
 def load(name: str, split: str = "train", *, path: str = None, size: int = None) -> Dataset:
@@ -277,8 +258,9 @@ def load(name: str, split: str = "train", *, path: str = None, size: int = None)
     if name == "folder":
         if path is None:
             raise InputError("path: the image-folder dataset needs its root folder")
-        return load_image_folder(os.path.join(path, split) if os.path.isdir(os.path.join(path, split)) else path,
-                                 size)
+        from .sources import folder_split
+
+        return load_image_folder(folder_split(path, split), size)
     raise ValueError(f"name: expected 'digits', 'cifar10', 'cifar100' or 'folder', got {name!r}")
 
 
