@@ -266,15 +266,18 @@ def _distill(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .data import load
     from .evaluate import evaluate_synthetic, format_table
     from .results import atomic_write_json, load_synthetic
+    from .sources import TensorSource, open_source
 
     ca.check_evaluate(args)
     images, labels = load_synthetic(args.synthetic)
-    test = load(args.dataset, "test", path=args.data_path, size=args.size)
+    train = open_source(args.dataset, "train", path=args.data_path, size=args.size)
+    test = open_source(args.dataset, "test", path=args.data_path, size=args.size, like=train)
+    if isinstance(test, TensorSource):  # in memory anyway: its own order, as before (same clusters)
+        test = test.dataset()
     ca.check_synthetic(args, images, labels, test)
-    teacher = _soft_label_teacher(args, test) if args.soft_labels else None
+    teacher = _soft_label_teacher(args, train, test) if args.soft_labels else None
     res = evaluate_synthetic(images, labels, test, args.archs, seeds=args.seeds, epochs=args.epochs,
                              recipe=args.recipe, lr=args.lr, batch_size=args.batch_size, soft_labels=teacher,
                              temperature=args.temperature, cutmix_alpha=args.cutmix)
@@ -284,25 +287,24 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _soft_label_teacher(args, test):
-    """--soft-labels' network, checked against the test split's images and classes (exit 2 if not)."""
-    from .data import load
+def _soft_label_teacher(args, train, test):
+    """--soft-labels' network, checked against the test split's images and classes (exit 2 if
+    not); a zoo name alone is trained on ``train`` (a source) and cached beside --synthetic."""
     from .evaluate import load_teacher
 
     arch = args.soft_labels.partition("=")[0].replace(":", "_")
     cache = os.path.join(os.path.dirname(os.path.abspath(args.synthetic)), "models", f"soft_labels_{arch}.pt")
     try:
-        return load_teacher(args.soft_labels, test, flag="--soft-labels", cache=cache,
-                            train=lambda: load(args.dataset, "train", path=args.data_path, size=args.size),
-                            data_key=f"{args.dataset}:{args.data_path}:{args.size}")
+        return load_teacher(args.soft_labels, test, flag="--soft-labels", cache=cache, train=train.dataset,
+                            data_key=train.key)
     except ValueError as err:  # names the flag: say it as argparse does
         raise ca.flag_error("--soft-labels", str(err).partition(": ")[2]) from None
 
 
 def _export(args) -> int:
-    from .data import load
     from .export import export_imagefolder, export_tensors
     from .results import load_synthetic
+    from .sources import open_source
 
     ca.check_export(args)
     images, labels = load_synthetic(args.synthetic)
@@ -310,7 +312,7 @@ def _export(args) -> int:
         export_tensors(images, labels, args.out)
         print(f"wrote {args.out} ({len(labels)} images)")
         return 0
-    train = load(args.dataset, "train", path=args.data_path, size=args.size)
+    train = open_source(args.dataset, "train", path=args.data_path, size=args.size)  # its statistics
     ca.check_synthetic(args, images, labels, train)
     export_imagefolder(images, labels, args.out, train.mean, train.std)
     print(f"wrote {len(labels)} PNGs to {args.out}")

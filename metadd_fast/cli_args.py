@@ -300,14 +300,25 @@ def check_train_data(args, train) -> None:
 
 
 def check_synthetic(args, images, labels, test) -> None:
-    """``evaluate``'s (or ``export``'s) synthetic set against the data set's split: same image
-    shape, labels in range, and networks (``--archs``, if the command has it) that take its images."""
-    if tuple(images.shape[1:]) != tuple(test.images.shape[1:]):
+    """``evaluate``'s (or ``export``'s) synthetic set against the data set's split (a Dataset or
+    a class source): same image shape, labels in range, and networks (``--archs``, if the
+    command has it) that take its images."""
+    from .evaluate import test_info
+
+    num_classes, shape, _ = test_info(test)
+    if tuple(images.shape[1:]) != shape:
         raise flag_error("--synthetic", f"{args.synthetic} holds {'x'.join(map(str, images.shape[1:]))} images, "
                                         f"but --dataset {test.name} gives "
-                                        f"{'x'.join(map(str, test.images.shape[1:]))} (channels x height x width)")
-    if int(labels.max()) >= test.num_classes:
+                                        f"{'x'.join(map(str, shape))} (channels x height x width)")
+    if int(labels.max()) >= num_classes:
         raise flag_error("--synthetic", f"{args.synthetic} has label {int(labels.max())}, but --dataset "
-                                        f"{test.name} has classes 0..{test.num_classes - 1}")
+                                        f"{test.name} has classes 0..{num_classes - 1}")
     if getattr(args, "archs", None):
-        check_models("--archs", args.archs, test)
+        check_models("--archs", args.archs, _Shape(num_classes, shape))
+
+
+class _Shape:
+    """What :func:`check_models` reads of a data set: channel, num_classes, im_size."""
+
+    def __init__(self, num_classes: int, shape: tuple):
+        self.num_classes, self.channel, self.im_size = num_classes, shape[0], tuple(shape[1:])

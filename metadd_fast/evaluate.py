@@ -7,8 +7,8 @@ temperature-softened outputs on the same augmented images (:mod:`metadd_fast.sof
 then test on the real test split.
 
 The test split is a :class:`~metadd_fast.data.Dataset` or a class-streaming source
-(anything with ``batches(batch_size)``, ``num_classes``, ``image_shape`` and ``counts()``,
-the ClassSource of :mod:`metadd_fast.sources`); it is read in batches of
+(a :class:`metadd_fast.sources.Source`: ``batches(batch_size)``, ``num_classes``, ``shape``,
+``len``; an image folder is decoded one class at a time); it is read in batches of
 ``test_batch_size``, and only per-cluster counts are kept, so memory does not grow with it.
 
 Worst-group accuracy: the test set is split into k-means clusters (fixed seed) of a fixed
@@ -49,7 +49,7 @@ def test_info(test) -> tuple:
     """(num_classes, (C, H, W), number of images) of a Dataset or a class source."""
     if isinstance(test, Dataset):
         return test.num_classes, tuple(test.images.shape[1:]), len(test)
-    return test.num_classes, tuple(test.image_shape), int(sum(test.counts()))
+    return test.num_classes, tuple(test.shape), len(test)
 
 
 def test_batches(test, batch_size: int) -> Iterator[tuple]:

@@ -7,25 +7,22 @@ from metadd_fast import evaluate as ev
 from metadd_fast.evaluate import cluster_view, evaluate_synthetic
 from metadd_fast.kmeans import kmeans
 from metadd_fast.ops.nearest_centroid import nearest_centroid
+from metadd_fast.sources import TensorSource
 
 
-class StreamSource:
-    """A class source (the ClassSource interface's batch side) over a Dataset sorted by class,
-    recording the largest batch it handed out."""
+class StreamSource(TensorSource):
+    """A class source (metadd_fast.sources) that records the largest batch it handed out."""
 
     def __init__(self, ds: Dataset):
+        super().__init__(ds)
         order = torch.argsort(ds.labels, stable=True)
-        self.images, self.labels = ds.images[order], ds.labels[order]
-        self.num_classes, self.image_shape = ds.num_classes, tuple(ds.images.shape[1:])
+        self.images, self.labels = ds.images[order], ds.labels[order]  # the order batches() gives
         self.largest = 0
 
-    def counts(self):
-        return torch.bincount(self.labels, minlength=self.num_classes).tolist()
-
     def batches(self, batch_size, classes=None):
-        for s in range(0, len(self.labels), batch_size):
-            self.largest = max(self.largest, len(self.labels[s:s + batch_size]))
-            yield self.images[s:s + batch_size], self.labels[s:s + batch_size]
+        for x, y in super().batches(batch_size, classes):
+            self.largest = max(self.largest, len(y))
+            yield x, y
 
 
 def test_clusters_equal_kmeans_on_the_pixels_where_both_run():
