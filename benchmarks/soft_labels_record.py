@@ -53,7 +53,8 @@ def main(argv=None) -> int:
                            data_key="digits16")
     rows = {"cpu": cpu_model(), "threads": __import__("torch").get_num_threads(), "ipc": args.ipc,
             "seeds": args.seeds, "epochs": args.epochs, "temperature": args.temperature, "recipe": "default",
-            "teacher": "ConvNet", "batch_real": args.batch_real, "teacher_acc": accuracy(teacher, test.images, test.labels), "sets": {}}
+            "teacher": "ConvNet", "batch_real": args.batch_real,
+            "teacher_acc": accuracy(teacher, test.images, test.labels), "sets": {}}
     for method, iters in ITERATIONS.items():
         out = os.path.join(args.runs, method)
         if not os.path.exists(os.path.join(out, "synthetic.pt")):

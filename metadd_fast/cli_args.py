@@ -21,9 +21,9 @@ import os
 from .errors import InputError
 
 __all__ = ["OneLineParser", "flag_error", "positive_int", "seed_int", "image_size", "finite_float",
-           "positive_float", "nonnegative_float", "alpha_or_none", "model_name", "model_names", "recipe_name", "check_out",
-           "check_new_file", "check_data_flags", "check_distill", "check_evaluate", "check_export", "check_train_data",
-           "check_synthetic", "check_models"]
+           "positive_float", "nonnegative_float", "alpha_or_none", "model_name", "model_names", "recipe_name",
+           "check_out", "check_new_file", "check_data_flags", "check_distill", "check_evaluate", "check_export",
+           "check_train_data", "check_synthetic", "check_models"]
 
 MAX_SEED = 2 ** 32
 
