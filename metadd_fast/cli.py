@@ -68,9 +68,10 @@ def _add_distill(sub):
 def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="train fresh zoo networks on a synthetic set and test them",
                        description="Cross-architecture evaluation: for each architecture and seed, train a "
-                                   "fresh network on the synthetic set (SGD, momentum 0.9, wd 5e-4, lr/10 at "
-                                   "half), test on the real test split; mean +- std, and worst-group accuracy "
-                                   "over k-means clusters of the test set.")
+                                   "fresh network on the synthetic set under --recipe (default: SGD, momentum 0.9, "
+                                   "wd 5e-4, lr/10 at half, DSA, 300 epochs), with hard labels or a teacher's soft "
+                                   "labels, test on the real test split (read in batches); mean +- std, and "
+                                   "worst-group accuracy over k-means clusters of the test set (docs/evaluation.md).")
     p.add_argument("--synthetic", required=True, help="a synthetic.pt in DC's format")
     _add_data_flags(p)
     p.add_argument("--archs", type=ca.model_names, default="ConvNet,ConvNetD2,AlexNet,LeNet",
