@@ -1,4 +1,4 @@
-"""The ``metadd-fast`` command line: distill, evaluate, bench, demo, info."""
+"""The ``metadd-fast`` command line: distill, evaluate, export, bench, demo, info."""
 from __future__ import annotations
 
 import contextlib
@@ -79,16 +79,43 @@ def _add_distill(sub):
 def _add_evaluate(sub):
     p = sub.add_parser("evaluate", help="train fresh zoo networks on a synthetic set and test them",
                        description="Cross-architecture evaluation: for each architecture and seed, train a "
-                                   "fresh network on the synthetic set (SGD, momentum 0.9, wd 5e-4, lr/10 at "
-                                   "half), test on the real test split; mean +- std, and worst-group accuracy "
-                                   "over k-means clusters of the test set.")
+                                   "fresh network on the synthetic set under --recipe (default: SGD, momentum 0.9, "
+                                   "wd 5e-4, lr/10 at half, DSA, 300 epochs), with hard labels or a teacher's soft "
+                                   "labels, test on the real test split (read in batches); mean +- std, and "
+                                   "worst-group accuracy over k-means clusters of the test set (docs/evaluation.md).")
     p.add_argument("--synthetic", required=True, help="a synthetic.pt in DC's format")
     _add_data_flags(p)
     p.add_argument("--archs", type=ca.model_names, default="ConvNet,ConvNetD2,AlexNet,LeNet",
                    help="comma-separated zoo networks")
     p.add_argument("--seeds", type=ca.positive_int, default=3)
-    p.add_argument("--epochs", type=ca.positive_int, default=300)
+    p.add_argument("--epochs", type=ca.positive_int, default=None, help="training epochs (default: the recipe's)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--recipe", type=ca.recipe_name, default="default",
+                   help="evaluation recipe: default (SGD, DSA, 300 epochs), dc, dm, sre2l-imagenet, sre2l-tiny "
+                        "(docs/evaluation.md); "
+                        "--epochs, --lr, --batch-size, --temperature and --cutmix override it")
+    p.add_argument("--lr", type=ca.positive_float, default=None, help="learning rate (default: the recipe's)")
+    p.add_argument("--batch-size", type=ca.positive_int, default=None, help="batch size (default: the recipe's)")
+    p.add_argument("--soft-labels", type=ca.model_spec, default=None, metavar="TEACHER",
+                   help="train on the soft labels of this teacher ([torchvision:|timm:]ARCH=PATH, a state_dict "
+                        "file, or a zoo ARCH trained on the real data and cached in <synthetic's folder>/models/): "
+                        "KL to its outputs at --temperature on the same augmented images")
+    p.add_argument("--temperature", type=ca.positive_float, default=None,
+                   help="soft labels' temperature T > 0 (default: the recipe's)")
+    p.add_argument("--cutmix", type=ca.nonnegative_float, default=None, metavar="ALPHA",
+                   help="CutMix's Beta parameter, 0 off (default: the recipe's)")
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="write a synthetic set as SRe2L's PNG folder or DD-Ranking's tensors",
+                       description="--format imagefolder: PNGs in SRe2L's layout OUT/new{class:03d}/"
+                                   "class{class:03d}_id{i:03d}.png, de-normalized with --dataset's statistics "
+                                   "to 8 bits; --format tensors: one file {'images', 'labels'} for DD-Ranking's "
+                                   "Python API.")
+    p.add_argument("--synthetic", required=True, help="a synthetic.pt in DC's format")
+    p.add_argument("--format", required=True, choices=["imagefolder", "tensors"])
+    p.add_argument("--out", required=True, help="the folder (imagefolder) or file (tensors) to write")
+    _add_data_flags(p)
 
 
 def _add_data_flags(p):
@@ -262,18 +289,56 @@ def _discard_run(out: str) -> None:
 
 
 def _evaluate(args) -> int:
-    from .data import load
     from .evaluate import evaluate_synthetic, format_table
     from .results import atomic_write_json, load_synthetic
+    from .sources import TensorSource, open_source
 
     ca.check_evaluate(args)
     images, labels = load_synthetic(args.synthetic)
-    test = load(args.dataset, "test", path=args.data_path, size=args.size)
+    train = open_source(args.dataset, "train", path=args.data_path, size=args.size)
+    test = open_source(args.dataset, "test", path=args.data_path, size=args.size, like=train)
+    if isinstance(test, TensorSource):  # in memory anyway: its own order, as before (same clusters)
+        test = test.dataset()
     ca.check_synthetic(args, images, labels, test)
-    res = evaluate_synthetic(images, labels, test, args.archs, seeds=args.seeds, epochs=args.epochs)
+    teacher = _soft_label_teacher(args, train, test) if args.soft_labels else None
+    res = evaluate_synthetic(images, labels, test, args.archs, seeds=args.seeds, epochs=args.epochs,
+                             recipe=args.recipe, lr=args.lr, batch_size=args.batch_size, soft_labels=teacher,
+                             temperature=args.temperature, cutmix_alpha=args.cutmix)
     print(format_table({os.path.basename(os.path.dirname(os.path.abspath(args.synthetic))) or "synthetic": res}))
     if args.json:
         atomic_write_json(res, args.json)
+    return 0
+
+
+def _soft_label_teacher(args, train, test):
+    """--soft-labels' network, checked against the test split's images and classes (exit 2 if
+    not); a zoo name alone is trained on ``train`` (a source) and cached beside --synthetic."""
+    from .evaluate import load_teacher
+
+    arch = args.soft_labels.partition("=")[0].replace(":", "_")
+    cache = os.path.join(os.path.dirname(os.path.abspath(args.synthetic)), "models", f"soft_labels_{arch}.pt")
+    try:
+        return load_teacher(args.soft_labels, test, flag="--soft-labels", cache=cache, train=train.dataset,
+                            data_key=train.key)
+    except ValueError as err:  # names the flag: say it as argparse does
+        raise ca.flag_error("--soft-labels", str(err).partition(": ")[2]) from None
+
+
+def _export(args) -> int:
+    from .export import export_imagefolder, export_tensors
+    from .results import load_synthetic
+    from .sources import open_source
+
+    ca.check_export(args)
+    images, labels = load_synthetic(args.synthetic)
+    if args.format == "tensors":
+        export_tensors(images, labels, args.out)
+        print(f"wrote {args.out} ({len(labels)} images)")
+        return 0
+    train = open_source(args.dataset, "train", path=args.data_path, size=args.size)  # its statistics
+    ca.check_synthetic(args, images, labels, train)
+    export_imagefolder(images, labels, args.out, train.mean, train.std)
+    print(f"wrote {len(labels)} PNGs to {args.out}")
     return 0
 
 
@@ -298,7 +363,8 @@ def _print_info(args) -> int:
     return 0
 
 
-COMMANDS = {"distill": _distill, "evaluate": _evaluate, "bench": _bench, "demo": _demo, "info": _print_info}
+COMMANDS = {"distill": _distill, "evaluate": _evaluate, "bench": _bench, "demo": _demo, "info": _print_info,
+            "export": _export}
 
 
 def build_parser() -> ca.OneLineParser:
@@ -307,6 +373,7 @@ def build_parser() -> ca.OneLineParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_distill(sub)
     _add_evaluate(sub)
+    _add_export(sub)
     _add_bench(sub)
     _add_demo(sub)
     sub.add_parser("info", help="versions, backends built, devices: what a bug report needs")

@@ -21,9 +21,9 @@ import os
 from .errors import InputError
 
 __all__ = ["OneLineParser", "flag_error", "positive_int", "seed_int", "image_size", "finite_float",
-           "positive_float", "nonnegative_float", "alpha_or_none", "model_name", "model_names", "check_out",
-           "check_new_file", "check_data_flags", "check_distill", "check_evaluate", "check_train_data",
-           "check_synthetic", "check_models"]
+           "positive_float", "nonnegative_float", "alpha_or_none", "model_name", "model_names", "recipe_name",
+           "check_out", "check_new_file", "check_data_flags", "check_distill", "check_evaluate", "check_export",
+           "check_train_data", "check_synthetic", "check_models"]
 
 MAX_SEED = 2 ** 32
 
@@ -149,6 +149,15 @@ def _zoo_names(specs) -> list:
     return [spec.arch for spec in (parse_spec(s, "spec") for s in specs) if spec.source == "zoo"]
 
 
+def recipe_name(text: str) -> str:
+    """The name of an evaluation recipe (metadd_fast.recipes.RECIPES)."""
+    from .recipes import RECIPES
+
+    if text not in RECIPES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(RECIPES)}, got {text!r}")
+    return text
+
+
 def check_out(flag: str, out: str) -> None:
     """``out`` can be the output folder: a folder, or a path that can be created as one."""
     if os.path.exists(out) and not os.path.isdir(out):
@@ -246,6 +255,19 @@ def check_evaluate(args) -> None:
         raise flag_error("--synthetic", f"{args.synthetic!r} is not a file")
     if args.json is not None:
         check_new_file("--json", args.json)
+    if args.temperature is not None and args.soft_labels is None:
+        raise flag_error("--temperature", "has no effect without --soft-labels")
+
+
+def check_export(args) -> None:
+    """Everything ``export`` can check before reading the synthetic set."""
+    check_data_flags(args)
+    if not os.path.isfile(args.synthetic):
+        raise flag_error("--synthetic", f"{args.synthetic!r} is not a file")
+    if args.format == "imagefolder":
+        check_out("--out", args.out)
+    else:
+        check_new_file("--out", args.out)
 
 
 def check_models(flag: str, names, shape, num_classes: int) -> None:
@@ -277,13 +299,18 @@ def check_train_data(args, source) -> None:
 
 
 def check_synthetic(args, images, labels, test) -> None:
-    """``evaluate``'s synthetic set against the test split: same image shape, labels in range,
-    and networks that take its images."""
-    if tuple(images.shape[1:]) != tuple(test.images.shape[1:]):
+    """``evaluate``'s (or ``export``'s) synthetic set against the data set's split (a Dataset or
+    a class source): same image shape, labels in range, and networks (``--archs``, if the
+    command has it) that take its images."""
+    from .evaluate import test_info
+
+    num_classes, shape, _ = test_info(test)
+    if tuple(images.shape[1:]) != shape:
         raise flag_error("--synthetic", f"{args.synthetic} holds {'x'.join(map(str, images.shape[1:]))} images, "
                                         f"but --dataset {test.name} gives "
-                                        f"{'x'.join(map(str, test.images.shape[1:]))} (channels x height x width)")
-    if int(labels.max()) >= test.num_classes:
+                                        f"{'x'.join(map(str, shape))} (channels x height x width)")
+    if int(labels.max()) >= num_classes:
         raise flag_error("--synthetic", f"{args.synthetic} has label {int(labels.max())}, but --dataset "
-                                        f"{test.name} has classes 0..{test.num_classes - 1}")
-    check_models("--archs", args.archs, tuple(test.images.shape[1:]), test.num_classes)
+                                        f"{test.name} has classes 0..{num_classes - 1}")
+    if getattr(args, "archs", None):
+        check_models("--archs", args.archs, shape, num_classes)

@@ -37,6 +37,7 @@ import concurrent.futures
 import hashlib
 import json
 import math
+import operator
 import os
 import pathlib
 import re
@@ -115,12 +116,14 @@ class Source:
 
     # -- helpers ---------------------------------------------------------------------------
     def _check_class(self, c) -> int:
-        if isinstance(c, bool) or not isinstance(c, int) and not (isinstance(c, torch.Tensor) and c.ndim == 0):
+        try:
+            odd = isinstance(c, bool) or isinstance(c, torch.Tensor) and c.ndim != 0
+            k = None if odd else operator.index(c)  # int, numpy integer, 0-d integer tensor
+        except TypeError:
+            k = None
+        if k is None or not 0 <= k < self.num_classes:
             raise ValueError(f"class: expected an int in [0, {self.num_classes}), got {c!r}")
-        c = int(c)
-        if not 0 <= c < self.num_classes:
-            raise ValueError(f"class: expected an int in [0, {self.num_classes}), got {c}")
-        return c
+        return k
 
     def _classes(self, classes) -> list:
         return list(range(self.num_classes)) if classes is None else [self._check_class(c) for c in classes]

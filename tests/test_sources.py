@@ -332,3 +332,11 @@ def test_decode_benchmark_writes_its_rows(tmp_path):
     rows = list(csv.DictReader(open(out)))
     assert [r["method"] for r in rows] == ["plain", "draft_1_thread", "parallel"] * 2
     assert all(r["images"] == "6" and r["size"] == "16" and float(r["images_per_s_p50"]) > 0 for r in rows)
+
+
+def test_class_indices_are_checked():
+    src = RandomSource(3, 2, (1, 2, 2))
+    assert torch.equal(src(np.int64(2)), src(2)) and torch.equal(src(torch.tensor(1)), src(1))
+    for bad in (True, 1.0, "1", -1, 3, torch.tensor([1])):
+        with pytest.raises(ValueError, match=r"class: expected an int in \[0, 3\)"):
+            src.class_images(bad)
