@@ -24,12 +24,12 @@ def test_type_errors_are_input_errors():
 
 @pytest.mark.parametrize("value", [True, 1.0, "3", None, torch.tensor(3)])
 def test_counts_are_ints(value):
-    refused(InputTypeError, "^ipc: expected an int >= 1, got ", ac.positive_int, "ipc", value)
+    refused(InputTypeError, "^ipc: expected a positive int, got ", ac.positive_int, "ipc", value)
 
 
 def test_count_ranges_and_normalization():
     assert ac.positive_int("ipc", np.int64(7)) == 7 and type(ac.positive_int("ipc", np.int64(7))) is int
-    refused(InputError, r"^ipc: expected an int >= 1, got 0$", ac.positive_int, "ipc", 0)
+    refused(InputError, r"^ipc: expected a positive int, got 0$", ac.positive_int, "ipc", 0)
     refused(InputError, r"and <= 2\*\*62", ac.positive_int, "ipc", 2 ** 70)
     refused(InputError, r"^seed: expected an int in \[0, 2\*\*63 - 1\], got ", ac.seed, "seed", 2 ** 70)
     refused(InputError, r"^seed: .* got -1$", ac.seed, "seed", -1)
