@@ -26,7 +26,7 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
     argcheck.module("model", model)
     argcheck.images("images", images, finite=True)
     argcheck.labels("labels", labels, n=images.shape[0])
-    argcheck.positive_int("epochs", epochs)
+    argcheck.nonnegative_int("epochs", epochs)  # 0: the model untrained, in eval mode
     argcheck.positive_float("lr", lr)
     argcheck.positive_int("batch_size", batch_size)
     argcheck.optional(argcheck.instance, "augment", augment, DiffAugment, "None or a DiffAugment")

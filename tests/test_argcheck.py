@@ -106,11 +106,3 @@ def test_cli_reports_library_type_errors_on_one_line(monkeypatch, capsys):
     assert code == 2
     assert one_line(err) == "metadd-fast info: lr: expected a finite float > 0, got str"
 
-
-def test_cli_refuses_arch_for_sre2l(tmp_path, capsys):
-    from cli_helpers import one_line, run_main
-
-    code, err = run_main(["distill", "--method", "sre2l", "--arch", "LeNet", "--out", str(tmp_path / "o")], capsys)
-    assert code == 2
-    one_line(err, "--arch: has no effect with --method sre2l")
-    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
