@@ -91,10 +91,11 @@ def _bounds(low, high, low_open: bool = False, high_open: bool = False) -> str:
 
 
 def integer(name: str, value, low: Optional[int] = None, high: Optional[int] = None, *,
-            top: int = MAX_COUNT) -> int:
+            top: int = MAX_COUNT, expected: Optional[str] = None) -> int:
     """An int (Python or numpy integer, never a bool or a float) in [low, high]; never above
-    ``top`` (2**62: what an int64 index holds), which messages do not mention."""
-    expected = " ".join(filter(None, ("an int", _bounds(low, high))))
+    ``top`` (2**62: what an int64 index holds), which messages do not mention. ``expected``:
+    the message's wording of the range (default: from low and high)."""
+    expected = expected or " ".join(filter(None, ("an int", _bounds(low, high))))
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise type_error(name, expected, value)
     value = int(value)
@@ -104,8 +105,10 @@ def integer(name: str, value, low: Optional[int] = None, high: Optional[int] = N
 
 
 def positive_int(name: str, value, high: int = MAX_COUNT) -> int:
-    """A count: an int in [1, high]."""
-    return integer(name, value, 1, None if high >= MAX_COUNT else high, top=high)
+    """A count: an int in [1, high] ("a positive int", as the command line words it)."""
+    if high >= MAX_COUNT:
+        return integer(name, value, 1, None, top=high, expected="a positive int")
+    return integer(name, value, 1, high, top=high)
 
 
 def nonnegative_int(name: str, value, high: int = MAX_COUNT) -> int:

@@ -216,8 +216,6 @@ def check_distill(args) -> None:
                                             f"architectures), got {','.join(args.metadd_models)}")
     if args.robust_alpha is None and args.robust_weight != 1.0:
         raise flag_error("--robust-weight", "has no effect without --robust-alpha")
-    if args.method == "sre2l" and args.arch != "ConvNet":
-        raise flag_error("--arch", "has no effect with --method sre2l (it recovers through the teacher)")
     if args.classes_per_chunk is None and args.cvar_chunks != 1:
         raise flag_error("--cvar-chunks", "applies to the large-IPC engine only; add --classes-per-chunk")
     if args.classes_per_chunk is not None and args.zca:

@@ -684,7 +684,7 @@ def _training_entries() -> list:
         .arg("model", bad=[None, 3])
         .arg("images", bad=[tensor("int", 6, 1, 8, 8), tensor("randn", 6, 8, 8), tensor("nan", 6, 1, 8, 8), None])
         .arg("labels", bad=[labels(0, 1), tensor("randn", 6), None])
-        .arg("epochs", "count", good=[])
+        .arg("epochs", bad=[-1, True, 2.5, "3", None, 2 ** 70], good=[0])
         .arg("lr", "pfloat", good=[0.1], kind_good=False)
         .arg("batch_size", "count")
         .arg("augment", bad=["flip", 3], good=[None, Lazy(lambda: DiffAugment("flip"), "<DiffAugment>")])

@@ -27,9 +27,9 @@ def refused(kind, message, f, *args, **kw):
 
 
 def test_distiller_counts_and_floats(tiny):
-    refused(InputError, "batch_real: expected an int >= 1, got -1", DM, tiny, 2, batch_real=-1)
+    refused(InputError, "batch_real: expected a positive int, got -1", DM, tiny, 2, batch_real=-1)
     refused(InputError, "lr: expected a finite float > 0, got nan", DM, tiny, 2, lr=math.nan)
-    refused(InputTypeError, "ipc: expected an int >= 1, got bool", DM, tiny, True)
+    refused(InputTypeError, "ipc: expected a positive int, got bool", DM, tiny, True)
     refused(InputError, "seed: expected an int in [0, 2**63 - 1], got 1180591620717411303424", DM, tiny, 2,
             seed=2 ** 70)
     refused(InputError, "robust_alpha: expected a finite float in (0, 1], got 1.5", DM, tiny, 2, robust_alpha=1.5)
@@ -91,4 +91,4 @@ def test_engine_config_names_its_fields():
     refused(InputError, "seed: expected an int in [0, 2**63 - 1], got -1", EngineConfig(seed=-1).check, 1)
     refused(InputTypeError, "pin_memory: expected a bool, got int", EngineConfig(pin_memory=1).check, 1)
     refused(InputError, "robust_weight: has no effect without robust_alpha", EngineConfig(robust_weight=2.0).check, 1)
-    refused(InputError, "world: expected an int >= 1, got 0", EngineConfig().check, 0)
+    refused(InputError, "world: expected a positive int, got 0", EngineConfig().check, 0)

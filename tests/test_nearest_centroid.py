@@ -183,14 +183,16 @@ def test_kmeans_reseeds_empty_clusters_deterministically():
 
 
 @pytest.mark.parametrize("kw, exc, words", [
-    (dict(k=0), ValueError, "k: expected 1 <= k <= N = 20, got 0"),
-    (dict(k=21), ValueError, "k: expected 1 <= k <= N = 20, got 21"),
+    (dict(k=0), ValueError, "k: expected an int in [1, 20], got 0"),
+    (dict(k=21), ValueError, "k: expected an int in [1, 20], got 21"),
     (dict(k=2.0), TypeError, "k: expected an int"),
     (dict(k=2, iters=0), ValueError, "iters"),
     (dict(k=2, tol=-1.0), ValueError, "tol"),
     (dict(k=2, init="kmeans"), ValueError, "init"),
-    (dict(k=2, init=torch.zeros(3, 4)), ValueError, "init: expected centroids of shape (2, 4)"),
+    (dict(k=2, init=torch.zeros(3, 4)), ValueError, "init: expected a tensor of shape (2, 4), got shape (3, 4)"),
+    (dict(k=2, init=torch.full((2, 4), float("nan"))), ValueError, "init: expected finite values"),
     (dict(k=2, seed=1.5), TypeError, "seed"),
+    (dict(k=2, seed=2 ** 70), ValueError, "seed: expected an int in [0, 2**63 - 1]"),
 ])
 def test_kmeans_bad_inputs(kw, exc, words):
     with pytest.raises(exc, match=re.escape(words)):

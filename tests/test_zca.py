@@ -58,7 +58,7 @@ def test_bad_input():
         ZCA.fit(torch.zeros(4, 1, 2, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="images: expected finite values"):
         ZCA.fit(torch.full((4, 1, 2, 2), float("nan")))
-    with pytest.raises(ValueError, match="chunk: expected an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="chunk: expected a positive int, got 0"):
         ZCA.fit(torch.randn(4, 1, 2, 2), chunk=0)
     with pytest.raises(ValueError, match="at least 2 images"):
         ZCA.fit(torch.zeros(1, 1, 2, 2))
