@@ -16,11 +16,11 @@ from the page cache):
 - ``parallel``: the same source with ``--workers`` decode threads (default: the CPUs this
   process may use).
 
-Rows (images/s at the median and 80th-percentile round, the speedup over ``plain`` at the
-median, images per CPU-second of all threads, the load average before and after, the
-CPU model and count, Pillow's and libjpeg-turbo's versions) are appended to benchmarks/results/data_decode.csv. The index
-columns time listing the folder (names, sizes, mtimes): files per second, to extrapolate
-to ImageNet-1K's 1,281,167 train files.
+Rows (images/s at the median and the 80th-percentile (slower) round, the speedup over ``plain`` at the
+median, images per CPU-second of all threads, the load average before and after, the CPU
+model and count, Pillow's and libjpeg-turbo's versions) are appended to
+benchmarks/results/data_decode.csv. The index column times listing the folder (names,
+sizes, mtimes) in files per second, to extrapolate to ImageNet-1K's 1,281,167 train files.
 """
 from __future__ import annotations
 
@@ -140,23 +140,33 @@ def decode_rows(args, root: str) -> list:
     return rows
 
 
+def decode_part(args, root: str) -> None:
+    rows = decode_rows(args, root)
+    append_rows(args.decode_out, DECODE_FIELDS, rows)
+    print(f"appended {len(rows)} rows to {args.decode_out}")
+
+
+PARTS = {"decode": decode_part}  # name -> part(args, root): each writes its own rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="decode", help="comma-separated parts to run: decode")
+    p.add_argument("--parts", default="decode", help=f"comma-separated parts to run: {', '.join(PARTS)}")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--image", default="500x375", help="generated JPEG size, WIDTHxHEIGHT")
-    p.add_argument("--sizes", default="64,224", help="decode sizes (px), comma-separated")
-    p.add_argument("--workers", type=int, default=None, help="decode threads (default: the usable CPUs)")
-    p.add_argument("--reps", type=int, default=7, help="timed rounds (each decodes every image once per method)")
-    p.add_argument("--budget", type=float, default=120.0, help="seconds of timed rounds per size, at most")
     p.add_argument("--root", default=None, help="an existing ImageNet-layout folder (with train/) instead")
-    p.add_argument("--out", default=DECODE_OUT)
+    p.add_argument("--sizes", default="64,224", help="decode: sizes (px), comma-separated")
+    p.add_argument("--workers", type=int, default=None, help="decode: threads (default: the usable CPUs)")
+    p.add_argument("--reps", type=int, default=7, 
+                   help="decode: timed rounds (each decodes every image once per method)")
+    p.add_argument("--budget", type=float, default=120.0, help="decode: seconds of timed rounds per size, at most")
+    p.add_argument("--decode-out", default=DECODE_OUT, help="decode: the CSV its rows are appended to")
     args = p.parse_args(argv)
     args.image = tuple(int(v) for v in args.image.lower().split("x"))
     args.sizes = [int(v) for v in args.sizes.split(",")]
     parts = args.parts.split(",")
-    unknown = sorted(set(parts) - {"decode"})
+    unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         p.error(f"--parts: unknown part(s) {', '.join(unknown)}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -167,10 +177,8 @@ def main(argv=None) -> int:
             make_imagenet_folder(root, args.classes, args.per_class, size=args.image, seed=0)
             print(f"generated {args.classes * args.per_class} JPEGs of {args.image[0]}x{args.image[1]} "
                   f"in {time.perf_counter() - t0:.1f} s")
-        if "decode" in parts:
-            rows = decode_rows(args, root)
-            append_rows(args.out, DECODE_FIELDS, rows)
-            print(f"appended {len(rows)} rows to {args.out}")
+        for name in parts:
+            PARTS[name](args, root)
     return 0
 
 

@@ -323,7 +323,8 @@ def test_decode_benchmark_writes_its_rows(tmp_path):
     import data_scale
 
     out = tmp_path / "decode.csv"
-    argv = ["--classes", "2", "--per-class", "3", "--image", "40x30", "--sizes", "16", "--reps", "1", "--out", str(out)]
+    argv = ["--classes", "2", "--per-class", "3", "--image", "40x30", "--sizes", "16", "--reps", "1",
+            "--decode-out", str(out)]
     assert data_scale.main(argv) == 0 and data_scale.main(argv) == 0
     rows = list(csv.DictReader(open(out)))
     assert [r["method"] for r in rows] == ["plain", "draft_1_thread", "parallel"] * 2
