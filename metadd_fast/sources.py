@@ -144,7 +144,8 @@ class Source:
 
 class TensorSource(Source):
     """An in-memory :class:`~metadd_fast.data.Dataset` (already normalized) behind the interface;
-    ``class_images`` returns views of its rows, grouped by class once."""
+    ``class_images`` returns its rows of the class (a view, not a copy, when the labels are sorted:
+    do not write to it), grouped by class once."""
 
     def __init__(self, ds: Dataset):
         if not isinstance(ds, Dataset):
