@@ -142,7 +142,8 @@ class Source:
 
 class TensorSource(Source):
     """An in-memory :class:`~metadd_fast.data.Dataset` (already normalized) behind the interface;
-    ``class_images`` returns views of its rows, grouped by class once."""
+    ``class_images`` returns its rows of the class (a view, not a copy, when the labels are sorted:
+    do not write to it), grouped by class once."""
 
     def __init__(self, ds: Dataset):
         if not isinstance(ds, Dataset):
@@ -354,7 +355,7 @@ class ImageFolderSource(Source):
             raise ValueError(f"cache_bytes: expected an int >= 0, got {cache_bytes!r}")
         if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", split):
             raise ValueError(f"split: expected a plain name (it names the index file), got {split!r}")
-        stats = _check_stats(mean, std)
+        stats, size = _check_stats(mean, std), None if size is None else _check_size(size)
         self.root, self.split, self.fit = os.path.abspath(os.fspath(root)), split, fit
         self.workers, self.cache_bytes = workers or _workers(), cache_bytes
         self._pool, self._pool_pid, self._cache = None, None, collections.OrderedDict()
@@ -362,7 +363,7 @@ class ImageFolderSource(Source):
         self.name = os.path.basename(os.path.dirname(self.root)) if base in ("train", "val", "test") else base
         self.classes, self.files, self.reindexed = self._index(classes, index_dir)
         self.num_classes, self.counts = len(self.classes), [len(f) for f in self.files]
-        self.size = _check_size(size) if size is not None else self._first_size()
+        self.size = size or self._first_size()
         self.shape = (3, *self.size)
         if stats is not None:
             (self.mean, self.std), self.stats_from = stats, "given"
