@@ -157,8 +157,8 @@ def decode_rows(args, root: str) -> list:
 # ---- engine: time to the first step and peak RSS at 100 vs 1,000 classes -------------------
 
 ENGINE_OUT = os.path.join(HERE, "results", "data_scale_engine.csv")
-ENGINE_FIELDS = ["cpu", "cpus", "commit", "date", "run", "networks", "classes", "per_class", "images", "image", "size", "ipc",
-                 "iterations", "classes_per_chunk", "threads", "import_s", "index_s", "first_step_s", "total_s",
+ENGINE_FIELDS = ["cpu", "cpus", "commit", "date", "run", "networks", "classes", "per_class", "images", "image", "size",
+                 "ipc", "iterations", "classes_per_chunk", "threads", "import_s", "index_s", "first_step_s", "total_s",
                  "rss_first_step_MB", "peak_rss_MB", "loadavg_before", "loadavg_after"]
 
 # One chunked run in its own process (peak RSS is per process): argv = folder, out, config (JSON),
@@ -259,7 +259,8 @@ def engine_rows(args, tmp: str) -> list:
                     raise SystemExit(f"data_scale.py: {run} at {classes} classes failed:\n{done.stderr[-2000:]}")
                 m = json.loads(done.stdout.strip().splitlines()[-1])
                 nets = [spec.partition("=")[0] for spec in (cfg.get("teacher"), *cfg.get("metadd_models", ())) if spec]
-                row = dict(base, run=run, networks=" ".join(nets or [cfg["arch"]]), classes=classes, per_class=per_class, images=classes * per_class,
+                row = dict(base, run=run, networks=" ".join(nets or [cfg["arch"]]), classes=classes,
+                           per_class=per_class, images=classes * per_class,
                            loadavg_before=f"{load_before:.2f}", loadavg_after=f"{os.getloadavg()[0]:.2f}",
                            **{k: f"{v:.2f}" if k.endswith("_s") else f"{v:.0f}" for k, v in m.items()})
                 rows.append(row)
@@ -283,7 +284,8 @@ def engine_summary(rows: list) -> None:
         lo, hi = by[min(by)], by[max(by)]
         med = lambda rs, k: float(np.median([float(r[k]) for r in rs]))  # noqa: E731
         after = lambda rs: float(np.median([float(r["first_step_s"]) - float(r["import_s"]) for r in rs]))  # noqa
-        print(f"{run}: {max(by)} vs {min(by)} classes: peak RSS x{med(hi, 'peak_rss_MB') / med(lo, 'peak_rss_MB'):.3f}, "
+        rss = med(hi, "peak_rss_MB") / med(lo, "peak_rss_MB")
+        print(f"{run}: {max(by)} vs {min(by)} classes: peak RSS x{rss:.3f}, "
               f"first step after the imports {after(lo):.1f} -> {after(hi):.1f} s "
               f"(index {med(lo, 'index_s'):.1f} -> {med(hi, 'index_s'):.1f} s)")
 

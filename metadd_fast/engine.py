@@ -71,7 +71,7 @@ import json
 import math
 import os
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
