@@ -9,7 +9,7 @@ engine: ImageNet-layout folders of ``--scales`` (default 100 and 1,000 classes x
 500 x 375; ``--unique`` distinct generated files, hard-linked into every class folder), and
 two chunked runs on each (``--classes-per-chunk`` 10, IPC 1, ``--iterations`` per chunk,
 networks from state_dict files of random weights): ``sre2l+metadd`` (ConvNetBN teacher,
-MetaDD over ConvNetD1 and ConvNetD2; decodes no image) and ``dm+robust`` (DM through
+MetaDD over ConvNetD3 and ConvNetD4; decodes no image) and ``dm+robust`` (DM through
 ConvNetD2 with robust DD, alpha 0.5: every class is decoded, grouped and dropped). Each run
 is a fresh process (``--engine-reps`` of them): seconds to the imports, the index, the first
 image update and the end; peak RSS at the first update and at the end. Rows go to
@@ -164,8 +164,8 @@ def decode_rows(args, root: str) -> list:
 # ---- engine: time to the first step and peak RSS at 100 vs 1,000 classes -------------------
 
 ENGINE_OUT = os.path.join(HERE, "results", "data_scale_engine.csv")
-ENGINE_FIELDS = ["cpu", "cpus", "commit", "date", "run", "classes", "per_class", "images", "image", "size", "ipc",
-                 "iterations", "classes_per_chunk", "threads", "import_s", "index_s", "first_step_s", "total_s",
+ENGINE_FIELDS = ["cpu", "cpus", "commit", "date", "run", "networks", "classes", "per_class", "images", "image", "size",
+                 "ipc", "iterations", "classes_per_chunk", "threads", "import_s", "index_s", "first_step_s", "total_s",
                  "rss_first_step_MB", "peak_rss_MB", "loadavg_before", "loadavg_after"]
 
 # One chunked run in its own process (peak RSS is per process): argv = folder, out, config (JSON),
@@ -229,9 +229,9 @@ def engine_config(run: str, folder: str, classes: int, size: int, ipc: int, iter
         return f"{arch}={path}"
 
     common = dict(ipc=ipc, iterations=iterations, classes_per_chunk=per_chunk, batch_real=batch_real)
-    if run == "sre2l+metadd":
+    if run == "sre2l+metadd":  # networks whose heads stay small at 1,000 classes (as ResNet-18's 512 x 1,000)
         return dict(common, method="sre2l", teacher=weights("ConvNetBN"), metadd_weight=1.0,
-                    metadd_models=(weights("ConvNetD1"), weights("ConvNetD2")))
+                    metadd_models=(weights("ConvNetD3"), weights("ConvNetD4")))
     return dict(common, method="dm", arch="ConvNetD2", robust_alpha=0.5)
 
 
@@ -253,7 +253,7 @@ def engine_rows(args, tmp: str) -> list:
     for classes, per_class in args.scales:
         root = os.path.join(tmp, f"{classes}x{per_class}")
         train = linked_folder(root, unique, classes, per_class)
-        for run in ENGINE_RUNS:
+        for run in args.runs.split(","):
             cfg = engine_config(run, root, classes, args.engine_size, 1, args.iterations, args.classes_per_chunk,
                                 per_class)
             for rep in range(args.engine_reps):
@@ -265,7 +265,9 @@ def engine_rows(args, tmp: str) -> list:
                 if done.returncode:
                     raise SystemExit(f"data_scale.py: {run} at {classes} classes failed:\n{done.stderr[-2000:]}")
                 m = json.loads(done.stdout.strip().splitlines()[-1])
-                row = dict(base, run=run, classes=classes, per_class=per_class, images=classes * per_class,
+                nets = [spec.partition("=")[0] for spec in (cfg.get("teacher"), *cfg.get("metadd_models", ())) if spec]
+                row = dict(base, run=run, networks=" ".join(nets or [cfg["arch"]]), classes=classes,
+                           per_class=per_class, images=classes * per_class,
                            loadavg_before=f"{load_before:.2f}", loadavg_after=f"{os.getloadavg()[0]:.2f}",
                            **{k: f"{v:.2f}" if k.endswith("_s") else f"{v:.0f}" for k, v in m.items()})
                 rows.append(row)
@@ -288,8 +290,10 @@ def engine_summary(rows: list) -> None:
             continue
         lo, hi = by[min(by)], by[max(by)]
         med = lambda rs, k: float(np.median([float(r[k]) for r in rs]))  # noqa: E731
-        print(f"{run}: {max(by)} vs {min(by)} classes: peak RSS x{med(hi, 'peak_rss_MB') / med(lo, 'peak_rss_MB'):.3f}, "
-              f"first step x{med(hi, 'first_step_s') / med(lo, 'first_step_s'):.2f} "
+        after = lambda rs: float(np.median([float(r["first_step_s"]) - float(r["import_s"]) for r in rs]))  # noqa
+        rss = med(hi, "peak_rss_MB") / med(lo, "peak_rss_MB")
+        print(f"{run}: {max(by)} vs {min(by)} classes: peak RSS x{rss:.3f}, "
+              f"first step after the imports {after(lo):.1f} -> {after(hi):.1f} s "
               f"(index {med(lo, 'index_s'):.1f} -> {med(hi, 'index_s'):.1f} s)")
 
 
@@ -309,6 +313,7 @@ def main(argv=None) -> int:
     p.add_argument("--classes-per-chunk", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="engine: torch threads per run")
     p.add_argument("--engine-reps", type=int, default=2, help="engine: processes per scale and run")
+    p.add_argument("--runs", default=",".join(ENGINE_RUNS), help="engine: runs, comma-separated")
     p.add_argument("--engine-out", default=ENGINE_OUT)
     args = p.parse_args(argv)
     args.scales = [tuple(int(v) for v in x.lower().split("x")) for x in args.scales.split(",")]

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from . import argcheck
 from .errors import InputError
 
-__all__ = ["Dataset", "normalize_pixels", "denormalize", "load_digits", "with_inverted_minority", "load_cifar", "load_image_folder", "load",
+__all__ = ["Dataset", "normalize_pixels", "denormalize", "load_digits", "with_inverted_minority", "load_cifar",
+           "load_image_folder", "load",
            "class_batches"]
 
 _IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".gif", ".tif", ".tiff", ".webp")

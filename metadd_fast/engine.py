@@ -71,7 +71,7 @@ import json
 import math
 import os
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -553,14 +553,16 @@ def _run_chunked(cfg: EngineConfig, source, out: str, group, progress: bool) -> 
         result["group_sizes"] = torch.cat([torch.load(marker(i), weights_only=True)["group_sizes"]
                                            for i in range(len(chunks))])
         atomic_save({"group_sizes": result["group_sizes"]}, os.path.join(out, "groups.pt"))
-    _save_figures(cfg, source, nets, images, out)
+    _save_figures(cfg, source, nets, images, out, zca)
     return result
 
 
-def _save_figures(cfg: EngineConfig, source, nets: Networks, images: torch.Tensor, out: str) -> None:
-    """synthetic.png and, with MetaDD, cams.png (the first classes only)."""
+def _save_figures(cfg: EngineConfig, source, nets: Networks, images: torch.Tensor, out: str,
+                  zca: Optional[ZCA]) -> None:
+    """synthetic.png and, with MetaDD, cams.png (the first classes only; the networks see a ZCA
+    run's images whitened, as they were trained)."""
     save_synthetic_grid(os.path.join(out, "synthetic.png"), images, cfg.ipc, source.mean, source.std,
                         f"{cfg.method.upper()} on {source.name}, IPC {cfg.ipc}")
     if nets.metadd is not None:
         save_cams(os.path.join(out, "cams.png"), nets.metadd, images, cfg.ipc, source.mean, source.std,
-                  cfg.metadd_models)
+                  cfg.metadd_models, to_networks=zca.whiten if zca is not None else None)

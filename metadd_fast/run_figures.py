@@ -25,14 +25,16 @@ def save_synthetic_grid(path: str, images: torch.Tensor, ipc: int, mean, std, ti
 
 
 def save_cams(path: str, metadd: MetaDDLoss, images: torch.Tensor, ipc: int, mean, std, names,
-              classes: int = 6) -> None:
+              classes: int = 6, to_networks=None) -> None:
     """PNG: the first synthetic image of each of the first ``classes`` classes and its
-    normalized CAM under each MetaDD network (labels = class indices)."""
+    normalized CAM under each MetaDD network (labels = class indices). ``to_networks``: what
+    the networks see of an image, if not the image itself (a ZCA run's whitening)."""
     pick = torch.arange(min(classes, images.shape[0] // ipc)) * ipc
-    x = images[pick].float().to(next(metadd.models[0].parameters()).device)
-    y = pick.div(ipc, rounding_mode="floor").to(x.device)
-    out_size = metadd._prepare(x)
+    x = images[pick].float()
+    seen = (to_networks(x) if to_networks is not None else x).to(next(metadd.models[0].parameters()).device)
+    y = pick.div(ipc, rounding_mode="floor").to(seen.device)
+    out_size = metadd._prepare(seen)
     with torch.no_grad():
-        U = metadd.maps_no_grad(x, y, out_size, resolve(metadd.backend, x.device))
-    save_cam_figure(path, denormalize(x.cpu(), mean, std), U.view(U.shape[0], U.shape[1], *out_size), list(names),
+        U = metadd.maps_no_grad(seen, y, out_size, resolve(metadd.backend, seen.device))
+    save_cam_figure(path, denormalize(x, mean, std), U.view(U.shape[0], U.shape[1], *out_size), list(names),
                     "normalized CAM per architecture")

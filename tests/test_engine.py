@@ -69,6 +69,24 @@ def _worker(rank, world, port, out, cfg=CFG):
         dist.destroy_process_group()
 
 
+def _reading_worker(rank, world, port, out):
+    """A rank of a DM run that records the classes of every chunk it reads."""
+    from metadd_fast import engine
+
+    read, real = [], engine._chunk_real
+    engine._chunk_real = lambda source, classes, *a: read.append(list(classes)) or real(source, classes, *a)
+    _worker(rank, world, port, out)
+    with open(os.path.join(out, f"read_{rank}.json"), "w") as f:
+        json.dump(read, f)
+
+
+def test_each_rank_reads_only_its_own_chunks_classes(tmp_path):
+    out = str(tmp_path / "two")
+    mp.spawn(_reading_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    read = [json.load(open(os.path.join(out, f"read_{r}.json"))) for r in (0, 1)]
+    assert read == [[[0, 1], [4, 5]], [[2, 3]]]  # 6 classes in chunks of 2: rank r takes chunks r, r + 2
+
+
 def _single(cfg, out):
     torch.set_num_threads(1)
     try:
