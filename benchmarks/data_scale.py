@@ -304,6 +304,11 @@ def main(argv=None) -> int:
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--image", default="500x375", help="generated JPEG size, WIDTHxHEIGHT")
     p.add_argument("--root", default=None, help="an existing ImageNet-layout folder (with train/) instead")
+    p.add_argument("--sizes", default="64,224", help="decode: sizes (px), comma-separated")
+    p.add_argument("--workers", type=int, default=None, help="decode: threads (default: the usable CPUs)")
+    p.add_argument("--reps", type=int, default=7,
+                   help="decode: timed rounds (each decodes every image once per method)")
+    p.add_argument("--budget", type=float, default=120.0, help="decode: seconds of timed rounds per size, at most")
     p.add_argument("--decode-out", default=DECODE_OUT, help="decode: the CSV its rows are appended to")
     p.add_argument("--scales", default="100x20,1000x20",
                    help="engine: CLASSESxIMAGES_PER_CLASS folders, comma-separated (equal images per class)")
