@@ -342,8 +342,10 @@ def main(argv=None) -> int:
             make_imagenet_folder(root, args.classes, args.per_class, size=args.image, seed=0)
             print(f"generated {args.classes * args.per_class} JPEGs of {args.image[0]}x{args.image[1]} "
                   f"in {time.perf_counter() - t0:.1f} s")
-        for name in parts:
-            PARTS[name](args, root)
+        if "decode" in parts:
+            rows = decode_rows(args, root)
+            append_rows(args.decode_out, DECODE_FIELDS, rows)
+            print(f"appended {len(rows)} rows to {args.decode_out}")
     return 0
 
 
