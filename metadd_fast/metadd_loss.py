@@ -55,18 +55,20 @@ __all__ = ["MetaDDLoss"]
 
 @contextlib.contextmanager
 def _frozen(models):
-    """Eval mode and requires_grad off for the block; the previous state restored after."""
-    states = [(m.training, [p.requires_grad for p in m.parameters()]) for m in models]
+    """Eval mode and requires_grad off for the block; the previous state, each submodule's mode
+    and each parameter's flag, restored after."""
+    modes = [(sub, sub.training) for m in models for sub in m.modules()]
+    flags = [(p, p.requires_grad) for m in models for p in m.parameters()]
     for m in models:
         m.eval()
         m.requires_grad_(False)
     try:
         yield
     finally:
-        for m, (training, flags) in zip(models, states):
-            m.train(training)
-            for p, flag in zip(m.parameters(), flags):
-                p.requires_grad_(flag)
+        for sub, training in modes:
+            sub.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 class _FrozenNetworks(nn.ModuleList):
