@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DiffAugment", "DEFAULT_STRATEGY", "OPERATIONS"]
+from . import argcheck
+
+__all__ = ["DiffAugment", "DEFAULT_STRATEGY", "OPERATIONS", "check_strategy"]
 
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 BRIGHTNESS, SATURATION, CONTRAST = 1.0, 2.0, 0.5
@@ -107,19 +109,27 @@ def _rotate(x: Tensor, draw: Draw) -> Tensor:
 OPERATIONS = {"color": _color, "crop": _crop, "cutout": _cutout, "flip": _flip, "scale": _scale, "rotate": _rotate}
 
 
+def check_strategy(name: str, strategy) -> list:
+    """The operation names of ``strategy`` (names of ``OPERATIONS`` joined by "_"); InputError
+    naming ``name`` (e.g. "augment" for the callers that take a strategy) otherwise."""
+    expected = f"operation names joined by '_' from {', '.join(OPERATIONS)}"
+    argcheck.string(name, strategy, expected)
+    names = strategy.split("_")
+    unknown = [n for n in names if n not in OPERATIONS]
+    if unknown:
+        raise argcheck.InputError(f"{name}: expected {expected}, got {strategy!r} "
+                                  f"(unknown: {', '.join(map(repr, unknown))})")
+    return names
+
+
 class DiffAugment:
     """DSA on (B, C, H, W) floating images: ``aug(x, seed, siamese=True)``. strategy: operation
     names joined by "_" (``OPERATIONS``); mode: "S" (one operation per call, DSA's default)
     or "M" (all, in order)."""
 
     def __init__(self, strategy: str = DEFAULT_STRATEGY, mode: str = "S"):
-        names = [s for s in strategy.split("_") if s]
-        unknown = set(names) - set(OPERATIONS)
-        if unknown or not names:
-            raise ValueError(f"strategy: unknown transforms {sorted(unknown)} in {strategy!r}" if unknown
-                             else "strategy: expected at least one transform")
-        if mode not in ("S", "M"):
-            raise ValueError(f"mode: expected 'S' (one operation per call) or 'M' (all), got {mode!r}")
+        names = check_strategy("strategy", strategy)
+        argcheck.choice("mode", mode, ("S", "M"))
         self.names, self.mode = names, mode
 
     def __repr__(self) -> str:
@@ -127,16 +137,18 @@ class DiffAugment:
 
     def operations(self, seed: int) -> list:
         """The operation names a call with ``seed`` applies."""
+        seed = argcheck.seed("seed", seed)
         if self.mode == "M":
             return list(self.names)
-        g = torch.Generator().manual_seed(int(seed))
+        g = torch.Generator().manual_seed(seed)
         return [self.names[int(torch.randint(len(self.names), (1,), generator=g))]]
 
     def __call__(self, x: Tensor, seed: int, siamese: bool = True) -> Tensor:
-        if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-            raise ValueError(f"x: expected a floating (B, C, H, W) tensor, got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-        g = torch.Generator().manual_seed(int(seed))
+        """x (B, C, H, W) floating, B >= 1; seed an int in [0, 2**63); siamese a bool."""
+        argcheck.images("x", x)
+        seed = argcheck.seed("seed", seed)
+        argcheck.boolean("siamese", siamese)
+        g = torch.Generator().manual_seed(seed)
         names = self.operations(seed)
         if self.mode == "S":
             torch.randint(len(self.names), (1,), generator=g)  # the draw that chose the operation

@@ -207,6 +207,8 @@ def check_distill(args) -> None:
                                             f"architectures), got {','.join(args.metadd_models)}")
     if args.robust_alpha is None and args.robust_weight != 1.0:
         raise flag_error("--robust-weight", "has no effect without --robust-alpha")
+    if args.method == "sre2l" and args.arch != "ConvNet":
+        raise flag_error("--arch", "has no effect with --method sre2l (it recovers through the teacher)")
     if args.classes_per_chunk is None:
         for flag, given in (("--cvar-chunks", args.cvar_chunks != 1), ("--device", args.device is not None),
                             ("--pin-memory", args.pin_memory), ("--teacher", args.teacher is not None)):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import argcheck
 from .errors import InputError
 
 __all__ = ["Dataset", "load_digits", "with_inverted_minority", "load_cifar", "load_image_folder", "load",
@@ -77,15 +78,16 @@ def _normalized(name, pixels: torch.Tensor, labels, num_classes, mean=None, std=
 
 
 def _check_split(split: str) -> None:
-    if split not in ("train", "test"):
-        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    argcheck.choice("split", split, ("train", "test"))
+
+
+DIGITS_MAX_SIZE = 1024  # 1,797 float32 images of 1024 x 1024: 7.5 GB; the command line's --size bound too
 
 
 def load_digits(split: str = "train", size: int = 16) -> Dataset:
     """scikit-learn's digits, 1 channel, resized to size x size (bilinear); fixed 70/30 split."""
     _check_split(split)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-        raise ValueError(f"size: expected an int >= 8, got {size!r}")
+    argcheck.integer("size", size, 8, DIGITS_MAX_SIZE)
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()
@@ -109,9 +111,9 @@ def with_inverted_minority(ds: Dataset, share: float, seed: int = 0) -> tuple:
     """(dataset, minority (N,) bool): a copy of ``ds`` in which round(share * n_c) images of
     every class c, drawn with ``seed``, are inverted in pixel space (1 - pixel), then
     normalized with ``ds``'s own mean and std. ``ds`` is not modified."""
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
-        raise ValueError(f"share: expected a number in [0, 1], got {share!r}")
-    g = torch.Generator().manual_seed(seed)
+    argcheck.dataset("ds", ds)
+    argcheck.real("share", share, 0.0, 1.0)
+    g = torch.Generator().manual_seed(argcheck.seed("seed", seed))
     minority = torch.zeros(len(ds), dtype=torch.bool)
     for idx in class_batches(ds):
         minority[idx[torch.randperm(len(idx), generator=g)[: round(share * len(idx))]]] = True
@@ -185,9 +187,9 @@ def load_cifar(path: str, split: str = "train", name: str = "cifar10") -> Datase
     """CIFAR-10/100 from the python-version batches in ``path`` (folder or .tar.gz archive),
     read as data (no code in a batch file is run); InputError naming the file if one is
     missing, truncated, corrupt or out of range."""
+    argcheck.instance("path", path, (str, os.PathLike), "a folder or .tar.gz path")
     _check_split(split)
-    if name not in CIFAR_STATS:
-        raise ValueError(f"name: expected 'cifar10' or 'cifar100', got {name!r}")
+    argcheck.choice("name", name, tuple(CIFAR_STATS))
     if name == "cifar10":
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         key, num_classes = b"labels", 10
@@ -239,6 +241,8 @@ def load_image_folder(root: str, size=None) -> Dataset:
     resized to ``size`` (int or (H, W); default: the first image's size)."""
     from PIL import Image, UnidentifiedImageError
 
+    argcheck.instance("root", root, (str, os.PathLike), "a folder path")
+    size = argcheck.optional(argcheck.image_size, "size", size)
     if not os.path.isdir(root):
         raise InputError(f"root: {root} is not a folder")
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
@@ -250,7 +254,9 @@ def load_image_folder(root: str, size=None) -> Dataset:
             files += [(os.path.join(dirpath, n), label) for n in sorted(names) if n.lower().endswith(_IMAGE_EXT)]
     if not files:
         raise InputError(f"root: {root} has no images ({', '.join(_IMAGE_EXT)})")
-    size = (size, size) if isinstance(size, int) else size
+    if size is not None:  # the float32 result, refused by name before any image is decoded
+        argcheck.allocation("size", len(files) * 3 * size[0] * size[1] * 4, torch.device("cpu"),
+                            f"{len(files)} RGB images of {size[0]}x{size[1]} in float32")
     pixels = []
     for path, _ in files:
         try:
@@ -267,21 +273,29 @@ def load_image_folder(root: str, size=None) -> Dataset:
 
 def load(name: str, split: str = "train", *, path: str = None, size: int = None) -> Dataset:
     """A dataset by name: "digits" (embedded), "cifar10"/"cifar100" (``path`` to the
-    batches) or "folder" (``path`` to class sub-folders, e.g. <imagenet>/train)."""
+    batches) or "folder" (``path`` to class sub-folders, e.g. <imagenet>/train). ``size``: the
+    image side (digits: 16 by default; folder: the first image's size by default; CIFAR: None
+    or 32, its images are not resized)."""
+    argcheck.choice("name", name, ("digits", *CIFAR_STATS, "folder"))
+    _check_split(split)
     if name == "digits":
-        return load_digits(split, size or 16)
+        argcheck.no_effect("path", path, None, "for digits (they are embedded)")
+        return load_digits(split, 16 if size is None else size)
     if name in CIFAR_STATS:
         if path is None:
             raise InputError(f"path: {name} needs the folder or .tar.gz of its python-version batches")
+        if size is not None and not (argcheck.integer("size", size) == 32):
+            raise InputError(f"size: {name} images are 32x32 and are not resized; expected None or 32, got {size!r}")
         return load_cifar(path, split, name)
     if name == "folder":
         if path is None:
             raise InputError("path: the image-folder dataset needs its root folder")
+        argcheck.instance("path", path, (str, os.PathLike), "a folder path")
         return load_image_folder(os.path.join(path, split) if os.path.isdir(os.path.join(path, split)) else path,
                                  size)
-    raise ValueError(f"name: expected 'digits', 'cifar10', 'cifar100' or 'folder', got {name!r}")
 
 
 def class_batches(ds: Dataset) -> list:
     """Indices of each class's images: [tensor of indices for class 0, ...]."""
+    argcheck.instance("ds", ds, Dataset, "a Dataset")
     return [torch.nonzero(ds.labels == c).flatten() for c in range(ds.num_classes)]

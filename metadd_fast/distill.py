@@ -32,12 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .augment import DEFAULT_STRATEGY, DiffAugment
-from .ops.cvar import check_alpha, cvar
+from . import argcheck as ac
+from .augment import DEFAULT_STRATEGY, DiffAugment, check_strategy
+from .ops.cvar import cvar
 from .data import Dataset, class_batches
+from .errors import first_line
 from .ops.nearest_centroid import nearest_centroid
 from .metadd_loss import MetaDDLoss
-from .models import ConvNet, get_model
+from .models import MODELS, ConvNet, get_model
 
 __all__ = ["Distiller", "DM", "DC", "SRe2L", "DISTILLERS", "coverage_losses"]
 
@@ -73,18 +75,8 @@ class Distiller:
                  metadd_weight: float = 0.0, robust_alpha: Optional[float] = None, robust_weight: float = 1.0,
                  embedding: Optional[Embedding] = None, augment: Optional[str] = DEFAULT_STRATEGY, seed: int = 0,
                  device=None, label_offset: int = 0):
-        if isinstance(ipc, bool) or not isinstance(ipc, int) or ipc < 1:
-            raise ValueError(f"ipc: expected a positive int, got {ipc!r}")
-        if init not in ("real", "noise"):
-            raise ValueError(f"init: expected 'real' or 'noise', got {init!r}")
-        if robust_alpha is not None:
-            check_alpha(robust_alpha)
-        if isinstance(robust_weight, bool) or not isinstance(robust_weight, (int, float)) or not robust_weight > 0:
-            raise ValueError(f"robust_weight: expected a positive float, got {robust_weight!r}")
-        if embedding is not None and not callable(embedding):
-            raise TypeError(f"embedding: expected a callable images -> features, got {type(embedding).__name__}")
-        if metadd_weight and metadd is None:
-            raise ValueError("metadd: metadd_weight > 0 needs a MetaDDLoss")
+        self._check_args(real, ipc, lr, batch_real, arch, init, metadd, metadd_weight, robust_alpha, robust_weight,
+                         embedding, augment, seed, device, label_offset)
         self.real, self.ipc, self.arch, self.batch_real = real, ipc, arch, batch_real
         self.device = torch.device(device) if device is not None else real.images.device
         self.metadd, self.metadd_weight, self.robust_alpha = metadd, metadd_weight, robust_alpha
@@ -95,9 +87,6 @@ class Distiller:
         self.augment = DiffAugment(augment) if augment else None
         self.gen = torch.Generator().manual_seed(seed)
         self.by_class = class_batches(real)
-        short = [c for c, idx in enumerate(self.by_class) if len(idx) < (ipc if init == "real" else 1)]
-        if short:
-            raise ValueError(f"ipc: classes {short} have fewer than {ipc} real images")
         self.labels = torch.arange(real.num_classes).repeat_interleave(ipc).to(self.device)
         # The labels the teacher and the MetaDD networks see: the chunked engine gives each
         # distiller a chunk of classes, whose class 0 is class ``label_offset`` of those networks.
@@ -111,6 +100,46 @@ class Distiller:
         self.optimizer = self._optimizer(lr if lr is not None else self.default_lr)
         self.iteration = 0
         self._ctx: tuple = (-1, None)  # (iteration, that step's network, real batches and seeds)
+
+    # ---- argument checks (docs/api_checks.md) -----------------------------------------------
+
+    def _check_args(self, real, ipc, lr, batch_real, arch, init, metadd, metadd_weight, robust_alpha,
+                    robust_weight, embedding, augment, seed, device, label_offset) -> None:
+        ac.dataset("real", real)
+        ac.positive_int("ipc", ipc)
+        ac.optional(ac.positive_float, "lr", lr)
+        ac.positive_int("batch_real", batch_real)
+        ac.choice("arch", arch, tuple(MODELS))
+        ac.choice("init", init, ("real", "noise"))
+        ac.nonnegative_float("metadd_weight", metadd_weight)
+        if metadd is not None:
+            ac.instance("metadd", metadd, MetaDDLoss, "None or a MetaDDLoss")
+            if not metadd_weight:
+                raise ac.InputError("metadd: has no effect with metadd_weight=0; give metadd_weight > 0 or leave "
+                                    "metadd out")
+        elif metadd_weight:
+            raise ac.InputError("metadd: metadd_weight > 0 needs a MetaDDLoss")
+        ac.optional(ac.fraction, "robust_alpha", robust_alpha)
+        ac.positive_float("robust_weight", robust_weight)
+        if robust_alpha is None:
+            ac.no_effect("robust_weight", robust_weight, 1.0, "without robust_alpha")
+        if embedding is not None:
+            ac.function("embedding", embedding, "a callable images -> features")
+            if robust_alpha is None and not self.embedding_matches:
+                raise ac.InputError(f"embedding: has no effect without robust_alpha ({type(self).__name__} groups "
+                                    f"real images in it for robust DD only)")
+        if augment is not None:
+            check_strategy("augment", augment)
+        ac.seed("seed", seed)
+        ac.device("device", device)
+        ac.nonnegative_int("label_offset", label_offset)
+        counts = torch.bincount(real.labels.cpu(), minlength=real.num_classes)
+        short = (counts < (ipc if init == "real" else 1)).nonzero().flatten().tolist()
+        if short:
+            raise ac.InputError(f"ipc: classes {short[:10]}{'...' if len(short) > 10 else ''} of real have fewer "
+                                f"than {ipc if init == 'real' else 1} images")
+
+    embedding_matches = False  # whether the method's own loss runs in ``embedding`` too (DM), not only robust DD
 
     # ---- helpers ------------------------------------------------------------------------
 
@@ -205,14 +234,45 @@ class Distiller:
 
     # ---- resuming ---------------------------------------------------------------------------
 
+    state_keys = ("images", "optimizer", "iteration", "gen")
+
     def state_dict(self) -> dict:
         return {"images": self.images.detach().clone(), "optimizer": self.optimizer.state_dict(),
                 "iteration": self.iteration, "gen": self.gen.get_state()}
 
+    def _check_state(self, state) -> None:
+        """InputError naming ``state`` unless it is a :meth:`state_dict` of this distiller's kind,
+        classes, IPC and image shape: checked before anything is loaded."""
+        ac.instance("state", state, dict, f"a {type(self).__name__}.state_dict()")
+        if set(state) != set(self.state_keys):
+            raise ac.InputError(f"state: expected a {type(self).__name__}.state_dict() (keys "
+                                f"{', '.join(self.state_keys)}), got keys {', '.join(map(str, state)) or 'none'}")
+        images = state["images"]
+        ac.tensor("state['images']", images)
+        if images.shape != self.images.shape:
+            raise ac.InputError(f"state: images of shape {tuple(images.shape)}, expected {tuple(self.images.shape)} "
+                                f"({self.real.num_classes} classes x ipc {self.ipc}): a state of another run")
+        ac.nonnegative_int("state['iteration']", state["iteration"])
+        gen = self.gen.get_state()
+        ac.tensor("state['gen']", state["gen"], dtype=torch.uint8, shape=tuple(gen.shape))
+        opt = state["optimizer"]
+        own = self.optimizer.state_dict()
+        groups = opt.get("param_groups") if isinstance(opt, dict) else None
+        if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], dict) or \
+                set(groups[0]) != set(own["param_groups"][0]):
+            raise ac.InputError(f"state: optimizer state of another method; {type(self).__name__} uses "
+                                f"{type(self.optimizer).__name__}")
+
     def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`; InputError naming ``state`` if it is not one of this
+        distiller's (another method, IPC, class count or image shape)."""
+        self._check_state(state)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise ac.InputError(f"state: optimizer state does not fit ({first_line(err)})") from err
         with torch.no_grad():
             self.images.copy_(state["images"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = state["iteration"]
         self.gen.set_state(state["gen"])
         self._ctx = (-1, None)
@@ -229,6 +289,8 @@ class DM(Distiller):
     mean embedding. At alpha = 1 it is the mean over non-empty groups of their mean
     distance, a Lloyd (k-means) pull of every image toward its cell; it equals DM's loss plus
     a constant only at IPC 1 (one group per class)."""
+
+    embedding_matches = True
 
     def _new_context(self) -> dict:
         if self.embedding is not None:
@@ -291,6 +353,11 @@ class DC(Distiller):
 
     def __init__(self, real: Dataset, ipc: int, *, outer_loop: int = 10, inner_steps: int = 1,
                  lr_net: float = 0.01, **kw):
+        ac.positive_int("outer_loop", outer_loop)
+        ac.nonnegative_int("inner_steps", inner_steps)
+        ac.positive_float("lr_net", lr_net)
+        if not inner_steps:
+            ac.no_effect("lr_net", lr_net, 0.01, "with inner_steps=0 (the network is not trained)")
         super().__init__(real, ipc, **kw)
         self.outer_loop, self.inner_steps, self.lr_net = outer_loop, inner_steps, lr_net
         self.net: Optional[nn.Module] = None
@@ -337,19 +404,26 @@ class DC(Distiller):
             F.cross_entropy(self.net(self._aug(x, self._seed())), self.labels).backward()
             opt.step()
 
+    state_keys = Distiller.state_keys + ("net",)
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["net"] = None if self.net is None else {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        self._check_state(state)
+        net = None
+        if state.get("net") is not None:
+            net = get_model(self.arch, self.real.channel, self.real.num_classes, self.real.im_size).to(self.device)
+            try:
+                net.load_state_dict(state["net"])
+            except (RuntimeError, TypeError, AttributeError) as err:
+                raise ac.InputError(f"state: net does not fit {self.arch} for {self.real.num_classes} classes "
+                                    f"({first_line(err)})") from err
+            net.train()
         super().load_state_dict(state)
-        if state.get("net") is None:
-            self.net = None
-            return
-        self.net = get_model(self.arch, self.real.channel, self.real.num_classes, self.real.im_size).to(self.device)
-        self.net.load_state_dict(state["net"])
-        self.net.train()
+        self.net = net
 
 
 class SRe2L(Distiller):
@@ -364,14 +438,35 @@ class SRe2L(Distiller):
     default_lr = 0.05
 
     def __init__(self, real: Dataset, ipc: int, *, teacher: nn.Module, r_bn: float = 0.01, **kw):
+        ac.module("teacher", teacher)
         bns = [m for m in teacher.modules() if isinstance(m, nn.BatchNorm2d)]
         if not bns:
-            raise ValueError("teacher: SRe2L needs a network with BatchNorm2d layers")
+            raise ac.InputError("teacher: SRe2L needs a network with BatchNorm2d layers")
+        ac.nonnegative_float("r_bn", r_bn)
         super().__init__(real, ipc, **kw)
+        self._check_teacher(teacher)
         if self.robust_alpha is not None and self.embedding is None and not callable(getattr(teacher, "embed", None)):
-            raise ValueError(f"embedding: robust SRe2L groups real images in the teacher's embedding, and "
+            raise ac.InputError(f"embedding: robust SRe2L groups real images in the teacher's embedding, and "
                              f"{type(teacher).__name__} has no .embed; pass embedding= (images -> features)")
         self.teacher, self.r_bn, self.bns = teacher.eval().requires_grad_(False).to(self.device), r_bn, bns
+
+    def _check_teacher(self, teacher: nn.Module) -> None:
+        """The teacher runs on one real image (eval mode, no gradient) and has a logit for every
+        global label."""
+        was_training = teacher.training
+        teacher.to(self.device)
+        try:
+            with torch.no_grad():
+                logits = teacher.eval()(self.real.images[:1].to(self.device))
+        except (RuntimeError, ValueError, IndexError) as err:
+            raise ac.InputError(f"teacher: {type(teacher).__name__} does not run on the real images of shape "
+                                f"{tuple(self.real.images.shape[1:])} on {self.device} ({first_line(err)})") from err
+        finally:
+            teacher.train(was_training)
+        need = int(self.global_labels.max()) + 1
+        if logits.dim() != 2 or logits.shape[1] < need:
+            raise ac.InputError(f"teacher: expected (1, >= {need}) logits for labels up to {need - 1} "
+                                f"(label_offset {need - self.real.num_classes}), got shape {tuple(logits.shape)}")
 
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam([self.images], lr=lr, betas=(0.5, 0.9))

@@ -63,6 +63,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from . import argcheck
 from .ops.cvar import cvar
 from .data import Dataset
 from .distill import DISTILLERS
@@ -121,12 +122,21 @@ class EngineConfig:
         return self.robust_alpha is not None
 
     def check(self, world: int) -> None:
+        """ValueError/TypeError naming the field that is wrong, for a run over ``world`` ranks."""
+        argcheck.positive_int("world", world)
+        argcheck.seed("seed", self.seed)
+        argcheck.boolean("pin_memory", self.pin_memory)
+        argcheck.device("device", self.device)
+        if self.robust_alpha is None:
+            argcheck.no_effect("robust_weight", self.robust_weight, 1.0, "without robust_alpha")
+        if not isinstance(self.metadd_models, (tuple, list)) or not all(isinstance(m, str) for m in self.metadd_models):
+            raise argcheck.type_error("metadd_models", "a tuple of spec strings", self.metadd_models)
+        if self.teacher is not None:
+            argcheck.string("teacher", self.teacher, "None or a spec string")
         if self.method not in DISTILLERS:
             raise ValueError(f"method: expected one of {', '.join(DISTILLERS)}, got {self.method!r}")
         for name in ("ipc", "iterations", "classes_per_chunk", "batch_real", "cvar_chunks", "pretrain_epochs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+            argcheck.positive_int(name, getattr(self, name))
         if isinstance(self.metadd_weight, bool) or not isinstance(self.metadd_weight, (int, float)) or \
                 not 0 <= self.metadd_weight < math.inf:
             raise ValueError(f"metadd_weight: expected a finite float >= 0, got {self.metadd_weight!r}")

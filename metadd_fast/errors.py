@@ -1,6 +1,6 @@
-"""The two errors the command line reports on one line instead of a traceback.
+"""The errors the command line reports on one line instead of a traceback.
 
-Both are raised by the library itself (loaders, run folders, writers), so a program
+They are raised by the library itself (loaders, run folders, writers), so a program
 using the library can catch them the same way; any other exception is a bug and the
 command line shows its traceback.
 """
@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["InputError", "SaveError", "first_line", "load_failure"]
+__all__ = ["InputError", "InputTypeError", "SaveError", "first_line", "load_failure"]
 
 
 class InputError(ValueError):
     """Something a user supplied is wrong: a flag, a data file, a file in a run folder.
-    The message names it and says what was expected (the command line exits with 2)."""
+    The message names it and says what was expected (the command line exits with 2).
+    The one base of the library's argument errors (:mod:`metadd_fast.argcheck`)."""
+
+
+class InputTypeError(InputError, TypeError):
+    """An argument of the wrong type (a float where an int is needed, a bool for a count):
+    a TypeError for programs, and an :class:`InputError` so that ``except InputError`` and
+    the command line catch it like every other bad input."""
 
 
 class SaveError(OSError):

@@ -15,10 +15,12 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .augment import DEFAULT_STRATEGY, DiffAugment
+from . import argcheck
+from .errors import InputError
+from .augment import DEFAULT_STRATEGY, DiffAugment, check_strategy
 from .data import Dataset
 from .kmeans import kmeans
-from .models import get_model
+from .models import MODELS, get_model
 from .training import predict, train_model
 
 __all__ = ["test_clusters", "evaluate_synthetic", "format_table"]
@@ -26,6 +28,8 @@ __all__ = ["test_clusters", "evaluate_synthetic", "format_table"]
 
 def test_clusters(test: Dataset, k: int = 10, seed: int = 0) -> torch.Tensor:
     """Cluster id (N,) of every test image: k-means on the flattened pixels."""
+    argcheck.instance("test", test, Dataset, "a Dataset")
+    argcheck.positive_int("k", k)
     return kmeans(test.images.flatten(1), min(k, len(test)), seed=seed)[1]
 
 
@@ -41,10 +45,8 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test: Dataset
     images (N, C, H, W) float of the test set's C, H, W; labels (N,) int in [0, test.num_classes).
     archs: zoo names, or {name: factory(channel=, num_classes=, im_size=) -> nn.Module}."""
     _check_args(images, labels, test, archs, seeds, epochs)
+    _check_options(test, lr, batch_size, augment, clusters, minority, progress)
     clusters = test_clusters(test) if clusters is None else clusters
-    if minority is not None and (minority.dtype != torch.bool or tuple(minority.shape) != (len(test),)):
-        raise ValueError(f"minority: expected a bool mask of shape ({len(test)},), got {minority.dtype} "
-                         f"{tuple(minority.shape)}")
     factories = archs if isinstance(archs, Mapping) else {a: None for a in archs}
     aug = DiffAugment(augment) if augment else None
     out = {}
@@ -73,20 +75,42 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test: Dataset
     return out
 
 
+def _check_options(test: Dataset, lr, batch_size, augment, clusters, minority, progress) -> None:
+    argcheck.positive_float("lr", lr)
+    argcheck.positive_int("batch_size", batch_size)
+    if augment is not None:
+        check_strategy("augment", augment)
+    argcheck.boolean("progress", progress)
+    if clusters is not None:
+        argcheck.tensor("clusters", clusters, dtype="integer", shape=(len(test),))
+    if minority is not None:
+        argcheck.tensor("minority", minority, dtype=torch.bool, shape=(len(test),))
+
+
 def _check_args(images, labels, test: Dataset, archs, seeds, epochs) -> None:
-    for name, value in (("seeds", seeds), ("epochs", epochs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    if isinstance(archs, str) or len(archs) == 0:
-        raise ValueError(f"archs: expected a non-empty sequence of zoo network names, got {archs!r}")
+    argcheck.positive_int("seeds", seeds)
+    argcheck.positive_int("epochs", epochs)
+    argcheck.dataset("test", test)
+    expected = "a non-empty sequence of zoo network names or a mapping of factories"
+    if isinstance(archs, (str, bytes)) or not isinstance(archs, (Sequence, Mapping)):
+        raise argcheck.type_error("archs", expected, archs)
+    if len(archs) == 0:
+        raise argcheck.value_error("archs", expected, archs)
+    for a in archs:
+        if not isinstance(archs, Mapping):
+            argcheck.choice("archs", a, tuple(MODELS))
+        else:
+            argcheck.function(f"archs[{a!r}]", archs[a], "a factory(channel=, num_classes=, im_size=)")
+    argcheck.tensor("images", images, finite=True)
+    argcheck.tensor("labels", labels, dtype="any", nonempty=False)
     if images.dim() != 4 or tuple(images.shape[1:]) != tuple(test.images.shape[1:]):
-        raise ValueError(f"images: expected (N, {', '.join(map(str, test.images.shape[1:]))}) like the test set, "
+        raise InputError(f"images: expected (N, {', '.join(map(str, test.images.shape[1:]))}) like the test set, "
                          f"got {tuple(images.shape)}")
     if labels.shape != images.shape[:1] or labels.is_floating_point() or images.shape[0] == 0:
-        raise ValueError(f"labels: expected (N,) ints for N = {images.shape[0]} >= 1 images, got "
+        raise InputError(f"labels: expected (N,) ints for N = {images.shape[0]} >= 1 images, got "
                          f"{tuple(labels.shape)} {labels.dtype}")
     if int(labels.min()) < 0 or int(labels.max()) >= test.num_classes:
-        raise ValueError(f"labels: expected values in [0, {test.num_classes}), got {int(labels.min())}.."
+        raise InputError(f"labels: expected values in [0, {test.num_classes}), got {int(labels.min())}.."
                          f"{int(labels.max())}")
 
 

@@ -7,7 +7,9 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from . import argcheck
 from .ops import checks
+from .ops.backends import BACKENDS
 from .ops.nearest_centroid import nearest_centroid
 
 __all__ = ["kmeans"]
@@ -44,35 +46,31 @@ def kmeans(x: Tensor, k: int, *, iters: int = 50, init: Union[str, Tensor] = "k-
            tol: float = 1e-4, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means on the fused nearest-centroid kernel.
 
-    x: (N, D) floating; k in [1, N]. init: "k-means++", "random" (k distinct points) or a
+    x: (N, D) floating, finite; k in [1, N]. init: "k-means++", "random" (k distinct points) or a
     (k, D) tensor. Stops after ``iters`` iterations or when the squared centroid shift
     falls below ``tol`` times the mean per-feature variance of x. An empty cluster is
     re-seeded at the point farthest from its centroid (largest first, ties by lower
     index), deterministically. The same seed gives the same result.
     Returns (centroids (k, D) in x's dtype, index (N,) int64).
     """
-    checks.floating_tensor("x", x, "(rows, D)")
+    argcheck.tensor("x", x, shape=(None, None), finite=True)
     N = x.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k: expected an int, got {type(k).__name__}")
-    if not 1 <= k <= N:
-        raise ValueError(f"k: expected 1 <= k <= N = {N}, got {k}")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters: expected a positive int, got {iters!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"tol: expected a non-negative float, got {tol!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    k = argcheck.integer("k", k, 1, N)
+    argcheck.positive_int("iters", iters)
+    argcheck.nonnegative_float("tol", tol)
+    seed = argcheck.seed("seed", seed)
+    argcheck.choice("backend", backend, (None, *BACKENDS))
+    if isinstance(init, Tensor):
+        argcheck.tensor("init", init, shape=(k, x.shape[1]), finite=True)
+        checks.same_device([("x", x), ("init", init)])
+    else:
+        argcheck.choice("init", init, ("k-means++", "random"))
     gen = torch.Generator().manual_seed(seed)
     x = x.detach()
     with torch.no_grad():
         if isinstance(init, Tensor):
-            if tuple(init.shape) != (k, x.shape[1]):
-                raise ValueError(f"init: expected centroids of shape ({k}, {x.shape[1]}), got {tuple(init.shape)}")
-            checks.same_device([("x", x), ("init", init)])
             C = init.detach().to(x.dtype).clone()
         else:
-            checks.choice("init", init, ("k-means++", "random"))
             C = _kmeans_pp(x, k, gen, backend) if init == "k-means++" else x[torch.randperm(N, generator=gen)[:k]]
         threshold = tol * float(x.double().var(dim=0, unbiased=False).mean())
         for _ in range(iters):

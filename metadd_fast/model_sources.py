@@ -28,6 +28,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from . import argcheck
+from .errors import InputError, InputTypeError
 from .models import MODELS, get_model
 from .results import atomic_save
 from .training import train_model
@@ -51,28 +53,35 @@ class ModelSpec:
 
 
 def parse_spec(text: str, flag: str) -> ModelSpec:
-    """``[SOURCE:]ARCH[=PATH]`` -> ModelSpec; ValueError naming ``flag`` if malformed or unknown."""
+    """``[SOURCE:]ARCH[=PATH]`` -> ModelSpec; ValueError naming ``flag`` (the option or argument
+    the text came from, e.g. "--teacher") if malformed or unknown."""
+    argcheck.string("flag", flag, "the name of the option the spec came from, e.g. '--teacher'")
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{flag}: expected [SOURCE:]ARCH[=PATH], got {text!r}")
-    name, _, path = text.strip().partition("=")
+        raise InputError(f"{flag}: expected [SOURCE:]ARCH[=PATH], got {text!r}")
+    name, eq, path = text.strip().partition("=")
+    if eq and not path:
+        raise InputError(f"{flag}: no weights file after '=' in {text!r}")
     source, _, arch = name.rpartition(":")
     source = source or "zoo"
     if source not in SOURCES:
-        raise ValueError(f"{flag}: unknown source {source!r} in {text!r}; expected one of {', '.join(SOURCES)}")
+        raise InputError(f"{flag}: unknown source {source!r} in {text!r}; expected one of {', '.join(SOURCES)}")
     if not arch:
-        raise ValueError(f"{flag}: no network name in {text!r}")
+        raise InputError(f"{flag}: no network name in {text!r}")
     if source == "zoo" and arch not in MODELS:
-        raise ValueError(f"{flag}: unknown zoo network {arch!r}; expected one of {', '.join(MODELS)}")
+        raise InputError(f"{flag}: unknown zoo network {arch!r}; expected one of {', '.join(MODELS)}")
     if source != "zoo" and not path:
-        raise ValueError(f"{flag}: {source}:{arch} needs a local weights file ({source}:{arch}=PATH); "
+        raise InputError(f"{flag}: {source}:{arch} needs a local weights file ({source}:{arch}=PATH); "
                          f"nothing is downloaded")
     if path and not os.path.isfile(path):
-        raise ValueError(f"{flag}: {path}: no such file")
+        raise InputError(f"{flag}: {path}: no such file")
     return ModelSpec(source, arch, path or None)
 
 
 def parse_specs(text: str, flag: str) -> list:
     """Comma-separated specs -> [ModelSpec]."""
+    if not isinstance(text, str):
+        raise InputTypeError(f"{flag}: expected comma-separated [SOURCE:]ARCH[=PATH] specs, got "
+                                      f"{type(text).__name__}")
     return [parse_spec(part, flag) for part in text.split(",")]
 
 
@@ -87,10 +96,12 @@ def file_digest(path: str) -> str:
 
 def read_state_dict(path: str, flag: str) -> dict:
     """The state_dict in ``path``, read with weights_only=True; ValueError if it is none."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputTypeError(f"{flag}: expected a weights file path, got {type(path).__name__}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickled code, a corrupt or foreign file: all refused the same way
-        raise ValueError(f"{flag}: {path}: not a weights file torch.load(weights_only=True) reads "
+        raise InputError(f"{flag}: {path}: not a weights file torch.load(weights_only=True) reads "
                          f"({type(err).__name__})") from err
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
@@ -99,7 +110,7 @@ def read_state_dict(path: str, flag: str) -> dict:
                 break
     if not isinstance(obj, dict) or not obj or \
             not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise ValueError(f"{flag}: {path}: expected a state_dict (parameter names -> tensors), got "
+        raise InputError(f"{flag}: {path}: expected a state_dict (parameter names -> tensors), got "
                          f"{type(obj).__name__}")
     return obj
 
@@ -108,7 +119,7 @@ def _library_model(spec: ModelSpec, flag: str, num_classes: int) -> nn.Module:
     try:
         lib = importlib.import_module("torchvision.models" if spec.source == "torchvision" else "timm")
     except Exception as err:  # ImportError, or a torchvision built for another torch
-        raise ValueError(f"{flag}: {spec}: {spec.source} does not import here ({type(err).__name__}: {err}); "
+        raise InputError(f"{flag}: {spec}: {spec.source} does not import here ({type(err).__name__}: {err}); "
                          f"use a zoo network (e.g. ResNet18ImageNet=PATH takes torchvision resnet18 weights)") \
             from err
     try:
@@ -116,7 +127,7 @@ def _library_model(spec: ModelSpec, flag: str, num_classes: int) -> nn.Module:
             return lib.get_model(spec.arch, weights=None, num_classes=num_classes)
         return lib.create_model(spec.arch, pretrained=False, num_classes=num_classes)
     except Exception as err:  # unknown name or bad arguments, in the library's words
-        raise ValueError(f"{flag}: {spec}: {spec.source} cannot build {spec.arch!r} ({err})") from err
+        raise InputError(f"{flag}: {spec}: {spec.source} cannot build {spec.arch!r} ({err})") from err
 
 
 def _cached_zoo_model(net: nn.Module, train: Callable, cache: str, key: dict,
@@ -127,7 +138,7 @@ def _cached_zoo_model(net: nn.Module, train: Callable, cache: str, key: dict,
         try:
             saved = torch.load(cache, map_location="cpu", weights_only=True)
         except Exception as err:  # any read failure: a corrupt cache file
-            raise ValueError(f"{cache}: corrupt cached network ({type(err).__name__}); delete it to train "
+            raise InputError(f"{cache}: corrupt cached network ({type(err).__name__}); delete it to train "
                              f"the network again") from err
         if isinstance(saved, dict) and saved.get("key") == blob:
             net.load_state_dict(saved["state_dict"])
@@ -138,12 +149,32 @@ def _cached_zoo_model(net: nn.Module, train: Callable, cache: str, key: dict,
     return net
 
 
+def _train_data(train: Callable, channel: int, num_classes: int, im_size: tuple):
+    """``train()``, checked against the network it trains: InputError naming ``train`` otherwise."""
+    data = argcheck.dataset("train", train())
+    if data.channel != channel or tuple(data.im_size) != im_size or data.num_classes > num_classes:
+        raise InputError(f"train: real data of {data.channel}-channel {tuple(data.im_size)} images in "
+                                  f"{data.num_classes} classes do not fit a network for channel={channel}, "
+                                  f"im_size={im_size}, num_classes={num_classes}")
+    return data
+
+
 def load_model(spec: ModelSpec, flag: str, *, channel: int, num_classes: int, im_size, seed: int = 0,
                train: Optional[Callable] = None, cache: Optional[str] = None, epochs: int = 15,
                data_key: str = "") -> nn.Module:
     """The network of ``spec`` for (channel, im_size) images and ``num_classes`` classes, in eval
-    mode on the CPU. A zoo spec without a path is trained on ``train()`` and cached in ``cache``
-    (keyed by the spec, ``data_key``, ``epochs`` and ``seed``)."""
+    mode on the CPU. A zoo spec without a path is trained on ``train()`` (a Dataset of
+    ``channel``-channel ``im_size`` images with labels below ``num_classes``) and cached in
+    ``cache`` (keyed by the spec, ``data_key``, ``epochs`` and ``seed``)."""
+    argcheck.instance("spec", spec, ModelSpec, "a ModelSpec (see parse_spec)")
+    argcheck.positive_int("channel", channel)
+    argcheck.positive_int("num_classes", num_classes)
+    im_size = argcheck.image_size("im_size", im_size)
+    argcheck.seed("seed", seed)
+    argcheck.positive_int("epochs", epochs)
+    argcheck.optional(argcheck.function, "train", train, "None or a callable () -> Dataset")
+    argcheck.optional(argcheck.instance, "cache", cache, (str, os.PathLike), "None or a file path")
+    argcheck.instance("data_key", data_key, str, "a str")
     if spec.source == "zoo":
         torch.manual_seed(seed)
         net = get_model(spec.arch, channel, num_classes, im_size)
@@ -151,14 +182,15 @@ def load_model(spec: ModelSpec, flag: str, *, channel: int, num_classes: int, im
         net = _library_model(spec, flag, num_classes)
     if spec.path is None:
         if train is None or cache is None:
-            raise ValueError(f"{flag}: {spec} has no weights file and there is no real data to train it on")
+            raise InputError(f"{flag}: {spec} has no weights file and there is no real data to train it on")
         key = {"spec": str(spec), "data": data_key, "epochs": epochs, "seed": seed,
                "shape": [channel, num_classes, *im_size]}
-        return _cached_zoo_model(net, train, cache, key, epochs, seed).eval()
+        return _cached_zoo_model(net, lambda: _train_data(train, channel, num_classes, im_size), cache, key,
+                                 epochs, seed).eval()
     try:
         net.load_state_dict(read_state_dict(spec.path, flag))
     except RuntimeError as err:  # missing, unexpected or mis-shaped parameters
         first = str(err).strip().splitlines()
-        raise ValueError(f"{flag}: {spec.path} does not fit {spec} for {channel}-channel {tuple(im_size)} images "
+        raise InputError(f"{flag}: {spec.path} does not fit {spec} for {channel}-channel {tuple(im_size)} images "
                          f"and {num_classes} classes: {' '.join(first[:2])[:300]}") from err
     return net.eval()

@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import argcheck
+from .errors import InputError, first_line
+
 __all__ = ["ConvNet", "AlexNet", "VGG11", "ResNet18", "ResNet18_AP", "LeNet", "ResNet18ImageNet", "MobileNetV2",
            "MODELS", "get_model"]
 
@@ -326,7 +329,14 @@ MODELS = {
 
 
 def get_model(name: str, channel: int = 3, num_classes: int = 10, im_size=(32, 32)) -> nn.Module:
-    """A zoo model by name (``MODELS``), for ``channel``-channel images of ``im_size``."""
-    if name not in MODELS:
-        raise ValueError(f"name: expected one of {', '.join(MODELS)}, got {name!r}")
-    return MODELS[name](channel=channel, num_classes=num_classes, im_size=tuple(im_size))
+    """A zoo model by name (``MODELS``), for ``channel``-channel images of ``im_size`` (an int
+    side or (H, W)); InputError naming ``im_size`` where the network cannot take such images."""
+    argcheck.choice("name", name, tuple(MODELS))
+    argcheck.positive_int("channel", channel, 1 << 16)
+    argcheck.positive_int("num_classes", num_classes, 1 << 24)
+    im_size = argcheck.image_size("im_size", im_size)
+    try:
+        return MODELS[name](channel=channel, num_classes=num_classes, im_size=im_size)
+    except (RuntimeError, ValueError) as err:  # the network's probe of its flattened size fails
+        raise InputError(f"im_size: {name} cannot take {channel}-channel {im_size[0]}x{im_size[1]} images "
+                         f"({first_line(err)})") from err

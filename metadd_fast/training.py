@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import argcheck
 from .augment import DiffAugment
 
 __all__ = ["train_model", "predict", "accuracy"]
@@ -20,7 +21,18 @@ __all__ = ["train_model", "predict", "accuracy"]
 def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float = 0.01,
                 batch_size: int = 256, augment: Optional[DiffAugment] = None, seed: int = 0,
                 progress: bool = False, desc: str = "train") -> nn.Module:
-    """Train ``model`` in place on (images, labels); returns it in eval mode."""
+    """Train ``model`` in place on (images, labels); returns it in eval mode. images (N, C, H, W)
+    floating, finite; labels (N,) int (the model's classes); augment None or a DiffAugment."""
+    argcheck.module("model", model)
+    argcheck.images("images", images, finite=True)
+    argcheck.labels("labels", labels, n=images.shape[0])
+    argcheck.positive_int("epochs", epochs)
+    argcheck.positive_float("lr", lr)
+    argcheck.positive_int("batch_size", batch_size)
+    argcheck.optional(argcheck.instance, "augment", augment, DiffAugment, "None or a DiffAugment")
+    seed = argcheck.seed("seed", seed)
+    argcheck.boolean("progress", progress)
+    argcheck.string("desc", desc)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(1, epochs // 2)], gamma=0.1)
@@ -43,6 +55,9 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Predicted classes (N,) in eval mode (the model's mode is restored)."""
+    argcheck.module("model", model)
+    argcheck.images("images", images)
+    argcheck.positive_int("batch_size", batch_size)
     was_training = model.training
     model.eval()
     out = torch.cat([model(x).argmax(1) for x in images.split(batch_size)])

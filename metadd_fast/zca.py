@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import argcheck
+from .errors import InputError
 from .data import Dataset
 
 __all__ = ["ZCA", "MAX_FEATURES"]
@@ -21,12 +23,10 @@ __all__ = ["ZCA", "MAX_FEATURES"]
 MAX_FEATURES = 64 * 64 * 3  # a D x D float64 matrix: 1.2 GB at this size; larger images are refused
 
 
-def _check_images(name: str, x, features=None) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating (N, C, H, W) tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+def _check_images(name: str, x, features=None, finite: bool = False) -> None:
+    argcheck.images(name, x, finite=finite)
     if features is not None and x[0].numel() != features:
-        raise ValueError(f"{name}: expected images of {features} values (the fitted C*H*W), got "
+        raise InputError(f"{name}: expected images of {features} values (the fitted C*H*W), got "
                          f"{tuple(x.shape[1:])}")
 
 
@@ -39,15 +39,15 @@ class ZCA:
     @classmethod
     def fit(cls, images: Tensor, strength: float = 0.1, chunk: int = 4096) -> "ZCA":
         """Fit on ``images`` (N >= 2, C, H, W); strength > 0 scales the regulariser."""
-        _check_images("images", images)
+        _check_images("images", images, finite=True)
+        argcheck.positive_float("strength", strength)
+        argcheck.positive_int("chunk", chunk)
         if images.shape[0] < 2:
-            raise ValueError(f"images: expected at least 2 images to fit a covariance, got {images.shape[0]}")
+            raise InputError(f"images: expected at least 2 images to fit a covariance, got {images.shape[0]}")
         D = images[0].numel()
         if D > MAX_FEATURES:
-            raise ValueError(f"images: ZCA needs a {D} x {D} covariance; images of more than {MAX_FEATURES} "
+            raise InputError(f"images: ZCA needs a {D} x {D} covariance; images of more than {MAX_FEATURES} "
                              f"values (64x64x3) are refused")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not strength > 0:
-            raise ValueError(f"strength: expected a positive float, got {strength!r}")
         flat = images.reshape(images.shape[0], D)
         N = flat.shape[0]
         mean = sum(c.double().sum(0) for c in flat.split(chunk)) / N
@@ -60,7 +60,7 @@ class ZCA:
         s = s.clamp(min=0)
         lam = float(strength) * float(s.sum()) / D
         if lam <= 0:
-            raise ValueError("images: all images are equal (zero covariance); nothing to whiten")
+            raise InputError("images: all images are equal (zero covariance); nothing to whiten")
         whiten = (U * (s + lam).rsqrt()) @ U.T
         unwhiten = (U * (s + lam).sqrt()) @ U.T
         return cls(mean, whiten, unwhiten, float(strength))
@@ -82,6 +82,8 @@ class ZCA:
 
     def whiten_dataset(self, ds: Dataset, chunk: int = 4096) -> Dataset:
         """``ds`` with whitened images (float32), fitted mean/std kept for plotting after unwhiten."""
+        argcheck.dataset("ds", ds)
+        argcheck.positive_int("chunk", chunk)
         images = torch.cat([self.whiten(c) for c in ds.images.split(chunk)])
         return Dataset(ds.name + "+zca", images, ds.labels, ds.num_classes, ds.mean, ds.std)
 
@@ -91,4 +93,14 @@ class ZCA:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "ZCA":
+        """The ZCA of :meth:`state_dict`; InputError naming ``state`` if it is not one."""
+        argcheck.instance("state", state, dict, "a ZCA.state_dict()")
+        if set(state) != {"mean", "whiten", "unwhiten", "strength"}:
+            raise InputError(f"state: expected a ZCA.state_dict() (mean, whiten, unwhiten, strength), got "
+                                      f"keys {', '.join(map(str, state)) or 'none'}")
+        D = argcheck.tensor("state['mean']", state["mean"], shape=(None,)).shape[0]
+        argcheck.tensor("state['whiten']", state["whiten"], shape=(D, D))
+        argcheck.tensor("state['unwhiten']", state["unwhiten"], shape=(D, D))
+        argcheck.tensor("state['strength']", state["strength"], shape=())
+        argcheck.positive_float("state['strength']", float(state["strength"]))
         return cls(state["mean"], state["whiten"], state["unwhiten"], float(state["strength"]))

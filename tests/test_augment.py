@@ -77,9 +77,15 @@ def test_every_operation_is_differentiable(name):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="strategy: unknown transforms \\['blur'\\]"):
+    with pytest.raises(ValueError, match=r"strategy: expected operation names .* got 'color_blur' \(unknown: 'blur'\)"):
         DiffAugment("color_blur")
     with pytest.raises(ValueError, match="mode"):
         DiffAugment(mode="X")
-    with pytest.raises(ValueError, match="x: expected a floating"):
+    with pytest.raises(ValueError, match=r"x: expected a 4-D \(B, C, H, W\) tensor"):
         DiffAugment()(torch.zeros(2, 3, 4), 0)
+    with pytest.raises(TypeError, match="x: expected a floating tensor"):
+        DiffAugment()(torch.zeros(2, 3, 4, 4, dtype=torch.int64), 0)
+    with pytest.raises(ValueError, match=r"seed: expected an int in \[0, 2\*\*63 - 1\], got 1180591620717411303424"):
+        DiffAugment()(torch.zeros(2, 3, 4, 4), 2 ** 70)
+    with pytest.raises(TypeError, match="siamese: expected a bool, got int"):
+        DiffAugment()(torch.zeros(2, 3, 4, 4), 0, siamese=1)

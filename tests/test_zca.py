@@ -52,8 +52,14 @@ def test_whiten_is_differentiable():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="images: expected a floating \\(N, C, H, W\\)"):
+    with pytest.raises(ValueError, match="images: expected a 4-D \\(B, C, H, W\\) tensor, got shape \\(4, 12\\)"):
         ZCA.fit(torch.zeros(4, 12))
+    with pytest.raises(TypeError, match="images: expected a floating tensor"):
+        ZCA.fit(torch.zeros(4, 1, 2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="images: expected finite values"):
+        ZCA.fit(torch.full((4, 1, 2, 2), float("nan")))
+    with pytest.raises(ValueError, match="chunk: expected an int >= 1, got 0"):
+        ZCA.fit(torch.randn(4, 1, 2, 2), chunk=0)
     with pytest.raises(ValueError, match="at least 2 images"):
         ZCA.fit(torch.zeros(1, 1, 2, 2))
     with pytest.raises(ValueError, match="strength"):
@@ -64,6 +70,11 @@ def test_bad_input():
         ZCA.fit(torch.zeros(2, 3, 65, 64))
     with pytest.raises(ValueError, match="x: expected images of 12 values"):
         ZCA.fit(torch.randn(5, 2, 3, 2)).whiten(torch.randn(2, 1, 3, 3))
+    state = ZCA.fit(torch.randn(5, 2, 3, 2)).state_dict()
+    with pytest.raises(ValueError, match=r"state\['whiten'\]: expected a tensor of shape \(12, 12\)"):
+        ZCA.from_state_dict({**state, "whiten": torch.zeros(12)})
+    with pytest.raises(ValueError, match="state: expected a ZCA.state_dict"):
+        ZCA.from_state_dict({})
 
 
 def test_distill_run_with_zca_saves_unwhitened_images_and_the_transform(tmp_path):

@@ -1,7 +1,9 @@
 """Argument checks shared by the public ops (docs/ops.md section 6).
 
 Every check raises ``TypeError`` or ``ValueError`` naming the argument, what was
-expected and what was given, before any kernel runs.
+expected and what was given, before any kernel runs: the library's
+:class:`~metadd_fast.errors.InputTypeError` and :class:`~metadd_fast.errors.InputError`,
+so the command line and programs catch op errors like every other bad input.
 """
 from __future__ import annotations
 
@@ -12,45 +14,47 @@ from typing import Iterable, Sequence
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from ..errors import InputError, InputTypeError
+
 FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def tensor_list(name: str, value) -> list[torch.Tensor]:
     """``value`` as a list of tensors; TypeError unless it is a list or tuple of tensors."""
     if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)):
-        raise TypeError(f"{name}: expected a list or tuple of tensors, got {type(value).__name__}")
+        raise InputTypeError(f"{name}: expected a list or tuple of tensors, got {type(value).__name__}")
     for i, t in enumerate(value):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
+            raise InputTypeError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
     return list(value)
 
 
 def floating(name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOATING:
-        raise TypeError(f"{name}: expected a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}")
+        raise InputTypeError(f"{name}: expected a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}")
 
 
 def floating_tensor(name: str, t, layout: str, allow_empty: bool = False) -> None:
     """A floating tensor with the dimensions of ``layout``, e.g. "(B, C, H, W)"; non-empty
     unless ``allow_empty``."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+        raise InputTypeError(f"{name}: expected a tensor, got {type(t).__name__}")
     floating(name, t)
     ndim = layout.count(",") + (not layout.endswith(",)"))
     if t.dim() != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D {layout} tensor, got shape {tuple(t.shape)}")
+        raise InputError(f"{name}: expected a {ndim}-D {layout} tensor, got shape {tuple(t.shape)}")
     if not allow_empty:
         nonempty(name, t)
 
 
 def integer(name: str, t: torch.Tensor) -> None:
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")
+        raise InputTypeError(f"{name}: expected an integer tensor, got {t.dtype}")
 
 
 def nonempty(name: str, t: torch.Tensor) -> None:
     if t.numel() == 0:
-        raise ValueError(f"{name}: expected a non-empty tensor, got shape {tuple(t.shape)}")
+        raise InputError(f"{name}: expected a non-empty tensor, got shape {tuple(t.shape)}")
 
 
 def same_device(named: Iterable[tuple[str, torch.Tensor]]) -> torch.device:
@@ -60,13 +64,16 @@ def same_device(named: Iterable[tuple[str, torch.Tensor]]) -> torch.device:
     device = first.device
     for name, t in named[1:]:
         if t.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device} (like {first_name}), got {t.device}")
+            raise InputError(f"{name}: expected a tensor on {device} (like {first_name}), got {t.device}")
     return device
 
 
-def choice(name: str, value, choices: Sequence) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+def choice(name: str, value, choices: Sequence):
+    """``value`` if it is one of ``choices`` (compared by type and value, so a tensor or a
+    list is refused, not compared elementwise)."""
+    if not any(type(value) is type(c) and value == c for c in choices):
+        raise InputError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
 
 
 def index_range(name: str, t: torch.Tensor, upper: int) -> None:
@@ -76,7 +83,7 @@ def index_range(name: str, t: torch.Tensor, upper: int) -> None:
         return
     lo, hi = (int(v) for v in torch.aminmax(t))
     if lo < 0 or hi >= upper:
-        raise ValueError(f"{name}: expected values in [0, {upper}), got values in [{lo}, {hi}]")
+        raise InputError(f"{name}: expected values in [0, {upper}), got values in [{lo}, {hi}]")
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,4 +109,4 @@ def allocation(name: str, nbytes: int, device: torch.device, what: str) -> None:
         return
     limit = device_memory(torch.device(device))
     if nbytes > limit:
-        raise ValueError(f"{name}: {what} would need {nbytes} bytes, more than the {limit} bytes {device} can hold")
+        raise InputError(f"{name}: {what} would need {nbytes} bytes, more than the {limit} bytes {device} can hold")
