@@ -279,18 +279,18 @@ class MetaDDLoss(nn.Module):
                     except RuntimeError as err:  # the network's own forward refused the images
                         raise InputError(f"images: {t.name} cannot run on images of shape (C, H, W) = {key}: "
                                          f"{first_line(err)}") from err
-            self._map_sizes[key] = sizes
             if len({t.classes for t in self.targets}) > 1:
                 raise InputError("models: expected networks that score the same classes, got "
                                  + ", ".join(f"{t.classes} for {t.name}" for t in self.targets))
+            self._map_sizes[key] = sizes
         if self.out_size is not None:
             return self.out_size
         sizes = self._map_sizes[key]
         return max(h for h, _ in sizes), max(w for _, w in sizes)
 
     def _classes(self) -> int:
-        """Classes every network scores (labels index them): the fewest heads' rows or logits."""
-        return min(t.classes for t in self.targets)
+        """Classes the networks score (labels index them; all the same, checked by the probe)."""
+        return self.targets[0].classes
 
     def _graph_bytes(self, images: Tensor, labels: Tensor, out_size, backend: str) -> list:
         """Graph bytes per image of each model's pass with create_graph (as in :meth:`_variances`
