@@ -127,7 +127,7 @@ def _namespace() -> dict:
         net = get_model("ConvNetD1", 3, classes, (size, size))
         return ((net.embed(real).mean(0) - net.embed(x).mean(0)) ** 2).sum()
 
-    return dict(torch=torch, convnet=nets[0], resnet18=nets[1], vgg11=nets[2], alexnet=nets[3],
+    return dict(torch=torch, mf=mf, convnet=nets[0], resnet18=nets[1], vgg11=nets[2], alexnet=nets[3],
                 metadd=mf.MetaDDLoss(nets), image_syn=image_syn, label_syn=label_syn, inputs=image_syn,
                 targets=label_syn, lam=0.5, loss=torch.tensor(0.0), grand_loss=torch.tensor(0.0),
                 method_loss=method_loss, output_real=output_real, output_syn=output_syn, c=0, values=[],
