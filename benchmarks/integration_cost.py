@@ -19,6 +19,7 @@ machine:
 
     PYTHONPATH=$PWD python benchmarks/integration_cost.py            # the shapes above
     PYTHONPATH=$PWD python benchmarks/integration_cost.py --quick    # 1/8 of the real batches
+    PYTHONPATH=$PWD python benchmarks/integration_cost.py --weights 0.5   # starting weights
 """
 from __future__ import annotations
 
@@ -162,13 +163,30 @@ def _calls(builder, size: int) -> dict:
     return {"base": step(False), "+MetaDD": step(True)}
 
 
+def starting_weights(size_of, fraction: float, probes: int) -> None:
+    """Print each code base's starting MetaDD weight (:meth:`MetaDDLoss.starting_weight`): the
+    weight whose gradient on the initial synthetic images is ``fraction`` of the method's, the
+    method's gradient norm the mean over ``probes`` evaluations (DM draws a network each)."""
+    print(f"{'code base':18s} {'method |grad|':>14s} {'MetaDD |grad|':>14s} {'weight':>10s}  (fraction {fraction})")
+    for name, (builder, size) in LOOPS.items():
+        images, labels, _, base, classes = builder(size_of(size))
+        grads = [torch.autograd.grad(base(), images)[0] for _ in range(probes)]
+        w = _metadd(classes).starting_weight(images, labels, grads, fraction)
+        print(f"{name:18s} {w['method_grad_norm']:14.4g} {w['metadd_grad_norm']:14.4g} {w['weight']:10.3g}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1/8 of the real batches / unrolled steps")
     p.add_argument("--reps", type=int, default=5, help="timed steps per variant")
     p.add_argument("--only", default=None, help="comma-separated code bases (DC, DM, MTT, SRe2L)")
+    p.add_argument("--weights", type=float, default=None, metavar="FRACTION",
+                   help="print each code base's starting MetaDD weight for this fraction of its gradient instead")
     args = p.parse_args(argv)
     torch.manual_seed(0)
+    if args.weights is not None:
+        starting_weights(lambda size: max(1, size // 8) if args.quick else size, args.weights, probes=3)
+        return 0
     only = None if args.only is None else {s.strip().lower() for s in args.only.split(",")}
     print(f"threads: {torch.get_num_threads()}; MetaDD nets: {', '.join(METADD_NETS)}; quick: {args.quick}")
     print(f"{'code base':18s} {'base s/step':>22s} {'+MetaDD s/step':>22s} {'ratio':>6s} "

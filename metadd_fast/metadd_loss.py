@@ -42,9 +42,10 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import CAMTarget, cam_target
-from .errors import InputError, first_line
+from . import argcheck
+from .errors import InputError, InputTypeError, first_line
 from .ops import backends, checks
-from .ops.cam_args import NORMS, _out_size
+from .ops.cam_args import NORMS
 from .ops.cam_maps import cam_maps_of_parts
 from .ops.cvar import check_alpha, cvar
 from .ops.map_variance import map_variance
@@ -55,18 +56,20 @@ __all__ = ["MetaDDLoss"]
 
 @contextlib.contextmanager
 def _frozen(models):
-    """Eval mode and requires_grad off for the block; the previous state restored after."""
-    states = [(m.training, [p.requires_grad for p in m.parameters()]) for m in models]
+    """Eval mode and requires_grad off for the block; the previous state, each submodule's mode
+    and each parameter's flag, restored after."""
+    modes = [(sub, sub.training) for m in models for sub in m.modules()]
+    flags = [(p, p.requires_grad) for m in models for p in m.parameters()]
     for m in models:
         m.eval()
         m.requires_grad_(False)
     try:
         yield
     finally:
-        for m, (training, flags) in zip(models, states):
-            m.train(training)
-            for p, flag in zip(m.parameters(), flags):
-                p.requires_grad_(flag)
+        for sub, training in modes:
+            sub.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 class _FrozenNetworks(nn.ModuleList):
@@ -139,40 +142,34 @@ class MetaDDLoss(nn.Module):
                  backend: Optional[str] = None, save_networks: bool = False):
         super().__init__()
         if isinstance(models, (nn.Module, CAMTarget)) or not isinstance(models, (list, tuple)):
-            raise TypeError(f"models: expected a list of networks, got {type(models).__name__}")
+            raise InputTypeError(f"models: expected a list of networks, got {type(models).__name__}")
         if len(models) < 2:
-            raise ValueError(f"models: expected K >= 2 networks, got {len(models)}")
+            raise InputError(f"models: expected K >= 2 networks, got {len(models)}")
+        for k, m in enumerate(models):
+            argcheck.instance(f"models[{k}]", m, (nn.Module, CAMTarget), "an nn.Module or a CAMTarget")
         checks.choice("mode", mode, ("cam", "gradcam"))
         checks.choice("memory", memory, ("stream", "keep"))
         checks.choice("norm", norm, NORMS)
-        for name, flag in (("relu", relu), ("save_networks", save_networks)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-            raise InputError(f"eps: expected a finite float >= 0, got {eps!r}")
-        if out_size is not None:
-            out_size = _out_size(out_size, ())
+        argcheck.boolean("relu", relu)
+        argcheck.boolean("save_networks", save_networks)
+        eps = argcheck.nonnegative_float("eps", eps)
+        out_size = argcheck.optional(argcheck.image_size, "out_size", out_size)
         if alpha is not None:
             check_alpha(alpha)
-        elif groups is not None or num_groups is not None:
-            raise InputError(f"{'groups' if groups is not None else 'num_groups'}: a CVaR over groups needs alpha "
-                             f"(the tail fraction); got it with alpha=None")
-        if num_groups is not None and (isinstance(num_groups, bool) or not isinstance(num_groups, int)
-                                       or num_groups < 1):
-            raise InputError(f"num_groups: expected None or a positive int, got {num_groups!r}")
+        else:
+            for name, value in (("groups", groups), ("num_groups", num_groups)):
+                argcheck.no_effect(name, value, None, "without alpha (a CVaR over groups needs the tail fraction)")
+        num_groups = argcheck.optional(argcheck.positive_int, "num_groups", num_groups)
         if groups is not None:
-            if not isinstance(groups, Tensor):
-                raise TypeError(f"groups: expected None or an integer tensor, got {type(groups).__name__}")
+            argcheck.instance("groups", groups, Tensor, "None or an integer tensor")
             checks.integer("groups", groups)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size: expected None or a positive int, got {chunk_size!r}")
-        if memory_budget is not None:
-            if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
-                raise ValueError(f"memory_budget: expected None or a positive number of MB, got {memory_budget!r}")
-            if memory == "keep" or chunk_size is not None:
-                raise ValueError("memory_budget: sets the chunks of memory='stream'; give it without chunk_size "
-                                 "and without memory='keep'")
+        chunk_size = argcheck.optional(argcheck.positive_int, "chunk_size", chunk_size)
+        memory_budget = argcheck.optional(argcheck.positive_float, "memory_budget", memory_budget)
+        if memory == "keep":
+            argcheck.no_effect("chunk_size", chunk_size, None, "with memory='keep' (it sets stream mode's chunks)")
+            argcheck.no_effect("memory_budget", memory_budget, None, "with memory='keep' (it sets stream mode's chunks)")
+        elif chunk_size is not None:
+            argcheck.no_effect("memory_budget", memory_budget, None, "with chunk_size (which sets the chunks itself)")
         self.targets = [cam_target(m) for m in models]
         for k, t in enumerate(self.targets):  # probe errors and warnings name the network
             t.name = f"models[{k}] ({type(t.model).__name__})"
@@ -202,8 +199,7 @@ class MetaDDLoss(nn.Module):
         step, as DM and DC do). fraction: a positive float (0.5: the demo's). Returns {"weight",
         "fraction", "method_grad_norm", "metadd_grad_norm"}; ``images`` is left unchanged.
         """
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < math.inf:
-            raise InputError(f"fraction: expected a positive finite float, got {fraction!r}")
+        fraction = argcheck.positive_float("fraction", fraction)
         grads = method_grad if isinstance(method_grad, (list, tuple)) else [method_grad]
         if not grads:
             raise InputError("method_grad: expected a gradient, a norm or a list of them, got an empty list")
@@ -283,6 +279,9 @@ class MetaDDLoss(nn.Module):
                     except RuntimeError as err:  # the network's own forward refused the images
                         raise InputError(f"images: {t.name} cannot run on images of shape (C, H, W) = {key}: "
                                          f"{first_line(err)}") from err
+            if len({t.classes for t in self.targets}) > 1:
+                raise InputError("models: expected networks that score the same classes, got "
+                                 + ", ".join(f"{t.classes} for {t.name}" for t in self.targets))
             self._map_sizes[key] = sizes
         if self.out_size is not None:
             return self.out_size
@@ -290,8 +289,8 @@ class MetaDDLoss(nn.Module):
         return max(h for h, _ in sizes), max(w for _, w in sizes)
 
     def _classes(self) -> int:
-        """Classes every network scores (labels index them): the fewest heads' rows or logits."""
-        return min(t.classes for t in self.targets)
+        """Classes the networks score (labels index them; all the same, checked by the probe)."""
+        return self.targets[0].classes
 
     def _graph_bytes(self, images: Tensor, labels: Tensor, out_size, backend: str) -> list:
         """Graph bytes per image of each model's pass with create_graph (as in :meth:`_variances`
@@ -374,6 +373,8 @@ class MetaDDLoss(nn.Module):
         groups = self._check_call(images, labels, groups)
         backend = backends.resolve(self.backend, images.device)
         out_size = self._prepare(images)
+        K, B, P = len(self.targets), images.shape[0], out_size[0] * out_size[1]
+        checks.allocation("out_size", 2 * K * B * P * 8, images.device, f"CAM maps of {K} x {B} x {out_size} pixels")
         checks.index_range("labels", labels, self._classes())  # all of them, before any chunk runs
         together = self.alpha is None
         chunk = self._chunk(images, labels, out_size, backend, together) if self.memory == "stream" else None

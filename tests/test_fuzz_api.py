@@ -126,11 +126,6 @@ def _run(cases: list, workers: int, extra_env: dict) -> tuple:
     return dict(counts), failures, time.perf_counter() - start
 
 
-# MetaDDLoss's argument checks come with issue 27's branch; until it is merged its cases fail.
-# strict: the mark itself fails once they pass, so it cannot outlive the merge.
-PENDING = {"MetaDDLoss"}
-
-
 @pytest.fixture(scope="module")
 def fuzz():
     return run_fuzz()
@@ -143,15 +138,7 @@ def _report(failures) -> str:
 def test_fuzz_public_api(fuzz):
     counts, failures, seconds = fuzz
     assert sum(counts.values()) >= 300, counts
-    failures = [f for f in failures if f[1].split("[")[0] not in PENDING]
     assert not failures, f"{counts} in {seconds:.0f} s\n{_report(failures)}"
-
-
-@pytest.mark.xfail(strict=True, reason="MetaDDLoss's checks are issue 27's; remove PENDING and this mark on merge")
-def test_fuzz_pending_entry_points(fuzz):
-    counts, failures, seconds = fuzz
-    failures = [f for f in failures if f[1].split("[")[0] in PENDING]
-    assert not failures, _report(failures)
 
 
 def test_harness_counts_each_kind():

@@ -1,5 +1,9 @@
-"""docs/integration.md: a minimal loop of each public code base's shape, with the two added lines."""
+"""docs/integration.md: every Python snippet of the page runs, and a minimal loop of each public
+code base's shape, with the two added lines."""
 import math
+import os
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -97,3 +101,50 @@ def test_sre2l_loop_with_hard_targets(setup):
     loss = loss_ce + 0.01 * sum(p.abs().sum() for p in teacher.parameters()).detach()  # loss_ce + loss_aux
     loss = loss + 0.5 * metadd(inputs, targets)
     assert _update_moves(loss, optimizer, inputs)
+
+
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "integration.md")
+
+
+def _snippets() -> list:
+    with open(DOC) as f:
+        return re.findall(r"```python\n(.*?)```", f.read(), re.S)
+
+
+def _namespace() -> dict:
+    """The names the snippets use, at tiny sizes: the code bases' tensors, 4 MetaDD networks
+    (the zoo's ConvNet, ResNet18, VGG11, AlexNet at 32x32) and the loop's state (class c = 0)."""
+    torch.manual_seed(0)
+    classes, ipc, size = 3, 2, 32
+    nets = [get_model(n, 3, classes, (size, size)) for n in ("ConvNet", "ResNet18", "VGG11", "AlexNet")]
+    image_syn = torch.randn(classes * ipc, 3, size, size, requires_grad=True)
+    label_syn = torch.arange(classes).repeat_interleave(ipc)
+    embed_net = get_model("ConvNetD1", 3, classes, (size, size)).embed
+    real = torch.randn(8, 3, size, size)
+    output_real, output_syn = embed_net(real), embed_net(image_syn[:ipc])
+
+    def method_loss(x):  # DM's loss of one class with a fresh network
+        net = get_model("ConvNetD1", 3, classes, (size, size))
+        return ((net.embed(real).mean(0) - net.embed(x).mean(0)) ** 2).sum()
+
+    return dict(torch=torch, mf=mf, convnet=nets[0], resnet18=nets[1], vgg11=nets[2], alexnet=nets[3],
+                metadd=mf.MetaDDLoss(nets), image_syn=image_syn, label_syn=label_syn, inputs=image_syn,
+                targets=label_syn, lam=0.5, loss=torch.tensor(0.0), grand_loss=torch.tensor(0.0),
+                method_loss=method_loss, output_real=output_real, output_syn=output_syn, c=0, values=[],
+                group_ids=[], args=SimpleNamespace(ipc=ipc), num_classes=classes, alpha=0.5, robust_weight=1.0,
+                embed_net=embed_net, real_loader=[real[:5], real[5:]], per_sample_losses=torch.rand(8),
+                num_groups=classes * ipc)
+
+
+def test_every_snippet_of_the_guide_runs():
+    snippets = _snippets()
+    assert len(snippets) >= 8, "the guide's Python snippets"
+    for code in snippets:
+        ns = _namespace()
+        exec(compile(code, DOC, "exec"), ns)  # noqa: S102 (our own documentation)
+        for name in ("loss", "grand_loss"):  # a loss the snippet made differentiable reaches the images
+            if ns[name].requires_grad:
+                (g,) = torch.autograd.grad(ns[name], ns["image_syn"], allow_unused=True)
+                assert g is not None and g.abs().sum() > 0, code
+        if "lam = " in code:
+            assert 0 < ns["lam"] < math.inf, code

@@ -162,17 +162,21 @@ def test_torch_compile_of_the_loss(alpha):
     (dict(eps=math.nan), InputError, "eps: expected a finite float >= 0, got nan"),
     (dict(relu=1), TypeError, "relu: expected a bool, got int"),
     (dict(save_networks="yes"), TypeError, "save_networks: expected a bool"),
-    (dict(out_size=0), ValueError, "out_size: expected positive sizes, got (0, 0)"),
-    (dict(out_size=-3), ValueError, "out_size: expected positive sizes, got (-3, -3)"),
-    (dict(out_size=(4, 0)), ValueError, "out_size: expected positive sizes"),
-    (dict(groups=torch.zeros(5, dtype=torch.long)), InputError, "groups: a CVaR over groups needs alpha"),
-    (dict(num_groups=3), InputError, "num_groups: a CVaR over groups needs alpha"),
-    (dict(alpha=0.5, num_groups=0), InputError, "num_groups: expected None or a positive int"),
+    (dict(out_size=0), InputError, "out_size: expected an int or a pair (H, W) of ints in [1, 4096], got 0"),
+    (dict(out_size=-3), InputError, "out_size: expected an int or a pair (H, W) of ints in [1, 4096], got -3"),
+    (dict(out_size=(4, 0)), InputError, "out_size: expected an int or a pair (H, W) of ints"),
+    (dict(groups=torch.zeros(5, dtype=torch.long)), InputError, "groups: has no effect without alpha"),
+    (dict(num_groups=3), InputError, "num_groups: has no effect without alpha"),
+    (dict(alpha=0.5, num_groups=0), InputError, "num_groups: expected an int >= 1, got 0"),
     (dict(alpha=0.5, groups=torch.zeros(5)), TypeError, "groups: expected an integer tensor"),
+    (dict(chunk_size=2 ** 70), InputError, "chunk_size: expected an int >= 1"),
+    (dict(memory_budget=math.inf), InputError, "memory_budget: expected a finite float > 0"),
+    (dict(models=[3, 4]), TypeError, "models[0]: expected an nn.Module or a CAMTarget, got int"),
 ])
 def test_bad_constructor_arguments_are_named(kw, exc, words):
+    kw.setdefault("models", _nets())
     with pytest.raises(exc, match=re.escape(words)):
-        mf.MetaDDLoss(_nets(), **kw)
+        mf.MetaDDLoss(**kw)
 
 
 def test_bad_call_arguments_are_named():
@@ -188,6 +192,9 @@ def test_bad_call_arguments_are_named():
         fn(x[:, :, :4, :4], y)
     with pytest.raises(ValueError, match=re.escape("labels: expected a tensor on cpu (like images), got meta")):
         fn(x, y.to("meta"))
+    with pytest.raises(InputError, match=re.escape("models: expected networks that score the same classes, got 10 "
+                                                   "for models[0] (ConvNet), 3 for models[1] (LeNet)")):
+        mf.MetaDDLoss([_nets()[0], _nets(classes=3)[1]])(x, y % 3)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(chunk_size=1), dict(memory="keep"), dict(mode="gradcam", chunk_size=2)])

@@ -234,10 +234,11 @@ def test_bf16_autocast_on_cpu():
     (dict(memory="disk"), ValueError, "memory"),
     (dict(alpha=0.0), ValueError, "alpha"),
     (dict(chunk_size=0), ValueError, "chunk_size"),
-    (dict(memory_budget=0), ValueError, "memory_budget: expected None or a positive number"),
-    (dict(memory_budget=True), ValueError, "memory_budget: expected None or a positive number"),
-    (dict(memory_budget=100, memory="keep"), ValueError, "memory_budget: sets the chunks of memory='stream'"),
-    (dict(memory_budget=100, chunk_size=4), ValueError, "memory_budget: sets the chunks of memory='stream'"),
+    (dict(memory_budget=0), ValueError, "memory_budget: expected a finite float > 0"),
+    (dict(memory_budget=True), TypeError, "memory_budget: expected a finite float > 0"),
+    (dict(memory_budget=100, memory="keep"), ValueError, "memory_budget: has no effect with memory='keep'"),
+    (dict(memory_budget=100, chunk_size=4), ValueError, "memory_budget: has no effect with chunk_size"),
+    (dict(chunk_size=4, memory="keep"), ValueError, "chunk_size: has no effect with memory='keep'"),
     (dict(norm="l1"), ValueError, "norm"),
 ])
 def test_bad_constructor_arguments(kw, exc, words):
