@@ -37,6 +37,7 @@ import concurrent.futures
 import hashlib
 import json
 import math
+import operator
 import os
 import pathlib
 import re
@@ -115,12 +116,14 @@ class Source:
 
     # -- helpers ---------------------------------------------------------------------------
     def _check_class(self, c) -> int:
-        if isinstance(c, bool) or not isinstance(c, int) and not (isinstance(c, torch.Tensor) and c.ndim == 0):
+        try:
+            odd = isinstance(c, bool) or isinstance(c, torch.Tensor) and c.ndim != 0
+            k = None if odd else operator.index(c)  # int, numpy integer, 0-d integer tensor
+        except TypeError:
+            k = None
+        if k is None or not 0 <= k < self.num_classes:
             raise ValueError(f"class: expected an int in [0, {self.num_classes}), got {c!r}")
-        c = int(c)
-        if not 0 <= c < self.num_classes:
-            raise ValueError(f"class: expected an int in [0, {self.num_classes}), got {c}")
-        return c
+        return k
 
     def _classes(self, classes) -> list:
         return list(range(self.num_classes)) if classes is None else [self._check_class(c) for c in classes]
@@ -139,7 +142,8 @@ class Source:
 
 class TensorSource(Source):
     """An in-memory :class:`~metadd_fast.data.Dataset` (already normalized) behind the interface;
-    ``class_images`` returns views of its rows, grouped by class once."""
+    ``class_images`` returns its rows of the class (a view, not a copy, when the labels are sorted:
+    do not write to it), grouped by class once."""
 
     def __init__(self, ds: Dataset):
         if not isinstance(ds, Dataset):
@@ -351,7 +355,7 @@ class ImageFolderSource(Source):
             raise ValueError(f"cache_bytes: expected an int >= 0, got {cache_bytes!r}")
         if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", split):
             raise ValueError(f"split: expected a plain name (it names the index file), got {split!r}")
-        stats = _check_stats(mean, std)
+        stats, size = _check_stats(mean, std), None if size is None else _check_size(size)
         self.root, self.split, self.fit = os.path.abspath(os.fspath(root)), split, fit
         self.workers, self.cache_bytes = workers or _workers(), cache_bytes
         self._pool, self._pool_pid, self._cache = None, None, collections.OrderedDict()
@@ -359,7 +363,7 @@ class ImageFolderSource(Source):
         self.name = os.path.basename(os.path.dirname(self.root)) if base in ("train", "val", "test") else base
         self.classes, self.files, self.reindexed = self._index(classes, index_dir)
         self.num_classes, self.counts = len(self.classes), [len(f) for f in self.files]
-        self.size = _check_size(size) if size is not None else self._first_size()
+        self.size = size or self._first_size()
         self.shape = (3, *self.size)
         if stats is not None:
             (self.mean, self.std), self.stats_from = stats, "given"

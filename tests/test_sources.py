@@ -327,8 +327,30 @@ def test_decode_benchmark_writes_its_rows(tmp_path):
     import data_scale
 
     out = tmp_path / "decode.csv"
-    argv = ["--classes", "2", "--per-class", "3", "--image", "40x30", "--sizes", "16", "--reps", "1", "--out", str(out)]
+    argv = ["--classes", "2", "--per-class", "3", "--image", "40x30", "--sizes", "16", "--reps", "1",
+            "--decode-out", str(out)]
     assert data_scale.main(argv) == 0 and data_scale.main(argv) == 0
     rows = list(csv.DictReader(open(out)))
     assert [r["method"] for r in rows] == ["plain", "draft_1_thread", "parallel"] * 2
     assert all(r["images"] == "6" and r["size"] == "16" and float(r["images_per_s_p50"]) > 0 for r in rows)
+
+
+def test_class_indices_are_checked():
+    src = RandomSource(3, 2, (1, 2, 2))
+    assert torch.equal(src(np.int64(2)), src(2)) and torch.equal(src(torch.tensor(1)), src(1))
+    for bad in (True, 1.0, "1", -1, 3, torch.tensor([1])):
+        with pytest.raises(ValueError, match=r"class: expected an int in \[0, 3\)"):
+            src.class_images(bad)
+
+
+def test_folder_arguments_are_checked_before_anything_is_written(imagenet, tmp_path):
+    train, run = str(imagenet / "train"), tmp_path / "run"
+    for kw, match in (({"size": 0}, "size"), ({"size": (8,)}, "size"), ({"fit": "pad"}, "fit"),
+                      ({"workers": 0}, "workers"), ({"cache_bytes": -1}, "cache_bytes"),
+                      ({"split": "../x"}, "split"), ({"mean": (0.5,) * 3}, "mean, std"),
+                      ({"mean": (0.5,) * 3, "std": (0.0,) * 3}, "mean, std")):
+        with pytest.raises(ValueError, match=match):
+            ImageFolderSource(train, **{"size": 8, **kw}, index_dir=str(run))
+    assert not run.exists()
+    with pytest.raises(InputError, match="is not a folder"):
+        ImageFolderSource(str(tmp_path / "nothing"), 8)
