@@ -3,12 +3,12 @@ the chunked engine costs at 100 vs 1,000 classes (``--parts engine``).
 
     python benchmarks/data_scale.py                          # 10 classes x 50 JPEGs of 500 x 375, 64 and 224 px
     python benchmarks/data_scale.py --per-class 100 --sizes 64,128,224 --workers 2
-    python benchmarks/data_scale.py --parts engine           # 100 x 20 and 1,000 x 20 JPEGs, 64 px
+    python benchmarks/data_scale.py --parts engine           # 100 and 1,000 classes x 10 JPEGs, 32 px
 
-engine: ImageNet-layout folders of ``--scales`` (default 100 and 1,000 classes x 20 JPEGs of
+engine: ImageNet-layout folders of ``--scales`` (default 100 and 1,000 classes x 10 JPEGs of
 500 x 375; ``--unique`` distinct generated files, hard-linked into every class folder), and
-two chunked runs on each (``--classes-per-chunk`` 10, IPC 1, ``--iterations`` per chunk,
-networks from state_dict files of random weights): ``sre2l+metadd`` (ConvNetBN teacher,
+two chunked runs on each (``--classes-per-chunk`` 20, IPC 1, ``--engine-size`` 32 px,
+``--iterations`` per chunk, networks from state_dict files of random weights): ``sre2l+metadd`` (ConvNetBN teacher,
 MetaDD over ConvNetD3 and ConvNetD4; decodes no image) and ``dm+robust`` (DM through
 ConvNetD2 with robust DD, alpha 0.5: every class is decoded, grouped and dropped). Each run
 is a fresh process (``--engine-reps`` of them): seconds to the imports, the index, the first
@@ -297,25 +297,42 @@ def engine_summary(rows: list) -> None:
               f"(index {med(lo, 'index_s'):.1f} -> {med(hi, 'index_s'):.1f} s)")
 
 
+def engine_part(args, root) -> None:
+    """The engine part (``root`` unused: it makes its own folders at ``--scales``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = engine_rows(args, tmp)
+    engine_summary(rows)
+    print(f"appended {len(rows)} rows to {args.engine_out}")
+
+
+def decode_part(args, root: str) -> None:
+    rows = decode_rows(args, root)
+    append_rows(args.decode_out, DECODE_FIELDS, rows)
+    print(f"appended {len(rows)} rows to {args.decode_out}")
+
+
+PARTS = {"decode": decode_part, "engine": engine_part}  # name -> part(args, root): each writes its own rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="decode", help="comma-separated parts to run: decode, engine")
+    p.add_argument("--parts", default="decode", help=f"comma-separated parts to run: {', '.join(PARTS)}")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--image", default="500x375", help="generated JPEG size, WIDTHxHEIGHT")
     p.add_argument("--root", default=None, help="an existing ImageNet-layout folder (with train/) instead")
     p.add_argument("--sizes", default="64,224", help="decode: sizes (px), comma-separated")
     p.add_argument("--workers", type=int, default=None, help="decode: threads (default: the usable CPUs)")
-    p.add_argument("--reps", type=int, default=7,
+    p.add_argument("--reps", type=int, default=7, 
                    help="decode: timed rounds (each decodes every image once per method)")
     p.add_argument("--budget", type=float, default=120.0, help="decode: seconds of timed rounds per size, at most")
     p.add_argument("--decode-out", default=DECODE_OUT, help="decode: the CSV its rows are appended to")
-    p.add_argument("--scales", default="100x20,1000x20",
+    p.add_argument("--scales", default="100x10,1000x10",
                    help="engine: CLASSESxIMAGES_PER_CLASS folders, comma-separated (equal images per class)")
     p.add_argument("--unique", type=int, default=200, help="engine: distinct JPEGs generated (then hard-linked)")
-    p.add_argument("--engine-size", type=int, default=64, help="engine: decode size (px)")
+    p.add_argument("--engine-size", type=int, default=32, help="engine: decode size (px)")
     p.add_argument("--iterations", type=int, default=1, help="engine: steps per chunk")
-    p.add_argument("--classes-per-chunk", type=int, default=10)
+    p.add_argument("--classes-per-chunk", type=int, default=20)
     p.add_argument("--threads", type=int, default=1, help="engine: torch threads per run")
     p.add_argument("--engine-reps", type=int, default=2, help="engine: processes per scale and run")
     p.add_argument("--runs", default=",".join(ENGINE_RUNS), help="engine: runs, comma-separated")
@@ -325,27 +342,19 @@ def main(argv=None) -> int:
     args.image = tuple(int(v) for v in args.image.lower().split("x"))
     args.sizes = [int(v) for v in args.sizes.split(",")]
     parts = args.parts.split(",")
-    unknown = sorted(set(parts) - {"decode", "engine"})
+    unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         p.error(f"--parts: unknown part(s) {', '.join(unknown)}")
     with tempfile.TemporaryDirectory() as tmp:
-        if "engine" in parts:
-            rows = engine_rows(args, tmp)
-            engine_summary(rows)
-            print(f"appended {len(rows)} rows to {args.engine_out}")
-            if parts == ["engine"]:
-                return 0
         root = args.root
-        if root is None:
+        if root is None and "decode" in parts:
             root = os.path.join(tmp, "imagenet")
             t0 = time.perf_counter()
             make_imagenet_folder(root, args.classes, args.per_class, size=args.image, seed=0)
             print(f"generated {args.classes * args.per_class} JPEGs of {args.image[0]}x{args.image[1]} "
                   f"in {time.perf_counter() - t0:.1f} s")
-        if "decode" in parts:
-            rows = decode_rows(args, root)
-            append_rows(args.decode_out, DECODE_FIELDS, rows)
-            print(f"appended {len(rows)} rows to {args.decode_out}")
+        for name in parts:
+            PARTS[name](args, root)
     return 0
 
 
