@@ -35,7 +35,7 @@ def run_demo(out: str = "demo_out", cfg: Optional[StudyConfig] = None, *, progre
     settings, then synthetic_<variant>.png (seed 0) and demo_cam_regions.png. Returns the report."""
     cfg = cfg or demo_config()
     report = run_study(out, cfg, progress=progress, title="demo")
-    train, val, _, _ = load_task(cfg)
+    train, val = load_task(cfg)[:2]
     metadd_nets, _, _ = _pretrained(cfg, train, val, out, progress=False)
     metadd = MetaDDLoss(metadd_nets)
     sets = {v: load_synthetic(cell_path(out, v, 0, "pt")) for v in cfg.variants}

@@ -44,7 +44,7 @@ from .augment import DEFAULT_STRATEGY, DiffAugment
 from .data import Dataset, class_batches, load_digits, with_inverted_minority
 from .distill import DM
 from .errors import InputError
-from .evaluate import evaluate_synthetic
+from .evaluate import evaluate_synthetic, test_clusters
 from .grouping import embed
 from .metadd_loss import MetaDDLoss
 from .models import MODELS, ConvNet, LeNet, ResNet18, get_model
@@ -207,14 +207,15 @@ def _split(ds: Dataset, share: float, seed: int) -> tuple:
 
 
 def load_task(cfg: StudyConfig) -> tuple:
-    """(train, val, test, minority (len(test),) bool): digits with the inverted minority; val
-    carved from the training split (with its inverted images at the training share)."""
+    """(train, val, test, minority (len(test),) bool, clusters (len(test),) int64): digits with the
+    inverted minority; val carved from the training split (with its inverted images at the
+    training share); the test images' k-means clusters (worst-group accuracy), computed once."""
     train, _ = with_inverted_minority(_limited(load_digits("train", cfg.size), cfg.limit_per_class),
                                       cfg.train_minority, seed=MINORITY_SEEDS[0])
     train, val = _split(train, cfg.val_share, VAL_SEED)
     test, minority = with_inverted_minority(_limited(load_digits("test", cfg.size), cfg.limit_per_class),
                                             cfg.test_minority, seed=MINORITY_SEEDS[1])
-    return train, val, test, minority
+    return train, val, test, minority, test_clusters(test)
 
 
 def pretrain(names, cfg: StudyConfig, train: Dataset, val: Dataset, first_seed: int, progress: bool = True) -> tuple:
@@ -373,7 +374,7 @@ def run_cell(cfg: StudyConfig, variant: str, seed: int, task: tuple, metadd: Met
              progress: bool = False) -> dict:
     """One cell's record (JSON-able): per-arch and mean accuracies, minority/majority, both CAM
     variances, the MetaDD weight and its calibration, and the wall/CPU seconds of its parts."""
-    train, _, test, minority = task
+    train, _, test, minority, clusters = task
     t, c = time.perf_counter(), time.process_time()
     images, labels, info = make_set(cfg, variant, seed, train, metadd, progress)
     make_s = (time.perf_counter() - t, time.process_time() - c)
@@ -383,7 +384,7 @@ def run_cell(cfg: StudyConfig, variant: str, seed: int, task: tuple, metadd: Met
     factories = {a: NETS.get(a, partial(get_model, a)) for a in cfg.eval_archs}
     res = evaluate_synthetic(images, labels, test, factories, seeds=cfg.eval_seeds, epochs=cfg.eval_epochs,
                              lr=cfg.eval_lr, batch_size=cfg.eval_batch, augment=cfg.eval_augment,
-                             minority=minority, progress=False)
+                             clusters=clusters, minority=minority, progress=False)
     eval_s = (time.perf_counter() - t, time.process_time() - c)
     record = {"variant": variant, "seed": seed, "per_arch_acc": {a: statistics.fmean(res[a]["acc"]) for a in res},
               **{k: statistics.fmean(statistics.fmean(res[a][k]) for a in res) for k in ("minority", "majority")},

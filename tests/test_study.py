@@ -52,8 +52,9 @@ def test_kcenter_picks_the_farthest_point_each_time():
 
 def test_validation_split_is_carved_from_train_and_stops_pretraining():
     cfg = StudyConfig(**TINY)
-    train, val, test, minority = study.load_task(cfg)
-    assert len(val) == 10 and len(train) == 110 and minority.dtype == torch.bool and len(minority) == len(test)
+    train, val, test, minority, clusters = study.load_task(cfg)
+    assert len(val) == 10 and len(train) == 110 and minority.dtype == torch.bool
+    assert len(minority) == len(clusters) == len(test)
     assert not any(torch.equal(v, t) for v in val.images for t in train.images[:40])  # disjoint
     nets, report = study.pretrain(("LeNet",), cfg, train, val, 7, progress=False)
     from metadd_fast.training import accuracy
