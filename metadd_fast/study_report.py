@@ -19,12 +19,17 @@ def _p(p: float) -> str:
 
 
 def variant_table(report: dict) -> str:
-    """Per variant: mean ± sd (sample) over the seeds of every metric, and n."""
+    """Per variant: mean ± sd (sample) over the seeds of every metric, n, and the paired t-test p
+    of its held-out accuracy against its first reference (:data:`~metadd_fast.study.COMPARISONS`)."""
     from .study import METRICS
 
     cfg, summ = report["config"], report["summary"]
     archs = list(cfg["eval_archs"])
-    head = ["variant", "n seeds", *[f"acc {a}" for a in archs], *[METRICS[k][0] for k in METRICS]]
+    first = {}
+    for c in report["comparisons"]:
+        first.setdefault(c["variant"], c)
+    head = ["variant", "n seeds", *[f"acc {a}" for a in archs], *[METRICS[k][0] for k in METRICS],
+            "held-out acc: paired t p vs"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v, s in summ.items():
         cells = [v, str(s["acc"]["n"])]
@@ -32,6 +37,8 @@ def variant_table(report: dict) -> str:
             scale = 100 if key.startswith("acc") or key in ("minority", "majority") else METRICS[key][1]
             digits = 1 if scale == 100 else 2
             cells.append(f"{_num(s[key]['mean'], scale, digits)} ± {_num(s[key]['sd'], scale, digits)}")
+        c = first.get(v)
+        cells.append(f"{c['reference']}: {_p(c['acc']['t_p'])}" if c else "")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
