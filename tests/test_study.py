@@ -144,6 +144,7 @@ def test_cli_study_runs_at_a_tiny_size_and_names_bad_flags(tmp_path, capsys):
     assert main(["study", "--out", str(out), "--seeds", "1", "--variants", "initial", "--eval-epochs", "1",
                  "--limit-per-class", "12", "--pretrain-target", "0.05", "--pretrain-max-epochs", "2",
                  "--eval-archs", "LeNet", "--eval-augment", "none", "--ipc", "1"]) == 0
+    capsys.readouterr()  # the run's progress bars
     saved = json.loads((out / "results.json").read_text())
     assert saved["config"]["eval_augment"] is None and saved["summary"]["initial"]["acc"]["n"] == 1
     for argv, flag in ((["--variants", "base,+x"], "--variants"), (["--eval-augment", "foo"], "--eval-augment"),
