@@ -49,7 +49,7 @@ from .grouping import embed
 from .metadd_loss import MetaDDLoss
 from .models import MODELS, ConvNet, LeNet, ResNet18, get_model
 from .ops.nearest_centroid import nearest_centroid
-from .results import atomic_save, atomic_write_json, atomic_write_text, load_json_object, save_synthetic
+from .results import atomic_save, atomic_write_json, load_json_object, save_synthetic
 from .stats import paired, summary
 from .training import accuracy, train_model
 
