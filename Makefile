@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv install demo test bench bench-quick bench-pytest clean
+.PHONY: venv install demo study test bench bench-quick bench-pytest clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/metadd-fast demo --out demo_out
 
+# The study of record (about 75 CPU-minutes, estimated; resumable: run it again after an interruption).
+study: $(STAMP)
+	$(VENV)/bin/metadd-fast study --out study_out
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
@@ -39,4 +43,4 @@ bench-pytest: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-columns=min,median,max,rounds
 
 clean:
-	rm -rf build *.egg-info metadd_fast/_C*.so $(VENV) demo_out
+	rm -rf build *.egg-info metadd_fast/_C*.so $(VENV) demo_out study_out

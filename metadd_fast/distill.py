@@ -58,6 +58,20 @@ def coverage_losses(e_real: Tensor, e_syn: Tensor) -> tuple[Tensor, Tensor]:
     return ((e_real.detach() - e_syn[groups]) ** 2).sum(1), groups
 
 
+def _coverage_groups(pairs: list, ipc: int, robust_groups: str) -> tuple[Tensor, Tensor]:
+    """:func:`coverage_losses` over classes: ``pairs`` [(e_real (n_c, D), e_syn (ipc, D))] per
+    class in order. "class": each real image's group is the nearest synthetic image of its
+    class; "all": of any class. Returns (values (sum n_c,), group ids in [0, classes * ipc))."""
+    if robust_groups == "all":
+        return coverage_losses(torch.cat([r for r, _ in pairs]), torch.cat([s for _, s in pairs]))
+    values, groups = [], []
+    for c, (e_real, e_syn) in enumerate(pairs):
+        v, g = coverage_losses(e_real, e_syn)
+        values.append(v)
+        groups.append(g + c * ipc)
+    return torch.cat(values), torch.cat(groups)
+
+
 class Distiller:
     """Owns the synthetic set ``images`` (classes * ipc, C, H, W) and its optimizer.
 
@@ -66,6 +80,10 @@ class Distiller:
     num_classes * ipc)`` (``robust_scale`` times the CVaR), added to the method's loss.
     embedding: a callable images -> (B, D) features used for robust DD's grouping and
     coverage losses instead of the method's own network (frozen if an nn.Module).
+    robust_groups: "class" (each real image joins the nearest synthetic image of its own
+    class) or "all" (the nearest synthetic image of any class, as the public Robust DD code's
+    ``Cluster_Strategy.query``; under the chunked engine: of any class of the chunk). The
+    group ids are the synthetic images' indices, c * ipc + j, either way.
     """
 
     default_lr = 1.0
@@ -75,9 +93,10 @@ class Distiller:
                  arch: str = "ConvNet", init: str = "real", metadd: Optional[MetaDDLoss] = None,
                  metadd_weight: float = 0.0, robust_alpha: Optional[float] = None, robust_weight: float = 1.0,
                  embedding: Optional[Embedding] = None, augment: Optional[str] = DEFAULT_STRATEGY, seed: int = 0,
-                 device=None, label_offset: int = 0):
+                 device=None, label_offset: int = 0, robust_groups: str = "class"):
         self._check_args(real, ipc, lr, batch_real, arch, init, metadd, metadd_weight, robust_alpha, robust_weight,
                          embedding, augment, seed, device, label_offset)
+        self.robust_groups = ac.choice("robust_groups", robust_groups, ("class", "all"))
         self.real, self.ipc, self.arch, self.batch_real = real, ipc, arch, batch_real
         self.device = torch.device(device) if device is not None else real.images.device
         self.metadd, self.metadd_weight, self.robust_alpha = metadd, metadd_weight, robust_alpha
@@ -326,12 +345,7 @@ class DM(Distiller):
         return sum(((e_real.mean(0) - e_syn.mean(0)) ** 2).sum() for e_real, e_syn in self._class_embeddings())
 
     def group_losses(self) -> tuple[Tensor, Tensor]:
-        values, groups = [], []
-        for c, (e_real, e_syn) in enumerate(self._class_embeddings()):
-            v, g = coverage_losses(e_real, e_syn)
-            values.append(v)
-            groups.append(g + c * self.ipc)
-        return torch.cat(values), torch.cat(groups)
+        return _coverage_groups(self._class_embeddings(), self.ipc, self.robust_groups)
 
 
 def _grad_distance(g_syn, g_real) -> Tensor:
@@ -378,9 +392,10 @@ class DC(Distiller):
             classes.append((seed, self._aug(self._real(c), seed)))
         return {"classes": classes}
 
-    def _grads(self, x: Tensor, c: int, create_graph: bool) -> tuple:
+    def _grads(self, x: Tensor, c, create_graph: bool) -> tuple:
+        """Gradients of CE(net(x), c) over the network's parameters; c a class or labels (n,)."""
         params = list(self.net.parameters())
-        y = torch.full((x.shape[0],), c, dtype=torch.int64, device=self.device)
+        y = c if isinstance(c, Tensor) else torch.full((x.shape[0],), c, dtype=torch.int64, device=self.device)
         return torch.autograd.grad(F.cross_entropy(self.net(x), y), params, create_graph=create_graph)
 
     def match_loss(self) -> Tensor:
@@ -393,14 +408,22 @@ class DC(Distiller):
     def group_losses(self) -> tuple[Tensor, Tensor]:
         embed = self.embedding if self.embedding is not None else self.net.embed
         values, groups = [], []
-        for c, (seed, x_real) in enumerate(self._context()["classes"]):
-            x_syn = self._aug(self._syn(c), seed)
+        per_class = [(x_real, self._aug(self._syn(c), seed), c)
+                     for c, (seed, x_real) in enumerate(self._context()["classes"])]
+        if self.robust_groups == "all":  # one pool: real images of every class, every synthetic image
+            y_real = torch.cat([torch.full((len(r),), c, dtype=torch.int64, device=self.device)
+                                for r, _, c in per_class])
+            per_class = [(torch.cat([r for r, _, _ in per_class]), torch.cat([s for _, s, _ in per_class]), y_real)]
+        for x_real, x_syn, y_real in per_class:
+            offset = 0 if isinstance(y_real, Tensor) else y_real * self.ipc
             with torch.no_grad():
                 g = nearest_centroid(embed(x_real).flatten(1).float(), embed(x_syn).flatten(1).float())[0]
             for j in torch.unique(g).tolist():
-                g_real = [t.detach() for t in self._grads(x_real[g == j], c, False)]
-                values.append(_grad_distance(self._grads(x_syn[j: j + 1], c, True), g_real))
-                groups.append(c * self.ipc + j)
+                y = y_real[g == j] if isinstance(y_real, Tensor) else y_real
+                g_real = [t.detach() for t in self._grads(x_real[g == j], y, False)]
+                y_syn = self.labels[offset + j: offset + j + 1]
+                values.append(_grad_distance(self._grads(x_syn[j: j + 1], y_syn, True), g_real))
+                groups.append(offset + j)
         return torch.stack(values), torch.tensor(groups, dtype=torch.int64, device=self.device)
 
     def _update_networks(self) -> None:
@@ -501,14 +524,12 @@ class SRe2L(Distiller):
     def group_losses(self) -> tuple[Tensor, Tensor]:
         seed = self._context()["seed"]
         embed = self.embedding if self.embedding is not None else self.teacher.embed
-        values, groups = [], []
+        pairs = []
         for c in range(self.real.num_classes):
             with torch.no_grad():
                 e_real = embed(self._aug(self._real(c), seed)).flatten(1)
-            v, g = coverage_losses(e_real, embed(self._aug(self._syn(c), seed)).flatten(1))
-            values.append(v)
-            groups.append(g + c * self.ipc)
-        return torch.cat(values), torch.cat(groups)
+            pairs.append((e_real, embed(self._aug(self._syn(c), seed)).flatten(1)))
+        return _coverage_groups(pairs, self.ipc, self.robust_groups)
 
 
 def bn_teacher(real: Dataset, *, epochs: int = 20, seed: int = 0) -> nn.Module:

@@ -82,12 +82,12 @@ from . import argcheck, ranks, runinfo
 from .ops.cvar import cvar
 from .data import Dataset, class_batches
 from .distill import DISTILLERS
-from .errors import InputError, first_line, load_failure
+from .errors import InputError, first_line
 from .grouping import class_nearest_groups
 from .metadd_loss import MetaDDLoss
 from .model_sources import file_digest, load_model, parse_spec
 from .models import MODELS, get_model
-from .results import atomic_save, atomic_write_json, load_json_object, save_synthetic
+from .results import atomic_save, atomic_write_json, load_checkpoint, load_json_object, save_synthetic
 from .run_figures import save_cams, save_synthetic_grid
 from .sources import TensorSource
 from .zca import ZCA
@@ -347,25 +347,12 @@ def _group_sizes(cfg: EngineConfig, real: Dataset, images: torch.Tensor, nets: N
     return torch.bincount(ids.cpu(), minlength=real.num_classes * cfg.ipc)
 
 
-def _load_checkpoint(path: str, what: str):
-    """A run-folder file read as data (torch.load with weights_only=True: tensors and plain
-    containers only, so a crafted file cannot run code); InputError naming the file otherwise."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any read failure: a corrupt file, or one that names code to run
-        refused, detail = load_failure(err)
-        if refused:
-            raise InputError(f"{path}: refused: the {what} holds more than tensors and plain containers "
-                             f"({detail}); delete it to start over") from err
-        raise InputError(f"{path}: corrupt {what} ({detail}); delete it to start over") from err
-
-
 def _read_state(path: str, digest: str) -> Optional[dict]:
     """A rank's round checkpoint (None if there is none): {"digest", "round", "positions",
     "iteration", "distillers": [state_dict per chunk]}, refused if corrupt, crafted or another run's."""
     if not os.path.exists(path):
         return None
-    state = _load_checkpoint(path, "checkpoint")
+    state = load_checkpoint(path, "checkpoint")
     if not isinstance(state, dict) or state.get("digest") != digest or \
             not isinstance(state.get("distillers"), list) or not isinstance(state.get("iteration"), int):
         raise InputError(f"{path}: checkpoint does not match this run; delete it to start over")

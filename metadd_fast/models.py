@@ -137,12 +137,12 @@ class _ResNet(nn.Module):
     cam_layer = "layer4"
     cam_head = "classifier"
 
-    def __init__(self, channel: int, num_classes: int, norm: str, avgpool: bool, im_size):
+    def __init__(self, channel: int, num_classes: int, norm: str, avgpool: bool, im_size, width: int = 64):
         super().__init__()
-        self.conv1 = nn.Conv2d(channel, 64, 3, 1, 1, bias=False)
-        self.bn1 = _norm(norm, 64)
-        cin, layers = 64, []
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        self.conv1 = nn.Conv2d(channel, width, 3, 1, 1, bias=False)
+        self.bn1 = _norm(norm, width)
+        cin, layers = width, []
+        for cout, stride in ((width, 1), (2 * width, 2), (4 * width, 2), (8 * width, 2)):
             layers.append(nn.Sequential(_BasicBlock(cin, cout, stride, norm, avgpool),
                                         _BasicBlock(cout, cout, 1, norm, avgpool)))
             cin = cout
@@ -165,10 +165,12 @@ class _ResNet(nn.Module):
 
 
 class ResNet18(_ResNet):
-    """ResNet-18 (DC's CIFAR form): global average pooling and a linear head."""
+    """ResNet-18 (DC's CIFAR form): global average pooling and a linear head. ``width``: the
+    first stage's channels (64; the stages have width, 2, 4 and 8 x width)."""
 
-    def __init__(self, channel: int = 3, num_classes: int = 10, norm: str = "instancenorm", im_size=(32, 32)):
-        super().__init__(channel, num_classes, norm, avgpool=False, im_size=im_size)
+    def __init__(self, channel: int = 3, num_classes: int = 10, norm: str = "instancenorm", im_size=(32, 32),
+                 width: int = 64):
+        super().__init__(channel, num_classes, norm, avgpool=False, im_size=im_size, width=width)
 
 
 class ResNet18_AP(_ResNet):

@@ -10,9 +10,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import InputError, SaveError, load_failure
+from .errors import InputError, SaveError, first_line, load_failure
 
-__all__ = ["atomic_write", "atomic_save", "atomic_write_json", "atomic_write_text", "load_json_object",
+__all__ = ["load_checkpoint", "load_into", "atomic_write", "atomic_save", "atomic_write_json", "atomic_write_text", "load_json_object",
            "save_synthetic", "load_synthetic", "save_image_grid", "save_cam_figure", "meta_regions",
            "save_meta_cam_figure"]
 
@@ -192,3 +192,25 @@ def save_meta_cam_figure(path: str, stages: Sequence[tuple], arch_names: Sequenc
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     _save_figure(plt, fig, path)
+
+
+def load_checkpoint(path: str, what: str):
+    """A run-folder file read as data (torch.load with weights_only=True: tensors and plain
+    containers only, so a crafted file cannot run code); InputError naming the file otherwise."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any read failure: a corrupt file, or one that names code to run
+        refused, detail = load_failure(err)
+        if refused:
+            raise InputError(f"{path}: refused: the {what} holds more than tensors and plain containers "
+                             f"({detail}); delete it to start over") from err
+        raise InputError(f"{path}: corrupt {what} ({detail}); delete it to start over") from err
+
+
+def load_into(module: torch.nn.Module, state_dict, path: str, what: str) -> None:
+    """``module.load_state_dict(state_dict)``; InputError naming ``path`` if it does not fit."""
+    try:
+        module.load_state_dict(state_dict)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise InputError(f"{path}: the {what} does not fit this run ({first_line(err)}); "
+                         f"delete it to start over") from err

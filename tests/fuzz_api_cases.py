@@ -15,12 +15,11 @@ resumes after the case that did it. ``--list`` prints the cases.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 NAN, INF = float("nan"), float("inf")

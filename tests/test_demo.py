@@ -1,5 +1,5 @@
-"""The demo: the known-minority split, the MetaDD weight calibration, the CAM regions and a
-tiny end-to-end run (its files and its summary)."""
+"""The demo (the study at small settings, metadd_fast/demo.py): the known-minority split, the
+MetaDD weight calibration, the CAM regions and a tiny end-to-end run (its files)."""
 import json
 import os
 
@@ -8,7 +8,8 @@ import torch
 
 from metadd_fast.cli import main
 from metadd_fast.data import load_digits, with_inverted_minority
-from metadd_fast.demo import DemoConfig, _build, _limited, calibrate_metadd_weight, pretrain_metadd_nets, run_demo
+from metadd_fast.demo import run_demo
+from metadd_fast.study import _limited, build, calibrate_metadd_weight, demo_config
 from metadd_fast.distill import DM
 from metadd_fast.evaluate import evaluate_synthetic
 from metadd_fast.metadd_loss import MetaDDLoss
@@ -42,7 +43,7 @@ def test_inverted_minority_rejects_a_bad_share(digits16):
 
 
 def test_calibration_gives_the_stated_fraction_of_the_method_gradient(digits16):
-    nets = [_build(n, digits16) for n in ("ConvNetD1-W32", "ConvNetD2-W32")]
+    nets = [build(n, digits16) for n in ("ConvNetD1-W32", "ConvNetD2-W32")]
     metadd = MetaDDLoss(nets)
 
     def make():
@@ -82,65 +83,26 @@ def test_minority_accuracy_splits_the_overall_accuracy(digits16):
         evaluate_synthetic(test.images[:2], test.labels[:2], test, ["LeNet"], minority=minority[:5])
 
 
-TINY = dict(limit_per_class=20, ipc=2, iterations=2, batch_real=8, pretrain_target=0.1, pretrain_max_epochs=4,
-            pretrain_lr=0.05, calibration_probes=1, eval_archs=("LeNet",), eval_epochs=1, distill_seeds=2,
-            figure_images=2)
+TINY = dict(limit_per_class=12, ipc=2, iterations=1, batch_real=6, metadd_nets=("ConvNetD1-W32", "ConvNetD2-W32"),
+            heldout_cam_nets=("ConvNetMP-W32", "LeNet"), pretrain_target=0.05, pretrain_max_epochs=2,
+            pretrain_lr=0.05, calibration_probes=1, eval_archs=("LeNet",), eval_epochs=1, seeds=2)
 
 
 def test_tiny_demo_runs_end_to_end_and_writes_its_files(tmp_path):
-    report = run_demo(str(tmp_path), DemoConfig(**TINY), progress=False)
-    for name in ("results.md", "results.json", "demo_cam_regions.png", "synthetic_base.png",
-                 "synthetic_metadd.png", "synthetic_robust_dd.png", "synthetic_both.png",
-                 os.path.join("synthetic", "both_seed1.pt")):
+    cfg = demo_config(**TINY)
+    assert cfg.variants == ("initial", "k-center", "base", "+MetaDD", "+Robust DD") and cfg.eval_augment is None
+    report = run_demo(str(tmp_path), cfg, progress=False, figure_images=2)
+    for name in ("results.md", "results.json", "results.png", "demo_cam_regions.png", "synthetic_initial.png",
+                 "synthetic_kcenter.png", "synthetic_base.png", "synthetic_metadd.png", "synthetic_robust_dd.png",
+                 os.path.join("cells", "robust_dd_seed1.pt"), os.path.join("cells", "robust_dd_seed1.json")):
         assert os.path.getsize(tmp_path / name) > 0, name
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["results"].keys() == {"base", "+MetaDD", "+Robust DD", "+both"}
-    for v, r in saved["results"].items():
-        assert len(r["acc"]) == len(r["minority"]) == len(r["cam_variance_after"]) == 2
-        assert all(w > 0 for w in r["metadd_weight"]) == ("MetaDD" in v or v == "+both")
-    assert all(c["fraction"] == 0.5 for c in saved["calibration"]["+MetaDD"])
-    assert "distill +both" in saved["timings_wall_s"] and saved["findings"]
-    assert "| +Robust DD |" in (tmp_path / "results.md").read_text()
-    assert report["results"]["base"]["metadd_weight"] == [0.0, 0.0]
-
-
-def test_pretraining_target_is_asserted_and_small_cams_refused(digits16):
-    test, minority = with_inverted_minority(digits16, 0.5, seed=1)
-    cfg = DemoConfig(size=16, metadd_nets=("ConvNetD1-W32", "ConvNetD2-W32"), pretrain_target=1.0,
-                     pretrain_max_epochs=1)
-    with pytest.raises(RuntimeError, match="ConvNetD1-W32 reached"):
-        pretrain_metadd_nets(cfg, digits16, test, minority, progress=False)
-    cfg = DemoConfig(size=16, metadd_nets=("ConvNetMP-W32", "ConvNetD1-W32"))  # MP: 2x2 at 16x16
-    with pytest.raises(ValueError, match="ConvNetMP-W32 gives 2x2"):
-        pretrain_metadd_nets(cfg, digits16, test, minority, progress=False)
-
-
-@pytest.mark.parametrize("kw, match", [
-    (dict(eval_archs=("LeNet", "ConvNetD1-W32")), "held-out"),
-    (dict(metadd_nets=("ConvNetD1-W32",)), "at least 2"),
-    (dict(variants=("base", "+CVaR")), "variants"),
-    (dict(metadd_fraction=0), "metadd_fraction"),
-    (dict(iterations=0), "iterations"),
-])
-def test_demo_config_refuses_bad_settings(kw, match):
-    with pytest.raises(ValueError, match=match):
-        DemoConfig(**kw)
+    assert saved["summary"].keys() == {"initial", "k-center", "base", "+MetaDD", "+Robust DD"}
+    assert saved["per_seed"] == report["per_seed"]
+    assert "| +Robust DD − k-center | minority (inverted) acc | 2 |" in (tmp_path / "results.md").read_text()
 
 
 def test_cli_demo_names_a_bad_flag(capsys):
     assert main(["demo", "--variants", "base,+nothing"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("metadd-fast demo: --variants") and len(err.strip().splitlines()) == 1
-
-
-def test_findings_say_when_a_difference_is_within_the_seed_spread():
-    from metadd_fast.demo import _findings
-
-    keys = ("acc", "minority", "worst_group", "cam_variance_after")
-    base = {k: [0.50, 0.52, 0.54] for k in keys}
-    close = {k: [0.51, 0.53, 0.55] for k in keys}
-    far = {k: [0.70, 0.71, 0.72] for k in keys}
-    lines = _findings({"base": base, "+a": close, "+b": far, "+c": {k: [0.9] for k in keys}})
-    assert all("within the seed spread" in x for x in lines if x.startswith("+a"))
-    assert all("larger than the seed spread" in x for x in lines if x.startswith("+b"))
-    assert all("no seed spread" in x for x in lines if x.startswith("+c"))

@@ -158,3 +158,58 @@ def test_robust_options_are_checked(tiny):
     teacher = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.LazyLinear(3))
     with pytest.raises(ValueError, match="embedding: robust SRe2L"):
         SRe2L(tiny, 1, teacher=teacher, robust_alpha=0.5)
+
+
+def _two_classes():
+    """Two classes of 2-D points as (N, 2, 1, 1) images: class 0 around (0, 0) with 5 strays at
+    (9, 0) (beside class 1), class 1 around (10, 0)."""
+    g = torch.Generator().manual_seed(0)
+    c0 = torch.cat([0.3 * torch.randn(15, 2, generator=g), torch.tensor([9.0, 0.0]) + 0.1 * torch.randn(5, 2, generator=g)])
+    c1 = torch.tensor([10.0, 0.0]) + 0.3 * torch.randn(20, 2, generator=g)
+    x = torch.cat([c0, c1])[:, :, None, None]
+    y = torch.arange(2).repeat_interleave(20)
+    return data.Dataset("toy2", x, y, 2, (0.0, 0.0), (1.0, 1.0))
+
+
+@pytest.mark.parametrize("groups", ["class", "all"])
+@pytest.mark.parametrize("method", ["dm", "dc"])
+def test_robust_groups_class_or_all_assign_the_nearest_synthetic_image_of_the_class_or_of_any(groups, method):
+    ds = _two_classes()
+    if method == "dm":
+        d = DM(ds, 2, batch_real=20, augment=None, embedding=_identity, robust_alpha=0.5, robust_groups=groups)
+    else:
+        d = DC(ds, 2, batch_real=20, augment=None, embedding=_identity, robust_alpha=0.5, robust_groups=groups)
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(2, 2))
+        d._fresh_net = lambda: net  # a network for 2-D points (the zoo's need images)
+    syn = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [11.0, 0.0]])
+    with torch.no_grad():
+        d.images.copy_(syn[:, :, None, None])
+    values, ids = d.group_losses()
+    if method == "dc":  # one value per non-empty group: check which groups exist
+        assert ids.tolist() == sorted(set(ids.tolist()))
+    # every real image of the batch (all 40, in class order), its expected group
+    real = ds.images.flatten(1)
+    if groups == "class":
+        want = torch.cat([torch.cdist(real[:20], syn[:2]).argmin(1), torch.cdist(real[20:], syn[2:]).argmin(1) + 2])
+    else:
+        want = torch.cdist(real, syn).argmin(1)
+    # the strays of class 0 (near (9, 0)) join class 1's image 2 only when grouping over all classes
+    assert (want[15:20] == (2 if groups == "all" else 1)).all()
+    if method == "dm":
+        order = torch.cat([d.by_class[0], d.by_class[1]])  # the batch is a permutation of each class
+        batch = torch.cat([d._context()["classes"][c][1] for c in range(2)])
+        exp = torch.cdist(batch, syn).argmin(1) if groups == "all" else \
+            torch.cat([torch.cdist(batch[:20], syn[:2]).argmin(1), torch.cdist(batch[20:], syn[2:]).argmin(1) + 2])
+        assert torch.equal(ids, exp)
+        torch.testing.assert_close(values, ((batch - syn[ids]) ** 2).sum(1))
+        assert sorted(ids.tolist()) == sorted(want[order].tolist())
+    else:
+        assert set(ids.tolist()) == set(want.tolist())
+    d.robust_loss().backward()
+    assert d.images.grad is not None and torch.isfinite(d.images.grad).all()
+
+
+def test_robust_groups_is_checked():
+    with pytest.raises(ValueError, match="robust_groups"):
+        DM(_two_classes(), 1, robust_groups="global")
