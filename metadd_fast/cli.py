@@ -204,16 +204,16 @@ def _bench(args) -> int:
 
 
 def _as_flag_error(err: ValueError) -> InputError:
-    """The engine's ValueError ("field: message", naming EngineConfig fields) as the CLI's
-    one-line error naming flags; an InputError (a file or the data named) is said as it is;
-    any other ValueError is a bug and is raised as it is."""
+    """The engine's ValueError or InputError ("field: message", naming EngineConfig fields) as
+    the CLI's one-line error naming flags; any other InputError (a file or the data named) is
+    said as it is; any other ValueError is a bug and is raised as it is."""
     from .engine import EngineConfig
 
-    if isinstance(err, InputError):
-        return err
     fields = EngineConfig.__dataclass_fields__
     field, sep, rest = str(err).partition(": ")
     if not sep or field not in fields:
+        if isinstance(err, InputError):
+            return err
         raise err
     rest = re.sub(r"\b([a-z]+(?:_[a-z]+)+)\b", lambda m: f"--{m[1].replace('_', '-')}" if m[1] in fields else m[1],
                   rest)

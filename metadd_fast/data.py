@@ -265,7 +265,11 @@ def load_image_folder(root: str, size=None) -> Dataset:
     source (:func:`metadd_fast.sources.open_source`)."""
     from .sources import ImageFolderSource
 
+    argcheck.instance("root", root, (str, os.PathLike), "a folder path")
+    size = argcheck.optional(argcheck.image_size, "size", size)
     with ImageFolderSource(root, size) as src:
+        argcheck.allocation("size", sum(src.counts) * int(np.prod(src.shape)) * 4, torch.device("cpu"),
+                            f"{sum(src.counts)} images of {'x'.join(map(str, src.shape))} in float32")
         return src.dataset()
 
 

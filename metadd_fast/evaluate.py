@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import argcheck
-from .augment import check_strategy
+from .augment import DiffAugment, check_strategy
 from .data import Dataset
 from .errors import InputError, InputTypeError
 from .kmeans import kmeans
@@ -50,6 +50,9 @@ FROM_RECIPE = "recipe"  # augment=FROM_RECIPE: the recipe's augmentation (None: 
 
 def test_info(test) -> tuple:
     """(num_classes, (C, H, W), number of images) of a Dataset or a class source."""
+    from .sources import Source
+
+    argcheck.instance("test", test, (Dataset, Source), "a Dataset or a class source")
     if isinstance(test, Dataset):
         return test.num_classes, tuple(test.images.shape[1:]), len(test)
     return test.num_classes, tuple(test.shape), len(test)
@@ -78,6 +81,9 @@ def test_clusters(test, k: int = 10, seed: int = 0, *, view_size: int = 32, fit_
     (``seed``) on the :func:`cluster_view` of at most ``fit_max`` images (a fixed random
     subset when there are more), then each image's nearest centre. Memory: ``fit_max`` view
     rows and N ids."""
+    argcheck.positive_int("k", k)
+    argcheck.positive_int("fit_max", fit_max)
+    argcheck.positive_int("batch_size", batch_size)
     _, _, N = test_info(test)
     k = min(k, N)
     if N <= fit_max:
@@ -153,6 +159,8 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test, archs: 
     if augment != FROM_RECIPE:
         if isinstance(augment, str) and augment != "rrc_flip":
             check_strategy("augment", augment)
+        elif augment is not None and not isinstance(augment, (str, DiffAugment)):
+            raise argcheck.type_error("augment", "None, a DSA strategy, 'rrc_flip' or a DiffAugment", augment)
         rec = dataclasses.replace(rec, augment=augment)
     num_classes, shape, n_test = test_info(test)
     _check_args(images, labels, num_classes, shape, archs, seeds, rec.epochs)

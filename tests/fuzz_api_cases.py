@@ -315,9 +315,9 @@ def _evaluate_entries() -> list:
     return [
         Entry("evaluate.evaluate_synthetic", evaluate.evaluate_synthetic, base)
         .arg("seeds", "count", bad=[], good=[])
-        .arg("epochs", "count", good=[])
-        .arg("lr", "pfloat", good=[])
-        .arg("batch_size", "count", good=[])
+        .arg("epochs", "count?", good=[])  # None: the recipe's
+        .arg("lr", "pfloat?", good=[])
+        .arg("batch_size", "count?", good=[])
         .arg("augment", bad=["bogus", 3, ""], good=["flip"])
         .arg("progress", "bool", good=[])
         .arg("archs", bad=["ConvNet", [], ["Nope"], 3, None])
@@ -344,8 +344,9 @@ def _engine_entries() -> list:
         return EngineConfig(**kw).check(world)
 
     e = Entry("engine.EngineConfig.check", check, {"world": 1})
-    for name in ("ipc", "iterations", "classes_per_chunk", "batch_real", "pretrain_epochs"):
+    for name in ("ipc", "iterations", "batch_real", "pretrain_epochs"):
         e.arg(name, "count", good=[])
+    e.arg("classes_per_chunk", "count?", good=[])  # None: one chunk of every class
     e.arg("lr", "pfloat?", good=[]).arg("seed", "seed", good=[]).arg("metadd_weight", bad=[-1.0, NAN, INF, True, "1"])
     e.arg("method", bad=["kip", 3, None]).arg("arch", bad=["Nope", 3]).arg("world", "count", good=[])
     e.arg("pin_memory", bad=[1, "yes", None]).arg("device", bad=["gpu", 3], good=["cpu"])
