@@ -41,6 +41,7 @@ from .ops.cam_maps import cam_maps_of_parts
 from .ops.cvar import check_alpha, cvar
 from .ops.map_variance import map_variance
 from .metadd_budget import chunk_images, saved_bytes
+from . import precision as _precision
 
 __all__ = ["MetaDDLoss"]
 
@@ -80,13 +81,17 @@ class MetaDDLoss(nn.Module):
     over images) or the CVaR tail fraction; groups/num_groups: CVaR over groups of
     images (a default for ``forward``'s ``groups``). memory: "stream" or "keep".
     chunk_size: images per chunk in stream mode. backend: as the fused ops.
+    precision: "fp32" (default; the networks as they are, under any enclosing autocast),
+    "bf16" or "fp16": the networks' forward under torch.autocast of that dtype, the CAM ops
+    accumulating in float32, the image gradient in the images' dtype
+    (:mod:`metadd_fast.precision`, docs/precision.md).
     """
 
     def __init__(self, models: Sequence, *, mode: str = "cam", out_size=None, relu: bool = True,
                  norm: str = "minmax", eps: float = 1e-8, alpha: Optional[float] = None,
                  groups: Optional[Tensor] = None, num_groups: Optional[int] = None, memory: str = "stream",
                  chunk_size: Optional[int] = None, memory_budget: Optional[float] = None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, precision: str = "fp32"):
         super().__init__()
         if isinstance(models, (nn.Module, CAMTarget)) or not isinstance(models, (list, tuple)):
             raise TypeError(f"models: expected a list of networks, got {type(models).__name__}")
@@ -95,6 +100,7 @@ class MetaDDLoss(nn.Module):
         checks.choice("mode", mode, ("cam", "gradcam"))
         checks.choice("memory", memory, ("stream", "keep"))
         checks.choice("norm", norm, NORMS)
+        checks.choice("precision", precision, tuple(_precision.PRECISIONS))
         if alpha is not None:
             check_alpha(alpha)
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -111,7 +117,7 @@ class MetaDDLoss(nn.Module):
         for k, t in enumerate(self.targets):  # probe errors and warnings name the network
             t.name = f"models[{k}] ({type(t.model).__name__})"
         self.mode, self.memory, self.chunk_size, self.backend = mode, memory, chunk_size, backend
-        self.memory_budget = memory_budget
+        self.memory_budget, self.precision = memory_budget, precision
         self.out_size, self.relu, self.norm, self.eps = out_size, relu, norm, eps
         self.alpha, self.groups, self.num_groups = alpha, groups, num_groups
         self._map_sizes: dict = {}
@@ -119,7 +125,7 @@ class MetaDDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         names = ", ".join(type(t.model).__name__ for t in self.targets)
-        return f"[{names}], mode={self.mode!r}, memory={self.memory!r}, alpha={self.alpha}"
+        return f"[{names}], mode={self.mode!r}, memory={self.memory!r}, alpha={self.alpha}, precision={self.precision!r}"
 
     @property
     def models(self) -> list:
@@ -129,7 +135,8 @@ class MetaDDLoss(nn.Module):
 
     def _parts(self, t: CAMTarget, images: Tensor, labels: Tensor, create_graph: bool):
         """(A, weight in the form of docs/ops.md section 1, labels or None) of one model on ``images``."""
-        A, logits = t.run(images, leaf=not create_graph and self._gradcam(t))
+        with _precision.autocast(self.precision, images.device.type):
+            A, logits = t.run(images, leaf=not create_graph and self._gradcam(t))
         if self._gradcam(t):
             return A, t.gradcam_weights(A, logits, labels, create_graph), None
         return A, t.head_weight(A), labels
@@ -170,7 +177,8 @@ class MetaDDLoss(nn.Module):
         """Graph bytes per image of each model's pass with create_graph (as in :meth:`_variances`
         and :meth:`images_grad`), measured once per input shape, dtype and autocast state on
         (at most) 2 images."""
-        key = (tuple(images.shape[1:]), images.dtype, images.device, _autocast_state(images.device.type))
+        key = (tuple(images.shape[1:]), images.dtype, images.device, _autocast_state(images.device.type),
+               self.precision)
         if key not in self._graph_sizes:
             n = min(2, images.shape[0])
             x, y = images[:n].detach().clone(), labels[:n]
@@ -248,6 +256,7 @@ class MetaDDLoss(nn.Module):
         if tuple(labels.shape) != (images.shape[0],):
             raise ValueError(f"labels: expected shape ({images.shape[0]},), got {tuple(labels.shape)}")
         groups = self.groups if groups is None else groups
+        _precision.check(self.precision, images)
         backend = backends.resolve(self.backend, images.device)
         out_size = self._prepare(images)
         together = self.alpha is None
