@@ -199,7 +199,8 @@ def check_distill(args) -> None:
     if args.resume and not any(os.path.exists(os.path.join(args.out, f)) for f in ("config.json", "run.json")):
         raise flag_error("--resume", f"{args.out} holds no run to continue")
     if args.metadd_weight == 0:
-        for flag, value in (("--metadd-models", args.metadd_models), ("--metadd-alpha", args.metadd_alpha)):
+        for flag, value in (("--metadd-models", args.metadd_models), ("--metadd-alpha", args.metadd_alpha),
+                            ("--metadd-precision", None if args.metadd_precision == "fp32" else args.metadd_precision)):
             if value is not None:
                 raise flag_error(flag, "has no effect without --metadd-weight > 0")
     elif args.metadd_models is not None and len(args.metadd_models) < 2:
@@ -209,7 +210,8 @@ def check_distill(args) -> None:
         raise flag_error("--robust-weight", "has no effect without --robust-alpha")
     if args.classes_per_chunk is None:
         for flag, given in (("--cvar-chunks", args.cvar_chunks != 1), ("--device", args.device is not None),
-                            ("--pin-memory", args.pin_memory), ("--teacher", args.teacher is not None)):
+                            ("--pin-memory", args.pin_memory), ("--teacher", args.teacher is not None),
+                            ("--metadd-precision", args.metadd_precision != "fp32")):
             if given:
                 raise flag_error(flag, "applies to the large-IPC engine only; add --classes-per-chunk")
         if args.metadd_models is not None and any(":" in s or "=" in s for s in args.metadd_models):
