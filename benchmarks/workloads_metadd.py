@@ -5,12 +5,15 @@ Providers (mode "full" = forward + backward to the images):
   images of each of the K frozen networks (the backward of its label scores);
 - "eager": the naive per-model autograd graph (reference CAMs, every model's graph kept);
 - "keep" (fused CAM op, every model's graph kept), "stream" (the default: chunks from the
-  default memory budget) and "stream_cvar" (stream with a CVaR, alpha=0.3).
+  default memory budget) and "stream_cvar" (stream with a CVaR, alpha=0.3);
+- mixed precision (MetaDDLoss(precision=...), docs/precision.md): "floor_bf16" (the floor
+  under bf16 autocast), "keep_bf16", "stream_bf16"; on CUDA also "floor_fp16", "keep_fp16".
+  Their ratios are taken to the fp32 floor.
 
 As a script, it prints each provider's time and peak extra memory with its ratio to the
 naive graph's and to the floor's, and appends the rows to benchmarks/results/results.csv:
 
-    python benchmarks/workloads_metadd.py [--device cpu|cuda] [--workloads NAME ...]
+    python benchmarks/workloads_metadd.py [--device cpu|cuda] [--workloads NAME ...] [--providers P ...]
 
 (benchmarks/run.py --ops metadd_loss runs the same cases in the common table.)
 """
@@ -27,15 +30,21 @@ from metadd_fast.models import get_model
 
 ZOO = ("ConvNet", "ResNet18", "VGG11", "AlexNet")
 SKEWED = ("ResNet18", "ConvNetD1", "AlexNet", "LeNet")  # one network holds most of the memory
+IMAGENET_FORM = ("ResNet18ImageNet", "MobileNetV2", "ConvNetD4", "AlexNet")  # stride-32 networks at 64x64
 # name -> (networks, B, image size, channels, classes)
 WORKLOADS = {
     "dc_cifar10_ipc50_k4": (ZOO, 500, 32, 3, 10),
     "dc_cifar10_ipc50_k4_skewed": (SKEWED, 500, 32, 3, 10),
     "dc_cifar10_ipc10_k4": (ZOO, 100, 32, 3, 10),
     "dc_cifar10_ipc10_k4_skewed": (SKEWED, 100, 32, 3, 10),
+    "tiny_imagenet_ipc1_k4_64px": (IMAGENET_FORM, 200, 64, 3, 200),  # ImageNet-form networks, IPC 1
 }
 CPU_WORKLOADS = ["dc_cifar10_ipc50_k4", "dc_cifar10_ipc50_k4_skewed"]
-PROVIDERS = ("floor", "eager", "keep", "stream", "stream_cvar")
+PRECISION_PROVIDERS = ("floor_bf16", "keep_bf16", "stream_bf16") + (
+    ("floor_fp16", "keep_fp16") if torch.cuda.is_available() else ())
+ALL_PROVIDERS = ("floor", "eager", "keep", "stream", "stream_cvar") + PRECISION_PROVIDERS
+# --providers reaches the timing children through the environment
+PROVIDERS = tuple(os.environ["METADD_PROVIDERS"].split(",")) if os.environ.get("METADD_PROVIDERS") else ALL_PROVIDERS
 MODES = ("full",)
 TIMING = dict(warmup=1, reps=3)
 MEMORY_CALLS = 1
@@ -56,18 +65,21 @@ def make_inputs(name: str, device: str = "cpu", dtype=torch.float32, seed: int =
 def floor(models, images, labels):
     """The sum over the K networks of their label scores: its gradient to the images costs one
     forward with grad and one backward of each network."""
-    return sum(m(images).gather(1, labels[:, None]).sum() for m in models)
+    return sum(m(images).float().gather(1, labels[:, None]).sum() for m in models)
 
 
 def run(op: str, provider: str, inputs):
     models, images, labels = inputs
-    if provider == "floor":
-        return floor(models, images, labels)
+    base, _, precision = provider.partition("_")
+    precision = precision if precision in mf.precision.PRECISIONS else "fp32"
+    if base == "floor":
+        with mf.precision.autocast(precision, images.device.type):
+            return floor(models, images, labels)
     key = (id(models), provider)
     if key not in _losses:
-        kw = dict(memory="keep" if provider in ("eager", "keep") else "stream",
+        kw = dict(memory="keep" if base in ("eager", "keep") else "stream",
                   alpha=0.3 if provider == "stream_cvar" else None,
-                  backend="reference" if provider == "eager" else None)
+                  backend="reference" if provider == "eager" else None, precision=precision)
         _losses[key] = mf.MetaDDLoss(models, **kw)
     return _losses[key](images, labels)
 
@@ -89,8 +101,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None)
+    ap.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, default=None,
+                    help="a subset (default: all; the fp32 floor is always run, ratios are taken to it)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
+    if args.providers:
+        os.environ["METADD_PROVIDERS"] = ",".join(dict.fromkeys(["floor", *args.providers]))
     meta = run_meta(args.device)
     print(f"device: {meta['device']}")
     print(f"{'workload':28} {'provider':12} {'p50 ms':>10} {'x floor':>8} {'x naive':>8} {'extra MB':>9} {'x naive':>8}")
@@ -98,12 +114,16 @@ def main():
         times = run_child("metadd_loss", workload, args.device, "time")["full"]["time"]
         memory = run_child("metadd_loss", workload, args.device, "memory")["full"]
         rows = []
-        for p in PROVIDERS:
+        nan = float("nan")
+        for p in times:
             t = times[p][0]
-            ratios = {"time_vs_floor": t / times["floor"][0], "time_vs_naive": t / times["eager"][0],
-                      "memory_vs_naive": memory[p] / memory["eager"]}
+            ratios = {"time_vs_floor": t / times["floor"][0],
+                      "time_vs_naive": t / times["eager"][0] if "eager" in times else nan,
+                      "memory_vs_naive": memory[p] / memory["eager"] if "eager" in memory else nan,
+                      "memory_vs_floor": memory[p] / memory["floor"]}
             print(f"{workload:28} {p:12} {t * 1e3:10.1f} {ratios['time_vs_floor']:8.2f} "
                   f"{ratios['time_vs_naive']:8.2f} {memory[p] / 1e6:9.1f} {ratios['memory_vs_naive']:8.2f}", flush=True)
+            ratios = {k: v for k, v in ratios.items() if v == v}
             metrics = [("time", "ms", t * 1e3), ("peak_extra_memory", "MB", memory[p] / 1e6)]
             metrics += [(name, "x", value) for name, value in ratios.items()]
             rows += [dict(op="metadd_loss", provider=p, mode="full", workload=workload, metric=metric, unit=unit,
