@@ -31,6 +31,8 @@ from metadd_fast.models import get_model
 ZOO = ("ConvNet", "ResNet18", "VGG11", "AlexNet")
 SKEWED = ("ResNet18", "ConvNetD1", "AlexNet", "LeNet")  # one network holds most of the memory
 IMAGENET_FORM = ("ResNet18ImageNet", "MobileNetV2", "ConvNetD4", "AlexNet")  # stride-32 networks at 64x64
+TORCHVISION = ("torchvision:resnet18", "torchvision:resnet50", "torchvision:mobilenet_v2",
+               "torchvision:efficientnet_b0")  # built with weights=None
 # name -> (networks, B, image size, channels, classes)
 WORKLOADS = {
     "dc_cifar10_ipc50_k4": (ZOO, 500, 32, 3, 10),
@@ -38,6 +40,8 @@ WORKLOADS = {
     "dc_cifar10_ipc10_k4": (ZOO, 100, 32, 3, 10),
     "dc_cifar10_ipc10_k4_skewed": (SKEWED, 100, 32, 3, 10),
     "tiny_imagenet_ipc1_k4_64px": (IMAGENET_FORM, 200, 64, 3, 200),  # ImageNet-form networks, IPC 1
+    "imagenet_torchvision_b256_224": (TORCHVISION, 256, 224, 3, 1000),  # GPU (benchmarks/gpu_proof.py)
+    "smoke_k2_b8_16px": (("ConvNetD1", "ConvNetD2"), 8, 16, 3, 10),  # gpu_proof.py --dry-run
 }
 CPU_WORKLOADS = ["dc_cifar10_ipc50_k4", "dc_cifar10_ipc50_k4_skewed"]
 PRECISION_PROVIDERS = ("floor_bf16", "keep_bf16", "stream_bf16") + (
@@ -55,11 +59,20 @@ _losses: dict = {}
 def make_inputs(name: str, device: str = "cpu", dtype=torch.float32, seed: int = 0):
     names, B, size, channel, classes = WORKLOADS[name]
     torch.manual_seed(seed)
-    models = [get_model(n, channel, classes, (size, size)).to(device).eval().requires_grad_(False) for n in names]
+    models = [_network(n, channel, classes, size).to(device).eval().requires_grad_(False) for n in names]
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(B, channel, size, size, generator=g).to(device, dtype).requires_grad_()
     labels = torch.randint(0, classes, (B,), generator=g).to(device)
     return models, images, labels
+
+
+def _network(name: str, channel: int, classes: int, size: int):
+    """A zoo network, or ``torchvision:NAME`` built by torchvision with weights=None."""
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        return torchvision.models.get_model(name.split(":", 1)[1], weights=None, num_classes=classes)
+    return get_model(name, channel, classes, (size, size))
 
 
 def floor(models, images, labels):
