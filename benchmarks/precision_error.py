@@ -8,7 +8,7 @@ For each K=4 mix of benchmarks/workloads_metadd.py (zoo, skewed at 32x32; ImageN
 labels); and, with --trained-epochs > 0, the zoo and skewed networks trained that many epochs
 on digits upscaled to 32x32 (1 channel) with digits images. Metrics: cosine similarity of the
 image gradient with fp32's, ||g - g_fp32|| / ||g_fp32||, and the relative change of the term's
-value. Rows (op "precision_error") are appended to benchmarks/results/results.csv; a Markdown
+value. Rows (op "precision_error") are appended to benchmarks/results/precision_error.csv; a Markdown
 table of median, min and max over seeds is printed (docs/precision.md quotes it).
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--trained-epochs", type=int, default=2, help="0: random-initialized networks only")
-    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(RESULTS), "precision_error.csv"))
     args = ap.parse_args()
     warnings.simplefilter("ignore", RuntimeWarning)  # fp16 on a CPU without fast fp16: measured all the same
     meta = run_meta("cpu")
