@@ -49,7 +49,7 @@ METADD_GPU, METADD_DRY = "imagenet_torchvision_b256_224", "smoke_k2_b8_16px"
 
 def run_part(name: str, cmd: list, budget: float, log, env: dict) -> dict:
     """Run ``cmd`` within ``budget`` seconds; its output goes to ``log``. Returns its status."""
-    log.write(f"\n===== {name}: {' '.join(cmd)} (budget {budget:.0f} s)\n")
+    log.write(f"\n##### {name}: {' '.join(cmd)} (budget {budget:.0f} s)\n")
     log.flush()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
