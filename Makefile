@@ -34,7 +34,6 @@ test: $(STAMP)
 # `make bench-pytest` runs the same cases through pytest-benchmark.
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
-	$(PY) benchmarks/plot.py
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/run.py --quick

@@ -151,7 +151,10 @@ def device_name(device: str) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         model = "cpu"
-    return f"{model} ({torch.get_num_threads()} threads)"
+    from metadd_fast.precision import cpu_flags
+
+    bf16 = "+".join(f for f in ("avx512_bf16", "amx_bf16") if f in cpu_flags()) or "no bf16"
+    return f"{model} ({torch.get_num_threads()} threads, {bf16})"
 
 
 def git_commit() -> str:

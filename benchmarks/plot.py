@@ -3,7 +3,8 @@ and peak extra memory per provider, for each workload and mode.
 
     python benchmarks/plot.py [benchmarks/results/results.csv]
 
-Uses each op's latest run; writes <op>_<device>.png beside the CSV.
+Uses each op's latest run; writes <op>_<device>.png beside the CSV (<stem>_<op>_<device>.png
+for a CSV other than results.csv, so a quick run never replaces the plots of record).
 """
 from __future__ import annotations
 
@@ -53,7 +54,9 @@ def plot(path: str) -> list[str]:
         axes[0].set_title(f"{op} on {device} (commit {latest})", fontsize=9, loc="left")
         axes[0].legend(fontsize=7)
         fig.tight_layout()
-        name = f"{op}_" + re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_") + ".png"
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name = ("" if stem == "results" else f"{stem}_") + f"{op}_" + re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_")
+        name += ".png"
         out = os.path.join(os.path.dirname(path), name)
         fig.savefig(out, dpi=110)
         plt.close(fig)

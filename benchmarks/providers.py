@@ -2,6 +2,8 @@
 timed call of each mode (forward, backward, full)."""
 from __future__ import annotations
 
+import os
+
 import torch
 from measure import Call
 
@@ -17,7 +19,7 @@ def pick(ops: dict, op: str, provider: str):
         return ref
     if provider == "compile":
         if op not in _compiled:
-            _compiled[op] = torch.compile(ref)
+            _compiled[op] = torch.compile(ref, backend=os.environ.get("METADD_COMPILE_BACKEND", "inductor"))
         return _compiled[op]
     return fused
 

@@ -8,8 +8,10 @@ providers (eager, compile, fused, and any the op adds) are timed round-robin in 
 child process, so they see the same background load; their peak extra memory is
 measured one after another in a second child, where freed memory goes back to the
 system at once, so each provider's peak is its own.
-A table is printed and rows are appended to benchmarks/results/results.csv:
-op, provider, mode, workload, metric, unit, p50, p20, p80, device, torch, triton, commit.
+A table is printed and rows are appended to benchmarks/results/results.csv (with --quick,
+benchmarks/results/quick.csv): op, provider, mode, workload, metric, unit, p50, p20, p80,
+device, torch, triton, commit; then the PNG plots of that CSV (benchmarks/plot.py) are written
+beside it.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from providers import MODES, PROVIDERS, timed_call  # noqa: E402
 
 MODULES = ("workloads_cam", "workloads_cvar", "workloads_nearest", "workloads_metadd")
 RESULTS = os.path.join(HERE, "results", "results.csv")
+QUICK_RESULTS = os.path.join(HERE, "results", "quick.csv")
 FIELDS = ["op", "provider", "mode", "workload", "metric", "unit", "p50", "p20", "p80", "device", "torch",
           "triton", "commit"]
 
@@ -145,13 +148,15 @@ def main():
     ap.add_argument("--workloads", nargs="+", default=None, help="workload names (default: the device's set)")
     ap.add_argument("--quick", action="store_true",
                     help="one workload per op, fewer repetitions, no MetaDDLoss step unless named in --ops")
-    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--out", default=None, help="CSV to append to (default: results/results.csv, "
+                                                "with --quick results/quick.csv)")
     ap.add_argument("--child", nargs=3, metavar=("OP", "WORKLOAD", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         op, workload, what = args.child
         print(json.dumps(child(op, workload, args.device, what)))
         return
+    args.out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
     mods = op_modules()
     ops = args.ops or [op for op in mods if not (args.quick and op == "metadd_loss")]
     if args.quick:
@@ -173,6 +178,10 @@ def main():
             append_rows(args.out, rows)  # each finished case is on disk before the next starts
             count += len(rows)
     print(f"appended {count} rows to {os.path.relpath(args.out)}")
+    from plot import plot
+
+    for png in plot(args.out):
+        print("wrote", os.path.relpath(png))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ Providers (mode "full" = forward + backward to the images):
 - "keep" (fused CAM op, every model's graph kept), "stream" (the default: no budget given),
   "stream_budget" (stream with ``memory_budget=BUDGET_MB``) and "stream_cvar" (the default
   with a CVaR, alpha=0.3).
+- mixed precision (MetaDDLoss(precision=...), docs/precision.md): "floor_bf16" (the floor
+  under bf16 autocast), "keep_bf16", "stream_bf16"; on CUDA also "floor_fp16", "keep_fp16".
+  Their ratios are taken to the fp32 floor.
 
 As a script, it prints each provider's time and peak extra memory with its ratio to the
 naive graph's and to the floor's, and appends the rows to benchmarks/results/results.csv:
@@ -30,6 +33,9 @@ from metadd_fast.models import get_model
 
 ZOO = ("ConvNet", "ResNet18", "VGG11", "AlexNet")
 SKEWED = ("ResNet18", "ConvNetD1", "AlexNet", "LeNet")  # one network holds most of the memory
+IMAGENET_FORM = ("ResNet18ImageNet", "MobileNetV2", "ConvNetD4", "AlexNet")  # stride-32 networks at 64x64
+TORCHVISION = ("torchvision:resnet18", "torchvision:resnet50", "torchvision:mobilenet_v2",
+               "torchvision:efficientnet_b0")  # built with weights=None
 # name -> (networks, B, image size, channels, classes)
 WORKLOADS = {
     "dc_cifar10_ipc50_k4": (ZOO, 500, 32, 3, 10),
@@ -37,9 +43,14 @@ WORKLOADS = {
     "dc_cifar10_ipc10_k4": (ZOO, 100, 32, 3, 10),
     "dc_cifar10_ipc10_k4_skewed": (SKEWED, 100, 32, 3, 10),
     "dc_cifar10_ipc1_k4": (ZOO, 10, 32, 3, 10),
+    "tiny_imagenet_ipc1_k4_64px": (IMAGENET_FORM, 200, 64, 3, 200),  # ImageNet-form networks, IPC 1
+    "imagenet_torchvision_b256_224": (TORCHVISION, 256, 224, 3, 1000),  # GPU (benchmarks/gpu_proof.py)
+    "smoke_k2_b8_16px": (("ConvNetD1", "ConvNetD2"), 8, 16, 3, 10),  # gpu_proof.py --dry-run
 }
 CPU_WORKLOADS = ["dc_cifar10_ipc50_k4", "dc_cifar10_ipc50_k4_skewed"]
-ALL_PROVIDERS = ("floor", "eager", "keep", "stream", "stream_budget", "stream_cvar")
+PRECISION_PROVIDERS = ("floor_bf16", "keep_bf16", "stream_bf16") + (
+    ("floor_fp16", "keep_fp16") if torch.cuda.is_available() else ())
+ALL_PROVIDERS = ("floor", "eager", "keep", "stream", "stream_budget", "stream_cvar") + PRECISION_PROVIDERS
 # --providers reaches the timing processes (benchmarks/run.py's children) through the environment
 PROVIDERS = tuple(os.environ.get("METADD_BENCH_PROVIDERS", ",".join(ALL_PROVIDERS)).split(","))
 BUDGET_MB = 100  # "stream_budget": about 5 images of the zoo mix's 32x32 graphs (9.4 MB each) per chunk
@@ -53,29 +64,41 @@ _losses: dict = {}
 def make_inputs(name: str, device: str = "cpu", dtype=torch.float32, seed: int = 0):
     names, B, size, channel, classes = WORKLOADS[name]
     torch.manual_seed(seed)
-    models = [get_model(n, channel, classes, (size, size)).to(device).eval().requires_grad_(False) for n in names]
+    models = [_network(n, channel, classes, size).to(device).eval().requires_grad_(False) for n in names]
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(B, channel, size, size, generator=g).to(device, dtype).requires_grad_()
     labels = torch.randint(0, classes, (B,), generator=g).to(device)
     return models, images, labels
 
 
+def _network(name: str, channel: int, classes: int, size: int):
+    """A zoo network, or ``torchvision:NAME`` built by torchvision with weights=None."""
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        return torchvision.models.get_model(name.split(":", 1)[1], weights=None, num_classes=classes)
+    return get_model(name, channel, classes, (size, size))
+
+
 def floor(models, images, labels):
     """The sum over the K networks of their label scores: its gradient to the images costs one
     forward with grad and one backward of each network."""
-    return sum(m(images).gather(1, labels[:, None]).sum() for m in models)
+    return sum(m(images).float().gather(1, labels[:, None]).sum() for m in models)
 
 
 def run(op: str, provider: str, inputs):
     models, images, labels = inputs
-    if provider == "floor":
-        return floor(models, images, labels)
+    base, _, precision = provider.partition("_")
+    precision = precision if precision in mf.precision.PRECISIONS else "fp32"
+    if base == "floor":
+        with mf.precision.autocast(precision, images.device.type):
+            return floor(models, images, labels)
     key = (id(models), provider)
     if key not in _losses:
-        kw = dict(memory="keep" if provider in ("eager", "keep") else "stream",
+        kw = dict(memory="keep" if base in ("eager", "keep") else "stream",
                   alpha=0.3 if provider == "stream_cvar" else None,
                   backend="reference" if provider == "eager" else None,
-                  memory_budget=BUDGET_MB if provider == "stream_budget" else None)
+                  memory_budget=BUDGET_MB if provider == "stream_budget" else None, precision=precision)
         _losses[key] = mf.MetaDDLoss(models, **kw)
     return _losses[key](images, labels)
 

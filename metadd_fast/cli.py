@@ -38,6 +38,9 @@ def _add_distill(sub):
                         "[torchvision:|timm:]ARCH=PATH, a state_dict file (read with weights_only=True)")
     p.add_argument("--metadd-alpha", type=ca.alpha_or_none, default=None,
                    help="CVaR tail in (0, 1] of the MetaDD term over synthetic images (none: mean)")
+    p.add_argument("--metadd-precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="precision of the MetaDD networks: fp32, or bf16/fp16 under torch.autocast (the CAM "
+                        "math stays float32; docs/precision.md); large-IPC engine only")
     p.add_argument("--robust-alpha", type=ca.alpha_or_none, default=None,
                    help="robust DD: CVaR tail in (0, 1] over groups of real images (nearest synthetic image of "
                         "the class)")
@@ -231,7 +234,7 @@ def _engine_config(args, device):
                         classes_per_chunk=args.classes_per_chunk, batch_real=args.batch_real, arch=args.arch,
                         lr=args.lr, seed=args.seed, robust_alpha=args.robust_alpha, robust_weight=args.robust_weight,
                         cvar_chunks=args.cvar_chunks, metadd_weight=args.metadd_weight,
-                        metadd_alpha=args.metadd_alpha, teacher=teacher,
+                        metadd_alpha=args.metadd_alpha, metadd_precision=args.metadd_precision, teacher=teacher,
                         metadd_models=tuple(args.metadd_models) if args.metadd_weight else (),
                         zca=args.zca, checkpoint_every=args.checkpoint_every, device=device,
                         pin_memory=args.pin_memory)

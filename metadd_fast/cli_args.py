@@ -208,7 +208,8 @@ def check_distill(args) -> None:
     if args.resume and not any(os.path.exists(os.path.join(args.out, f)) for f in ("config.json", "run.json")):
         raise flag_error("--resume", f"{args.out} holds no run to continue")
     if args.metadd_weight == 0:
-        for flag, value in (("--metadd-models", args.metadd_models), ("--metadd-alpha", args.metadd_alpha)):
+        for flag, value in (("--metadd-models", args.metadd_models), ("--metadd-alpha", args.metadd_alpha),
+                            ("--metadd-precision", None if args.metadd_precision == "fp32" else args.metadd_precision)):
             if value is not None:
                 raise flag_error(flag, "has no effect without --metadd-weight > 0")
     elif args.metadd_models is not None and len(args.metadd_models) < 2:

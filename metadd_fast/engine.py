@@ -85,6 +85,7 @@ from .distill import DISTILLERS
 from .errors import InputError, first_line
 from .grouping import class_nearest_groups
 from .metadd_loss import MetaDDLoss
+from .precision import PRECISIONS
 from .model_sources import file_digest, load_model, parse_spec
 from .models import MODELS, get_model
 from .results import atomic_save, atomic_write_json, load_checkpoint, load_json_object, save_synthetic
@@ -101,7 +102,7 @@ RUN_ONLY = ("device", "pin_memory", "checkpoint_every")  # where and how a run e
 class EngineConfig:
     """A chunked run. ``robust_alpha``: robust-DD CVaR tail (None: off) over the groups of a
     round of ``cvar_chunks`` chunks, with weight ``robust_weight`` (as the distillers'). ``metadd_weight``, ``metadd_models``
-    (>= 2 spec strings), ``metadd_alpha``: the MetaDD term; ``teacher``: SRe2L's teacher
+    (>= 2 spec strings), ``metadd_alpha``, ``metadd_precision``: the MetaDD term; ``teacher``: SRe2L's teacher
     spec; ``pretrain_epochs``: for zoo specs without weights. ``classes_per_chunk`` None: one
     chunk of every class. ``zca``: distill in ZCA space. ``checkpoint_every``: steps between
     checkpoints within a round (None: a round is redone if killed). ``device``,
@@ -122,6 +123,7 @@ class EngineConfig:
     metadd_weight: float = 0.0
     metadd_models: tuple = ()
     metadd_alpha: Optional[float] = None
+    metadd_precision: str = "fp32"
     teacher: Optional[str] = None
     pretrain_epochs: int = 15
     zca: bool = False
@@ -186,8 +188,12 @@ class EngineConfig:
             raise ValueError(f"lr: expected None or a finite float > 0, got {self.lr!r}")
         if self.metadd_weight and len(self.metadd_models) < 2:
             raise ValueError(f"metadd_models: MetaDD needs at least 2 networks, got {len(self.metadd_models)}")
+        if self.metadd_precision not in PRECISIONS:
+            raise ValueError(f"metadd_precision: expected one of {', '.join(PRECISIONS)}, got {self.metadd_precision!r}")
         if not self.metadd_weight and (self.metadd_models or self.metadd_alpha is not None):
             raise ValueError("metadd_weight: metadd_models and metadd_alpha act only with metadd_weight > 0")
+        if not self.metadd_weight and self.metadd_precision != "fp32":
+            raise ValueError("metadd_precision: acts only with metadd_weight > 0")
         if (self.method == "sre2l") != (self.teacher is not None):
             raise ValueError("teacher: sre2l needs a teacher and only sre2l uses one, "
                              f"got method={self.method!r}, teacher={self.teacher!r}")
@@ -275,7 +281,7 @@ def _load_networks(cfg: EngineConfig, source, out: str) -> Networks:
     teacher = nets.pop(0) if cfg.teacher is not None else None
     if teacher is not None and not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules()):
         raise ValueError(f"teacher: {cfg.teacher} has no BatchNorm2d layer, which SRe2L's recovery matches")
-    metadd = MetaDDLoss(nets, alpha=cfg.metadd_alpha) if cfg.metadd_weight else None
+    metadd = MetaDDLoss(nets, alpha=cfg.metadd_alpha, precision=cfg.metadd_precision) if cfg.metadd_weight else None
     return Networks(teacher, metadd)
 
 

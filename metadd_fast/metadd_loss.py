@@ -50,6 +50,7 @@ from .ops.cam_maps import cam_maps_of_parts
 from .ops.cvar import check_alpha, cvar
 from .ops.map_variance import map_variance
 from .metadd_budget import chunk_images, saved_bytes
+from . import precision as _precision
 
 __all__ = ["MetaDDLoss"]
 
@@ -133,13 +134,17 @@ class MetaDDLoss(nn.Module):
     "keep". chunk_size: images per chunk in stream mode. memory_budget: MB for stream mode's
     chunks. backend: as the fused ops. save_networks: whether ``state_dict()`` holds the
     networks' weights (default False: a checkpoint of a module holding the loss stays small).
+    precision: "fp32" (default; the networks as they are, under any enclosing autocast),
+    "bf16" or "fp16": the networks' forward under torch.autocast of that dtype, the CAM ops
+    accumulating in float32, the image gradient in the images' dtype
+    (:mod:`metadd_fast.precision`, docs/precision.md).
     """
 
     def __init__(self, models: Sequence, *, mode: str = "cam", out_size=None, relu: bool = True,
                  norm: str = "minmax", eps: float = 1e-8, alpha: Optional[float] = None,
                  groups: Optional[Tensor] = None, num_groups: Optional[int] = None, memory: str = "stream",
                  chunk_size: Optional[int] = None, memory_budget: Optional[float] = None,
-                 backend: Optional[str] = None, save_networks: bool = False):
+                 backend: Optional[str] = None, save_networks: bool = False, precision: str = "fp32"):
         super().__init__()
         if isinstance(models, (nn.Module, CAMTarget)) or not isinstance(models, (list, tuple)):
             raise InputTypeError(f"models: expected a list of networks, got {type(models).__name__}")
@@ -154,6 +159,7 @@ class MetaDDLoss(nn.Module):
         argcheck.boolean("save_networks", save_networks)
         eps = argcheck.nonnegative_float("eps", eps)
         out_size = argcheck.optional(argcheck.image_size, "out_size", out_size)
+        checks.choice("precision", precision, tuple(_precision.PRECISIONS))
         if alpha is not None:
             check_alpha(alpha)
         else:
@@ -175,7 +181,7 @@ class MetaDDLoss(nn.Module):
             t.name = f"models[{k}] ({type(t.model).__name__})"
         self.networks = _FrozenNetworks([t.model for t in self.targets], save_networks)
         self.mode, self.memory, self.chunk_size, self.backend = mode, memory, chunk_size, backend
-        self.memory_budget = memory_budget
+        self.memory_budget, self.precision = memory_budget, precision
         self.out_size, self.relu, self.norm, self.eps = out_size, relu, norm, eps
         self.alpha, self.groups, self.num_groups = alpha, groups, num_groups
         self._map_sizes: dict = {}
@@ -183,7 +189,7 @@ class MetaDDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         names = ", ".join(type(t.model).__name__ for t in self.targets)
-        return f"[{names}], mode={self.mode!r}, memory={self.memory!r}, alpha={self.alpha}"
+        return f"[{names}], mode={self.mode!r}, memory={self.memory!r}, alpha={self.alpha}, precision={self.precision!r}"
 
     @property
     def models(self) -> list:
@@ -221,8 +227,9 @@ class MetaDDLoss(nn.Module):
     def _parts(self, t: CAMTarget, images: Tensor, labels: Tensor, create_graph: bool):
         """(A, weight in the form of docs/ops.md section 1, labels or None) of one model on ``images``."""
         if self._gradcam(t):
-            return _gradcam_parts(t, images, labels, create_graph)
-        A, _ = t.run(images)
+            return _gradcam_parts(t, images, labels, create_graph, self.precision)
+        with _precision.autocast(self.precision, images.device.type):
+            A, _ = t.run(images)
         return A, t.head_weight(A), labels
 
     def _gradcam(self, t: CAMTarget) -> bool:
@@ -296,7 +303,8 @@ class MetaDDLoss(nn.Module):
         """Graph bytes per image of each model's pass with create_graph (as in :meth:`_variances`
         and :meth:`images_grad`), measured once per input shape, dtype and autocast state on
         (at most) 2 images."""
-        key = (tuple(images.shape[1:]), images.dtype, images.device, _autocast_state(images.device.type))
+        key = (tuple(images.shape[1:]), images.dtype, images.device, _autocast_state(images.device.type),
+               self.precision)
         if key not in self._graph_sizes:
             n = min(2, images.shape[0])
             x, y = torch.nan_to_num(images[:n].detach(), nan=0.0, posinf=0.0, neginf=0.0), labels[:n]
@@ -371,6 +379,7 @@ class MetaDDLoss(nn.Module):
         without ``alpha``, the image gradient is computed here when ``images`` requires grad
         (call under ``torch.no_grad()`` for the loss value alone)."""
         groups = self._check_call(images, labels, groups)
+        _precision.check(self.precision, images)
         backend = backends.resolve(self.backend, images.device)
         out_size = self._prepare(images)
         K, B, P = len(self.targets), images.shape[0], out_size[0] * out_size[1]
@@ -390,10 +399,12 @@ class MetaDDLoss(nn.Module):
 
 
 @torch.compiler.disable
-def _gradcam_parts(t: CAMTarget, images: Tensor, labels: Tensor, create_graph: bool) -> tuple:
-    """(A, Grad-CAM weights (B, C), None) of one network on ``images``. Eager under torch.compile:
-    the weights are d score / d A, and a compiled region does not expose its inner map A to autograd."""
-    A, logits = t.run(images, leaf=not create_graph)
+def _gradcam_parts(t: CAMTarget, images: Tensor, labels: Tensor, create_graph: bool, precision: str) -> tuple:
+    """(A, Grad-CAM weights (B, C), None) of one network on ``images``, its forward under
+    ``precision``'s autocast. Eager under torch.compile: the weights are d score / d A, and a
+    compiled region does not expose its inner map A to autograd."""
+    with _precision.autocast(precision, images.device.type):
+        A, logits = t.run(images, leaf=not create_graph)
     return A, t.gradcam_weights(A, logits, labels, create_graph), None
 
 

@@ -65,3 +65,25 @@ def test_peak_memory_leaves_the_setup_out():
 
     extra = measure.peak_extra_rss(measure.Call(run, setup=setup), calls=2)
     assert 20e6 < extra < 100e6, extra
+
+
+def test_quick_csv_gets_its_own_plots(tmp_path):
+    """run.py plots the CSV it wrote; a CSV other than results.csv (bench --quick's quick.csv)
+    gets PNGs named after it, so the plots of record are never replaced."""
+    import csv
+
+    from plot import plot
+    from run import FIELDS
+
+    path = tmp_path / "quick.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for p, t in (("eager", "2.0"), ("fused", "1.0")):
+            for metric in ("time", "peak_extra_memory"):
+                w.writerow(dict(op="cvar", provider=p, mode="full", workload="w", metric=metric, unit="ms", p50=t,
+                                p20="", p80="", device="AMD EPYC (2 threads, avx512_bf16)", torch="x", triton="x",
+                                commit="abc"))
+    (png,) = plot(str(path))
+    assert os.path.basename(png) == "quick_cvar_AMD_EPYC_2_threads_avx512_bf16.png"
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -254,6 +254,9 @@ def test_a_round_with_a_missing_chunk_marker_is_redone_whole(tmp_path):
     (dict(metadd_weight=1.0, metadd_models=("ConvNet",)), 1, "metadd_models: MetaDD needs at least 2 networks"),
     (dict(metadd_models=("ConvNet", "LeNet")), 1, "metadd_weight: metadd_models and metadd_alpha act only"),
     (dict(metadd_alpha=0.5), 1, "metadd_weight: metadd_models and metadd_alpha act only"),
+    (dict(metadd_precision="bf16"), 1, "metadd_precision: acts only with metadd_weight > 0"),
+    (dict(metadd_weight=1.0, metadd_models=("ConvNet", "LeNet"), metadd_precision="half"), 1,
+     "metadd_precision: expected one of fp32, bf16, fp16, got 'half'"),
     (dict(metadd_weight=-1.0), 1, "metadd_weight: expected a finite float >= 0"),
     (dict(metadd_weight=1.0, metadd_models=("ConvNet", "NoNet")), 1, "metadd_models: unknown zoo network 'NoNet'"),
     (dict(metadd_weight=1.0, metadd_models=("ConvNet", "LeNet=/no/such.pt")), 1, "metadd_models: /no/such.pt: no "),
@@ -431,3 +434,11 @@ def test_imagenet_form_networks_shapes_cams_metadd_and_sre2l(cls, kw, channels):
     before = d.images.detach().clone()
     terms = d.step()
     assert all(torch.isfinite(torch.tensor(v)) for v in terms.values()) and not torch.equal(d.images, before)
+
+
+def test_metadd_precision_reaches_the_loss(tmp_path):
+    """metadd_precision is the MetaDD loss's precision (its networks under autocast) and part
+    of the run's identity (a run resumes only with the same precision)."""
+    cfg = dict(_dc(tmp_path), metadd_precision="bf16")
+    assert _load_networks(EngineConfig(**cfg), _source(), str(tmp_path)).metadd.precision == "bf16"
+    assert EngineConfig(**cfg).digest("k") != EngineConfig(**dict(cfg, metadd_precision="fp32")).digest("k")

@@ -140,7 +140,8 @@ def cam_maps_of_parts(parts: Sequence[tuple], out_size: tuple, relu: bool, norm:
     device = checks.same_device([(f"features[{k}]", A) for k, A in enumerate(features)])
     name = check_map_size(features, out_size, backend, backends.resolve(backend, device))
     if name == "reference":
-        raw = [raw_cam(A, W, y) for A, W, y in parts]
+        acc = acc_dtype(torch.float64 if any(A.dtype == torch.float64 for A in features) else features[0].dtype)
+        raw = [raw_cam(A.to(acc), W.to(acc), y) for A, W, y in parts]  # in the accumulation dtype, as the kernels
         return normalized_maps(raw, out_size, relu, norm, eps).flatten(2)
     rows = []
     for k, (A, W, y, layout) in enumerate(checked):
