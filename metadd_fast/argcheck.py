@@ -284,12 +284,15 @@ def labels(name: str, t, *, n: Optional[int] = None, num_classes: Optional[int] 
 
 
 def dataset(name: str, value):
-    """A :class:`metadd_fast.data.Dataset` whose images are a floating (N, C, H, W) tensor and whose
-    labels are (N,) ints in [0, num_classes)."""
+    """A :class:`metadd_fast.data.Dataset` whose images are a floating (N, C, H, W) tensor (or
+    uint8 pixels, normalized per batch by ``Dataset.take``; N may be 0 for a chunk of classes
+    whose images a method never reads) and whose labels are (N,) ints in [0, num_classes)."""
     from .data import Dataset
 
     instance(name, value, Dataset, "a metadd_fast.data.Dataset")
-    images(f"{name}.images", value.images)
+    if not isinstance(value.images, torch.Tensor) or value.images.dtype != torch.uint8:
+        floating_tensor(f"{name}.images", value.images, "(N, C, H, W)", allow_empty=True)
+    tensor(f"{name}.images", value.images, dtype="any", shape=(None, None, None, None), nonempty=False)
     classes = positive_int(f"{name}.num_classes", value.num_classes)
     labels(f"{name}.labels", value.labels, n=value.images.shape[0], num_classes=classes)
     return value

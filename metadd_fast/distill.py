@@ -107,12 +107,6 @@ class Distiller:
         self.augment = DiffAugment(augment) if augment else None
         self.gen = torch.Generator().manual_seed(seed)
         self.by_class = class_batches(real)
-        # Real images a class needs: ipc to start from; one for batches (noise init: SRe2L's recover
-        # without robust DD reads none, so a chunked run need not decode any).
-        need = ipc if init == "real" else 1 if robust_alpha is not None or self._reads_real else 0
-        short = [c for c, idx in enumerate(self.by_class) if len(idx) < need]
-        if short:
-            raise ac.InputError(f"ipc: classes {short} have fewer than {need} real images")
         self.labels = torch.arange(real.num_classes).repeat_interleave(ipc).to(self.device)
         # The labels the teacher and the MetaDD networks see: the chunked engine gives each
         # distiller a chunk of classes, whose class 0 is class ``label_offset`` of those networks.
@@ -159,11 +153,14 @@ class Distiller:
         ac.seed("seed", seed)
         ac.device("device", device)
         ac.nonnegative_int("label_offset", label_offset)
+        # Real images a class needs: ipc to start from; one for batches (noise init: SRe2L's recover
+        # without robust DD reads none, so a chunked run need not decode any).
+        need = ipc if init == "real" else 1 if robust_alpha is not None or self._reads_real else 0
         counts = torch.bincount(real.labels.cpu(), minlength=real.num_classes)
-        short = (counts < (ipc if init == "real" else 1)).nonzero().flatten().tolist()
+        short = (counts < need).nonzero().flatten().tolist()
         if short:
             raise ac.InputError(f"ipc: classes {short[:10]}{'...' if len(short) > 10 else ''} of real have fewer "
-                                f"than {ipc if init == 'real' else 1} images")
+                                f"than {need} images")
 
     embedding_matches = False  # whether the method's own loss runs in ``embedding`` too (DM), not only robust DD
 
@@ -482,13 +479,13 @@ class SRe2L(Distiller):
         self.teacher, self.r_bn, self.bns = teacher.eval().requires_grad_(False).to(self.device), r_bn, bns
 
     def _check_teacher(self, teacher: nn.Module) -> None:
-        """The teacher runs on one real image (eval mode, no gradient) and has a logit for every
-        global label."""
+        """The teacher runs on one image of the real images' shape (zeros: a method that reads no
+        real image has none to give; eval mode, no gradient) and has a logit for every global label."""
         was_training = teacher.training
         teacher.to(self.device)
         try:
             with torch.no_grad():
-                logits = teacher.eval()(self.real.images[:1].to(self.device))
+                logits = teacher.eval()(torch.zeros(1, *self.real.images.shape[1:], device=self.device))
         except (RuntimeError, ValueError, IndexError) as err:
             raise ac.InputError(f"teacher: {type(teacher).__name__} does not run on the real images of shape "
                                 f"{tuple(self.real.images.shape[1:])} on {self.device} ({first_line(err)})") from err

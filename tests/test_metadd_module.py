@@ -167,9 +167,9 @@ def test_torch_compile_of_the_loss(alpha):
     (dict(out_size=(4, 0)), InputError, "out_size: expected an int or a pair (H, W) of ints"),
     (dict(groups=torch.zeros(5, dtype=torch.long)), InputError, "groups: has no effect without alpha"),
     (dict(num_groups=3), InputError, "num_groups: has no effect without alpha"),
-    (dict(alpha=0.5, num_groups=0), InputError, "num_groups: expected an int >= 1, got 0"),
+    (dict(alpha=0.5, num_groups=0), InputError, "num_groups: expected a positive int, got 0"),
     (dict(alpha=0.5, groups=torch.zeros(5)), TypeError, "groups: expected an integer tensor"),
-    (dict(chunk_size=2 ** 70), InputError, "chunk_size: expected an int >= 1"),
+    (dict(chunk_size=2 ** 70), InputError, "chunk_size: expected a positive int"),
     (dict(memory_budget=math.inf), InputError, "memory_budget: expected a finite float > 0"),
     (dict(models=[3, 4]), TypeError, "models[0]: expected an nn.Module or a CAMTarget, got int"),
 ])
