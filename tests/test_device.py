@@ -15,7 +15,8 @@ from test_oplib import _opcheck_cases
 
 import metadd_fast as mf
 from metadd_fast import reference
-from metadd_fast.engine import EngineConfig, RandomImageSource, run_chunked
+from metadd_fast.engine import EngineConfig, run_chunked
+from metadd_fast.sources import RandomSource
 from metadd_fast.models import get_model
 
 DEVICE = os.environ.get("METADD_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
@@ -122,5 +123,5 @@ def test_engine_on_one_device(tmp_path, precision):
     cfg = EngineConfig(ipc=2, iterations=2, classes_per_chunk=2, batch_real=6, arch="ConvNetD1", device=DEVICE,
                        metadd_weight=1.0, metadd_models=("ConvNetD1", "ConvNetD2"), metadd_precision=precision,
                        pretrain_epochs=1)
-    run = run_chunked(cfg, RandomImageSource(4, 6, (3, 8, 8), seed=3), str(tmp_path), progress=False)
+    run = run_chunked(cfg, RandomSource(4, 6, (3, 8, 8), seed=3), str(tmp_path), progress=False)
     assert run is not None and torch.isfinite(run["images"]).all() and run["images"].shape == (8, 3, 8, 8)
