@@ -84,8 +84,6 @@ DISTILL_CASES = [  # every other flag of distill: (argv, the flag named, what th
     (["--metadd-alpha", "0.5"], "--metadd-alpha", "has no effect without --metadd-weight > 0"),
     (["--metadd-precision", "bf16"], "--metadd-precision", "has no effect without --metadd-weight > 0"),
     (["--metadd-weight", "1", "--metadd-precision", "tf32"], "--metadd-precision", "invalid choice: 'tf32'"),
-    (["--metadd-weight", "1", "--metadd-precision", "bf16"], "--metadd-precision",
-     "applies to the large-IPC engine only"),
     (["--metadd-weight", "1", "--metadd-alpha", "nan"], "--metadd-alpha", "expected a float in (0, 1] or none"),
     (["--robust-alpha", "0"], "--robust-alpha", "expected a float in (0, 1] or none, got '0'"),
     (["--robust-alpha", "1.5"], "--robust-alpha", "expected a float in (0, 1] or none, got '1.5'"),
