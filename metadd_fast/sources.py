@@ -85,11 +85,19 @@ class Source:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         for c in self._classes(classes):
-            images = self.class_images(c)
-            for start in range(0, images.shape[0], batch_size):
-                x = images[start:start + batch_size]
+            rows = self._batch_rows(c)
+            for start in range(0, rows.shape[0], batch_size):
+                x = self._batch_images(rows[start:start + batch_size])
                 yield x, torch.full((x.shape[0],), c, dtype=torch.int64)
-            del images
+            del rows
+
+    def _batch_rows(self, c: int) -> torch.Tensor:
+        """What :meth:`batches` slices for class ``c`` (a decoded source: its uint8 pixels)."""
+        return self.class_images(c)
+
+    def _batch_images(self, rows: torch.Tensor) -> torch.Tensor:
+        """A slice of :meth:`_batch_rows` as normalized float32 images."""
+        return rows
 
     def dataset(self) -> Dataset:
         images = torch.empty((len(self), *self.shape), dtype=torch.float32)
@@ -552,15 +560,11 @@ class ImageFolderSource(Source):
             return self._normalize(self._cache[c][idx])
         return self._normalize(self._decode([self.files[c][i] for i in idx.tolist()]))
 
-    def batches(self, batch_size: int, classes: Optional[Sequence] = None) -> Iterator[tuple]:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-        for c in self._classes(classes):
-            px = self.class_pixels(c)
-            for start in range(0, px.shape[0], batch_size):
-                x = self._normalize(px[start:start + batch_size])
-                yield x, torch.full((x.shape[0],), c, dtype=torch.int64)
-            del px
+    def _batch_rows(self, c: int) -> torch.Tensor:  # uint8: normalized one batch at a time
+        return self.class_pixels(c)
+
+    def _batch_images(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._normalize(rows)
 
     def paths(self, c: int) -> list:
         """The files of class ``c``, absolute, in index order (the rows of :meth:`class_pixels`)."""
