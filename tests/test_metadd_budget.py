@@ -11,8 +11,6 @@ import pytest
 import torch
 
 import metadd_fast as mf
-from metadd_fast import metadd_budget
-from metadd_fast.models import get_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import measure  # noqa: E402
