@@ -46,6 +46,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from . import argcheck
 from .data import _IMAGE_EXT, Dataset, load, normalize_pixels
 from .errors import InputError, first_line
 from .results import atomic_write
@@ -82,8 +83,7 @@ class Source:
         return self.class_images(c)[idx]
 
     def batches(self, batch_size: int, classes: Optional[Sequence] = None) -> Iterator[tuple]:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        argcheck.positive_int("batch_size", batch_size)
         for c in self._classes(classes):
             rows = self._batch_rows(c)
             for start in range(0, rows.shape[0], batch_size):
@@ -139,8 +139,7 @@ class Source:
     def _draw(self, c: int, n: int, generator) -> torch.Tensor:
         """Indices (within class ``c``) of a draw of ``n`` images: randperm(n_c, generator)[:n]."""
         count = self.count(c)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n: expected a positive int, got {n!r}")
+        argcheck.positive_int("n", n)
         return torch.randperm(count, generator=generator)[:n]
 
     def _normalize(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -185,9 +184,8 @@ class RandomSource(Source):
     ``engine.RandomImageSource`` with the same arguments."""
 
     def __init__(self, num_classes: int, per_class: int, shape: tuple, seed: int = 0):
-        for name, value in (("num_classes", num_classes), ("per_class", per_class)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        argcheck.positive_int("num_classes", num_classes)
+        argcheck.positive_int("per_class", per_class)
         self.num_classes, self.per_class, self.shape, self.seed = num_classes, per_class, tuple(shape), seed
         self.name, self.counts = "random", [per_class] * num_classes
         self.mean, self.std = (0.0,) * self.shape[0], (1.0,) * self.shape[0]
@@ -357,10 +355,8 @@ class ImageFolderSource(Source):
             raise InputError(f"root: {root} is not a folder")
         if fit not in ("resize", "crop"):
             raise ValueError(f"fit: expected 'resize' or 'crop', got {fit!r}")
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"workers: expected None or a positive int, got {workers!r}")
-        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
-            raise ValueError(f"cache_bytes: expected an int >= 0, got {cache_bytes!r}")
+        argcheck.optional(argcheck.positive_int, "workers", workers)
+        argcheck.nonnegative_int("cache_bytes", cache_bytes)
         if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", split):
             raise ValueError(f"split: expected a plain name (it names the index file), got {split!r}")
         stats, size = _check_stats(mean, std), None if size is None else _check_size(size)
