@@ -8,7 +8,10 @@ ConvNetD1, AlexNet, LeNet). Each method's ``step()`` is timed without the term, 
 the term in memory="keep" and with the default memory="stream"; the term's cost is the
 difference. The floor is one forward with grad and one backward to the images of each
 of the K networks on the synthetic batch (benchmarks/workloads_metadd.py's "floor").
-Timings are round-robin medians (measure.time_cpu, or CUDA events on the GPU).
+"stream_bf16" is the default term under ``precision="bf16"`` (docs/precision.md), its cost
+taken against the same fp32 floor; "floor_bf16" is the floor under bf16 autocast.
+Timings are round-robin medians (measure.time_cpu, or CUDA events on the GPU); the rows
+(op "metadd_cost", with the device) are appended to benchmarks/results/results.csv.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import measure  # noqa: E402
+from run import RESULTS, append_rows, run_meta  # noqa: E402
 from workloads_metadd import floor  # noqa: E402
 
 import metadd_fast as mf  # noqa: E402
@@ -29,13 +33,15 @@ from metadd_fast.distill import DISTILLERS  # noqa: E402
 from metadd_fast.models import ConvNet, get_model  # noqa: E402
 
 METADD_MODELS = ("ConvNet", "ConvNetD1", "AlexNet", "LeNet")  # the CLI default (cli.DEFAULT_METADD_MODELS)
-VARIANTS = {"without": None, "keep": "keep", "stream": "stream"}  # name -> MetaDDLoss memory (None: no term)
+# name -> (MetaDDLoss memory, precision); None: no term
+VARIANTS = {"without": None, "keep": ("keep", "fp32"), "stream": ("stream", "fp32"), "stream_bf16": ("stream", "bf16")}
 
 
-def distiller(method: str, real, memory, models, device: str):
+def distiller(method: str, real, term, models, device: str):
     kw = dict(batch_real=64, seed=0, device=device)
-    if memory is not None:
-        kw.update(metadd=mf.MetaDDLoss(models, memory=memory), metadd_weight=10.0)
+    if term is not None:
+        memory, precision = term
+        kw.update(metadd=mf.MetaDDLoss(models, memory=memory, precision=precision), metadd_weight=10.0)
     if method == "sre2l":
         torch.manual_seed(0)
         kw["teacher"] = ConvNet(real.channel, real.num_classes, norm="batchnorm", im_size=real.im_size)
@@ -54,24 +60,35 @@ def main():
               for n in METADD_MODELS]
     images = real.images[:100].to(args.device).requires_grad_()
     labels = real.labels[:100].to(args.device)
-    calls = {"floor": measure.Call(lambda: torch.autograd.grad(floor(models, images, labels), images))}
+
+    def floor_grad(precision: str):
+        with mf.precision.autocast(precision, images.device.type):
+            return torch.autograd.grad(floor(models, images, labels), images)
+
+    calls = {"floor": measure.Call(lambda: floor_grad("fp32")), "floor_bf16": measure.Call(lambda: floor_grad("bf16"))}
     for method in args.methods:
-        for name, memory in VARIANTS.items():
-            calls[f"{method}/{name}"] = measure.Call(distiller(method, real, memory, models, args.device).step)
+        for name, term in VARIANTS.items():
+            calls[f"{method}/{name}"] = measure.Call(distiller(method, real, term, models, args.device).step)
     if args.device == "cuda":
         times = measure.time_cuda(calls, reps=args.reps)
     else:
         times = measure.time_cpu(calls, warmup=1, reps=args.reps, budget_s=600.0)
     base = times["floor"][0]
-    print(f"device: {measure.device_name(args.device)}; digits 16x16, IPC 10 (B=100), K=4 "
-          f"({', '.join(METADD_MODELS)}); floor {base * 1e3:.1f} ms")
-    print(f"{'method':8} {'step, no term':>14} {'term':8} {'step':>10} {'term cost':>10} {'x floor':>8}")
+    meta = run_meta(args.device)
+    append_rows(RESULTS, [dict(op="metadd_cost", provider=name, mode="step", workload="digits16_ipc10_k4",
+                               metric="time", unit="ms", p50=f"{t[0] * 1e3:.1f}", p20=f"{t[1] * 1e3:.1f}",
+                               p80=f"{t[2] * 1e3:.1f}", **meta) for name, t in times.items()])
+    print(f"device: {meta['device']}; digits 16x16, IPC 10 (B=100), K=4 "
+          f"({', '.join(METADD_MODELS)}); floor {base * 1e3:.1f} ms, bf16 floor {times['floor_bf16'][0] * 1e3:.1f} ms")
+    print(f"{'method':8} {'step, no term':>14} {'term':12} {'step':>10} {'term cost':>10} {'x floor':>8}")
     for method in args.methods:
         without = times[f"{method}/without"][0]
         print(f"{method:8} {without * 1e3:11.1f} ms")
-        for name in ("keep", "stream"):
+        for name in VARIANTS:
+            if name == "without":
+                continue
             step = times[f"{method}/{name}"][0]
-            print(f"{'':8} {'':14} {name:8} {step * 1e3:7.1f} ms {(step - without) * 1e3:7.1f} ms "
+            print(f"{'':8} {'':14} {name:12} {step * 1e3:7.1f} ms {(step - without) * 1e3:7.1f} ms "
                   f"{(step - without) / base:8.2f}")
 
 
