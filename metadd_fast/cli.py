@@ -42,8 +42,11 @@ def _add_distill(sub):
                    help="precision of the MetaDD networks: fp32, or bf16/fp16 under torch.autocast (the CAM "
                         "math stays float32; docs/precision.md); large-IPC engine only")
     p.add_argument("--robust-alpha", type=ca.alpha_or_none, default=None,
-                   help="robust DD: CVaR tail in (0, 1] over groups of real images (nearest synthetic image of "
-                        "the class)")
+                   help="robust DD: CVaR tail in (0, 1] over groups of real images (each the real images "
+                        "nearest one synthetic image: --robust-groups)")
+    p.add_argument("--robust-groups", choices=["class", "all"], default="class",
+                   help="robust DD groups: nearest synthetic image of the class, or of any class (the public "
+                        "code; needs one chunk: no --classes-per-chunk below the number of classes)")
     p.add_argument("--robust-weight", type=ca.positive_float, default=1.0,
                    help="robust DD: the CVaR term's weight (times the number of classes), added to the method's loss")
     p.add_argument("--zca", action="store_true",
@@ -233,8 +236,9 @@ def _engine_config(args, device):
     return EngineConfig(method=args.method, ipc=args.ipc, iterations=args.iterations,
                         classes_per_chunk=args.classes_per_chunk, batch_real=args.batch_real, arch=args.arch,
                         lr=args.lr, seed=args.seed, robust_alpha=args.robust_alpha, robust_weight=args.robust_weight,
-                        cvar_chunks=args.cvar_chunks, metadd_weight=args.metadd_weight,
-                        metadd_alpha=args.metadd_alpha, metadd_precision=args.metadd_precision, teacher=teacher,
+                        robust_groups=args.robust_groups, cvar_chunks=args.cvar_chunks,
+                        metadd_weight=args.metadd_weight, metadd_alpha=args.metadd_alpha,
+                        metadd_precision=args.metadd_precision, teacher=teacher,
                         metadd_models=tuple(args.metadd_models) if args.metadd_weight else (),
                         zca=args.zca, checkpoint_every=args.checkpoint_every, device=device,
                         pin_memory=args.pin_memory)

@@ -217,6 +217,8 @@ def check_distill(args) -> None:
                                             f"architectures), got {','.join(args.metadd_models)}")
     if args.robust_alpha is None and args.robust_weight != 1.0:
         raise flag_error("--robust-weight", "has no effect without --robust-alpha")
+    if args.robust_alpha is None and args.robust_groups != "class":
+        raise flag_error("--robust-groups", "has no effect without --robust-alpha")
     if args.classes_per_chunk is None and args.cvar_chunks != 1:
         raise flag_error("--cvar-chunks", "applies to the large-IPC engine only; add --classes-per-chunk")
     if args.classes_per_chunk is not None and args.zca:

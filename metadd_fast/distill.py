@@ -82,7 +82,7 @@ class Distiller:
     coverage losses instead of the method's own network (frozen if an nn.Module).
     robust_groups: "class" (each real image joins the nearest synthetic image of its own
     class) or "all" (the nearest synthetic image of any class, as the public Robust DD code's
-    ``Cluster_Strategy.query``; under the chunked engine: of any class of the chunk). The
+    ``Cluster_Strategy.query``; the engine allows it only with one chunk of every class). The
     group ids are the synthetic images' indices, c * ipc + j, either way.
     """
 

@@ -37,8 +37,10 @@ its global labels.
 
 With ``robust_alpha`` (robust DD, docs/methods.md), a step's loss is every chunk's
 ``loss_terms()`` plus ``robust_weight * (classes of the round) * CVaR`` over the groups (real
-images grouped by their nearest synthetic image of their class; the distillers'
-``group_losses()``) of ``cvar_chunks`` chunks optimized together: one "round".
+images grouped by their nearest synthetic image of their class, or with ``robust_groups="all"``
+of any class; the distillers' ``group_losses()``) of ``cvar_chunks`` chunks optimized together:
+one "round". Groups over all classes need every class in one chunk: ``robust_groups="all"``
+with more than one chunk is refused (a chunk sees only its own classes' synthetic images).
 In a ``torch.distributed`` run (gloo on CPU, NCCL on GPU;
 ``torchrun`` sets the environment) the chunks of a round are split over the ranks and
 the CVaR goes through the ``process_group=`` path of :func:`metadd_fast.cvar`, so every
@@ -49,8 +51,10 @@ only on the configuration and the seed, not on the number of ranks.
 With ``robust_alpha``, each finished chunk also groups ALL real images of its classes (not
 only the sampled batches): each joins its nearest final synthetic image of its class
 (:func:`metadd_fast.grouping.class_nearest_groups`, streamed a class at a time, so memory
-does not grow with the real set). ``<out>/groups.pt`` holds ``group_sizes`` (classes * ipc,):
-real images per synthetic image; a 0 is a synthetic image that represents no real one.
+does not grow with the real set), or with ``robust_groups="all"`` of any class
+(:func:`metadd_fast.grouping.nearest_groups`, streamed a batch at a time). ``<out>/groups.pt``
+holds ``group_sizes`` (classes * ipc,): real images per synthetic image; a 0 is a synthetic
+image that represents no real one.
 
 Each finished chunk is marked by an atomically written ``chunks/chunk_XXXXX.pt``; after
 a barrier rank 0 writes the merged ``synthetic.pt`` and ``synthetic.png`` (with MetaDD
@@ -83,7 +87,7 @@ from .ops.cvar import cvar
 from .data import Dataset, class_batches
 from .distill import DISTILLERS
 from .errors import InputError, first_line
-from .grouping import class_nearest_groups
+from .grouping import class_nearest_groups, nearest_groups
 from .metadd_loss import MetaDDLoss
 from .precision import PRECISIONS
 from .model_sources import file_digest, load_model, parse_spec
@@ -101,7 +105,9 @@ RUN_ONLY = ("device", "pin_memory", "checkpoint_every")  # where and how a run e
 @dataclasses.dataclass
 class EngineConfig:
     """A chunked run. ``robust_alpha``: robust-DD CVaR tail (None: off) over the groups of a
-    round of ``cvar_chunks`` chunks, with weight ``robust_weight`` (as the distillers'). ``metadd_weight``, ``metadd_models``
+    round of ``cvar_chunks`` chunks, with weight ``robust_weight`` (as the distillers');
+    ``robust_groups``: "class" (each real image joins the nearest synthetic image of its class)
+    or "all" (of any class, as the public code; one chunk only). ``metadd_weight``, ``metadd_models``
     (>= 2 spec strings), ``metadd_alpha``, ``metadd_precision``: the MetaDD term; ``teacher``: SRe2L's teacher
     spec; ``pretrain_epochs``: for zoo specs without weights. ``classes_per_chunk`` None: one
     chunk of every class. ``zca``: distill in ZCA space. ``checkpoint_every``: steps between
@@ -119,6 +125,7 @@ class EngineConfig:
     seed: int = 0
     robust_alpha: Optional[float] = None
     robust_weight: float = 1.0
+    robust_groups: str = "class"
     cvar_chunks: int = 1
     metadd_weight: float = 0.0
     metadd_models: tuple = ()
@@ -156,8 +163,10 @@ class EngineConfig:
         argcheck.seed("seed", self.seed)
         argcheck.boolean("pin_memory", self.pin_memory)
         argcheck.device("device", self.device)
+        argcheck.choice("robust_groups", self.robust_groups, ("class", "all"))
         if self.robust_alpha is None:
             argcheck.no_effect("robust_weight", self.robust_weight, 1.0, "without robust_alpha")
+            argcheck.no_effect("robust_groups", self.robust_groups, "class", "without robust_alpha")
         if not isinstance(self.metadd_models, (tuple, list)) or not all(isinstance(m, str) for m in self.metadd_models):
             raise argcheck.type_error("metadd_models", "a tuple of spec strings", self.metadd_models)
         if self.teacher is not None:
@@ -205,6 +214,13 @@ class EngineConfig:
                                  f"over {world} ranks; use a multiple of the world size")
         if self.pin_memory and torch.device(self.device or "cpu").type != "cuda":
             raise ValueError(f"pin_memory: pinned host memory serves a CUDA device, got device={self.device!r}")
+
+    def check_classes(self, num_classes: int) -> None:
+        """InputError naming ``robust_groups`` if the run over ``num_classes`` classes cannot group
+        as asked: groups over every class ("all") need one chunk holding every class."""
+        if self.robust_groups == "all" and (self.classes_per_chunk or num_classes) < num_classes:
+            raise InputError(f"robust_groups: groups over every class need one chunk: drop classes_per_chunk "
+                             f"(got {self.classes_per_chunk} for {num_classes} classes) or group per class ('class')")
 
 
 class SyntheticStore:
@@ -307,7 +323,8 @@ def _distiller(cfg: EngineConfig, source, classes: list, nets: Networks):
     kw = dict(teacher=nets.teacher, init="noise") if cfg.method == "sre2l" else {}  # SRe2L recovers from noise
     return DISTILLERS[cfg.method](real, cfg.ipc, lr=cfg.lr, batch_real=cfg.batch_real, arch=cfg.arch,
                                   metadd=nets.metadd, metadd_weight=cfg.metadd_weight,
-                                  robust_alpha=cfg.robust_alpha, robust_weight=cfg.robust_weight, seed=cfg.seed * 1_000_003 + classes[0],
+                                  robust_alpha=cfg.robust_alpha, robust_weight=cfg.robust_weight,
+                                  robust_groups=cfg.robust_groups, seed=cfg.seed * 1_000_003 + classes[0],
                                   device=cfg.device, label_offset=classes[0], **kw)
 
 
@@ -338,18 +355,24 @@ def _coupled_step(distillers: list, offsets: list, num_groups: int, alpha: float
 
 def _group_sizes(cfg: EngineConfig, real: Dataset, images: torch.Tensor, nets: Networks) -> torch.Tensor:
     """Real images per group (classes * ipc,) int64 over ALL real images of a chunk (``real``,
-    its distiller's), each in the group of its nearest final synthetic image of its class, in
-    the embedding of the teacher, else the first MetaDD network, else a fresh ``arch`` network
-    (seed ``cfg.seed``). Streamed a class at a time (:func:`class_nearest_groups`), each
-    normalized from the chunk's stored images as it is embedded."""
+    its distiller's; ``images`` its final synthetic images (classes * ipc, C, H, W)), each in the
+    group of its nearest final synthetic image of its class ("all": of any class of the chunk,
+    which holds every class), in the embedding of the teacher, else the first MetaDD network,
+    else a fresh ``arch`` network (seed ``cfg.seed``). Streamed a class (:func:`class_nearest_groups`)
+    or a batch (:func:`nearest_groups`) at a time, each normalized from the chunk's stored images
+    as it is embedded."""
     net = nets.teacher if nets.teacher is not None else nets.metadd.models[0] if nets.metadd is not None else None
     if net is None:
         torch.manual_seed(cfg.seed)
         net = get_model(cfg.arch, real.channel, real.num_classes, real.im_size).to(cfg.device).eval()
-    by_class = class_batches(real)
-    ids = class_nearest_groups(getattr(net, "embed", net), lambda c: real.take(by_class[c]),
-                               range(real.num_classes), images.detach(), cfg.ipc, batch_size=cfg.batch_real,
-                               device=cfg.device)
+    embed, images = getattr(net, "embed", net), images.detach()
+    if cfg.robust_groups == "all":
+        batches = (real.take(idx) for idx in torch.arange(len(real.labels)).split(cfg.batch_real))
+        ids = nearest_groups(embed, batches, images, batch_size=cfg.batch_real, device=cfg.device)
+    else:
+        by_class = class_batches(real)
+        ids = class_nearest_groups(embed, lambda c: real.take(by_class[c]), range(real.num_classes), images,
+                                   cfg.ipc, batch_size=cfg.batch_real, device=cfg.device)
     return torch.bincount(ids.cpu(), minlength=real.num_classes * cfg.ipc)
 
 
@@ -481,6 +504,7 @@ def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bo
     ranks None. A rank whose peer dies or hangs raises :class:`~metadd_fast.ranks.RankFailure`
     naming it; ``run.json`` records the settings the result depends on (:mod:`metadd_fast.runinfo`)."""
     cfg.check(dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1)
+    cfg.check_classes(source.num_classes)
     with ranks.watch(out, group):
         return _run_chunked(cfg, source, out, group, progress)
 

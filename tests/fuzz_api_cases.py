@@ -358,6 +358,10 @@ def _engine_entries() -> list:
     e.combo({"cvar_chunks": 2}, False, ("cvar_chunks",))
     e.combo({"robust_alpha": 0.5, "cvar_chunks": 2}, True)
     e.combo({"robust_alpha": 0.5, "cvar_chunks": 0}, False, ("cvar_chunks",))
+    for groups in ("global", "ALL", 1, None):
+        e.combo({"robust_alpha": 0.5, "robust_groups": groups}, False, ("robust_groups",))
+    e.combo({"robust_alpha": 0.5, "robust_groups": "all"}, True)
+    e.combo({"robust_groups": "all"}, False, ("robust_groups",))  # does nothing without robust_alpha
     e.combo({"method": "sre2l"}, False, ("teacher",))
     e.combo({"method": "sre2l", "teacher": "ConvNetBN"}, True)
     e.combo({"teacher": "ConvNetBN"}, False, ("teacher",))
@@ -367,7 +371,16 @@ def _engine_entries() -> list:
     e.combo({"metadd_models": ("ConvNet", "LeNet")}, False, ("metadd_models", "metadd_weight"))
     e.combo({"metadd_weight": 0.5, "metadd_models": ("ConvNet", "LeNet"), "metadd_alpha": 0.0}, False,
             ("metadd_alpha",))
-    return [e]
+
+    def check_classes(num_classes=6, **kw):
+        return EngineConfig(**kw).check_classes(num_classes)
+
+    c = Entry("engine.EngineConfig.check_classes", check_classes,
+              {"robust_alpha": 0.5, "robust_groups": "all", "classes_per_chunk": None})
+    c.combo({"classes_per_chunk": 6}, True).combo({"classes_per_chunk": 9}, True)
+    c.combo({"classes_per_chunk": 5}, False, ("robust_groups",))  # groups over every class need one chunk
+    c.combo({"robust_groups": "class", "classes_per_chunk": 5}, True)
+    return [e, c]
 
 
 def _model_source_entries() -> list:

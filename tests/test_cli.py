@@ -5,8 +5,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from metadd_fast.cli import main
+from metadd_fast.data import load_digits
 
 
 @pytest.mark.parametrize("argv", [[], ["distill"], ["evaluate"], ["bench"], ["demo"], ["info"]])
@@ -55,6 +57,24 @@ def test_distill_with_metadd_and_robust_grouping(tmp_path):
     assert os.path.exists(os.path.join(out, "cams.png"))
     assert sorted(os.listdir(os.path.join(out, "models"))) == ["00_metadd_models_ConvNetD1.pt",
                                                                "01_metadd_models_LeNet.pt"]
+
+
+def test_distill_robust_groups_all_round_trip(tmp_path, capsys):
+    """--robust-groups reaches the run (run.json, groups.pt over every real image); the folder
+    resumes only with the grouping it started with."""
+    out = str(tmp_path / "all")
+    args = ["distill", "--iterations", "1", "--ipc", "1", "--batch-real", "8", "--arch", "ConvNetD1",
+            "--robust-alpha", "0.5", "--out", out]
+    assert main(args + ["--robust-groups", "all"]) == 0
+    with open(os.path.join(out, "run.json")) as f:
+        assert json.load(f)["config"]["robust_groups"] == "all"
+    sizes = torch.load(os.path.join(out, "groups.pt"))["group_sizes"]
+    assert sizes.shape == (10,) and int(sizes.sum()) == len(load_digits("train", 16))
+    assert main(args + ["--robust-groups", "all", "--resume"]) == 0
+    capsys.readouterr()
+    assert main(args) == 2  # the default, "class": another run
+    err = capsys.readouterr().err
+    assert "holds a different run (differs in robust_groups)" in err and len(err.splitlines()) == 1
 
 
 def test_chunked_distill_resume_and_restart(tmp_path, capsys):

@@ -19,12 +19,12 @@ import metadd_fast as mf
 from metadd_fast.adapters import cam_target
 from metadd_fast.cli import main
 from metadd_fast.data import Dataset
-from metadd_fast.distill import SRe2L
+from metadd_fast.distill import DISTILLERS, SRe2L
 from metadd_fast.engine import EngineConfig, _load_networks, run_chunked
 from metadd_fast.grouping import class_nearest_groups
 from metadd_fast.model_sources import load_model, parse_spec
 from metadd_fast.models import MobileNetV2, ResNet18ImageNet, get_model
-from metadd_fast.sources import RandomSource
+from metadd_fast.sources import RandomSource, TensorSource
 
 CFG = dict(ipc=2, iterations=2, classes_per_chunk=2, batch_real=6, arch="ConvNetD1")
 SHAPE = (3, 8, 8)
@@ -240,6 +240,85 @@ def test_a_round_with_a_missing_chunk_marker_is_redone_whole(tmp_path):
     assert not again["images"][8:].any(), "round 1 was finished and must not be redone"
 
 
+# ---- robust_groups: "class" or "all" (docs/methods.md "Groups over all classes") ----------------
+
+
+def _in_memory(cfg: EngineConfig, ds: Dataset, teacher=None):
+    """The in-memory distiller of a one-chunk run of ``cfg`` on ``ds`` (the engine's seed and
+    label offset for chunk [0, ..]), after ``cfg.iterations`` steps."""
+    kw = dict(teacher=teacher, init="noise") if cfg.method == "sre2l" else {}
+    d = DISTILLERS[cfg.method](ds, cfg.ipc, batch_real=cfg.batch_real, arch=cfg.arch, robust_alpha=cfg.robust_alpha,
+                               robust_groups=cfg.robust_groups, seed=cfg.seed * 1_000_003, **kw)
+    for _ in range(cfg.iterations):
+        d.step()
+    return d
+
+
+@pytest.mark.parametrize("groups", ["class", "all"])
+@pytest.mark.parametrize("method", ["dm", "dc", "sre2l"])
+def test_one_chunk_robust_run_equals_the_in_memory_distiller(tmp_path, method, groups):
+    """One chunk of every class: the engine's coupled step (loss_terms + the CVaR over
+    group_losses) gives the in-memory distiller's step() bit for bit, for either grouping, and
+    groups.pt counts every real image in the group of its nearest final synthetic image (of its
+    class, or of any class) in the engine's embedding (a fresh ``arch`` network, the teacher)."""
+    teacher = dict(teacher=f"ConvNetBN={_weights(tmp_path, 'ConvNetBN')}") if method == "sre2l" else {}
+    cfg = EngineConfig(**dict(CFG, method=method, classes_per_chunk=None, robust_alpha=0.5, robust_groups=groups,
+                              **teacher))
+    source = TensorSource(_source().dataset())
+    ds = source.dataset()
+    run = run_chunked(cfg, source, str(tmp_path / "run"), progress=False)
+    net = _load_networks(cfg, source, str(tmp_path / "run")).teacher
+    d = _in_memory(cfg, ds, net)
+    assert torch.equal(run["images"], d.images.detach())
+    if net is None:  # the engine's grouping network without a teacher or MetaDD networks
+        torch.manual_seed(cfg.seed)
+        net = get_model(cfg.arch, 3, 6, SHAPE[1:])
+    with torch.no_grad():
+        distances = torch.cdist(net.eval().embed(ds.images).flatten(1), net.embed(run["images"]).flatten(1))
+    if groups == "class":
+        distances[ds.labels[:, None] != run["labels"][None]] = float("inf")
+    assert torch.equal(run["group_sizes"], torch.bincount(distances.argmin(1), minlength=12))
+
+
+def _strays(k: int = 3) -> Dataset:
+    """3 classes of random images (3, 8, 8), sorted by label: class 1 is 6 copies of one image
+    x1, class 0 ``k`` copies of x1 (strays beside class 1) then its 6 images, class 2 its 6."""
+    ds = _source(3).dataset()
+    x1 = ds.images[6:7]
+    images = torch.cat([x1.expand(k, *SHAPE), ds.images[:6], x1.expand(6, *SHAPE), ds.images[12:]])
+    labels = torch.tensor([0] * (6 + k) + [1] * 6 + [2] * 6)
+    return Dataset("strays", images.contiguous(), labels, 3, ds.mean, ds.std)
+
+
+def test_all_groups_strays_with_the_nearest_class_and_a_resume_keeps_its_grouping(tmp_path):
+    """At IPC 1 with the images left where they start (real images): "class" puts every real image
+    in its class's one group; "all" puts class 0's copies of x1 in class 1's group (its image is x1).
+    A run folder resumes only with the grouping it started with (run.json's identity)."""
+    source = TensorSource(_strays(k=3))
+    base = dict(CFG, ipc=1, iterations=1, lr=1e-9, classes_per_chunk=None, robust_alpha=0.5)
+    by_class = run_chunked(EngineConfig(**base), source, str(tmp_path / "class"), progress=False)
+    assert by_class["group_sizes"].tolist() == [9, 6, 6]
+    x1 = source.ds.images[0]
+    assert float((by_class["images"][0] - x1).abs().max()) > 1, "class 0's image starts on one of its own, not a stray"
+    every = run_chunked(EngineConfig(**dict(base, robust_groups="all")), source, str(tmp_path / "all"),
+                        progress=False)
+    assert every["group_sizes"].tolist() == [6, 9, 6]
+    assert torch.load(tmp_path / "all" / "groups.pt")["group_sizes"].tolist() == [6, 9, 6]
+    with pytest.raises(ValueError, match=re.escape("holds a different run (differs in robust_groups)")):
+        run_chunked(EngineConfig(**base), source, str(tmp_path / "all"), progress=False)
+    assert json.load(open(tmp_path / "all" / "run.json"))["config"]["robust_groups"] == "all"
+
+
+def test_all_groups_over_more_than_one_chunk_are_refused_before_anything_is_written(tmp_path):
+    cfg = EngineConfig(**dict(CFG, robust_alpha=0.5, robust_groups="all"))  # 6 classes, 2 per chunk
+    with pytest.raises(ValueError, match=re.escape("robust_groups: groups over every class need one chunk: drop "
+                                                   "classes_per_chunk (got 2 for 6 classes)")):
+        run_chunked(cfg, _source(), str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run").exists()
+    EngineConfig(**dict(CFG, classes_per_chunk=6, robust_alpha=0.5, robust_groups="all")).check_classes(6)
+    assert cfg.digest("k") != EngineConfig(**dict(CFG, robust_alpha=0.5)).digest("k")
+
+
 @pytest.mark.parametrize("change, world, words", [
     (dict(cvar_chunks=3), 2, "cvar_chunks: the 3 chunks of a round cannot be split evenly over 2 ranks"),
     (dict(cvar_chunks=0), 1, "cvar_chunks: expected a positive int"),
@@ -249,6 +328,9 @@ def test_a_round_with_a_missing_chunk_marker_is_redone_whole(tmp_path):
     (dict(method="mtt"), 1, "method: expected one of dm, dc, sre2l"),
     (dict(robust_alpha=None), 1, "cvar_chunks: coupling chunks needs robust_alpha"),
     (dict(robust_weight=0.0), 1, "robust_weight: expected a finite float > 0"),
+    (dict(robust_groups="global"), 1, "robust_groups: expected one of 'class', 'all', got 'global'"),
+    (dict(robust_alpha=None, cvar_chunks=1, robust_groups="all"), 1, "robust_groups: has no effect without "
+                                                                     "robust_alpha"),
     (dict(method="sre2l"), 1, "teacher: sre2l needs a teacher"),
     (dict(teacher="ConvNetBN"), 1, "teacher: sre2l needs a teacher and only sre2l uses one"),
     (dict(metadd_weight=1.0, metadd_models=("ConvNet",)), 1, "metadd_models: MetaDD needs at least 2 networks"),
