@@ -444,6 +444,14 @@ def _zca_entries() -> list:
                             tensor("nan", 6, 1, 4, 4), [1.0], None, tensor("randn", 2, 3, 65, 64)])
         .arg("strength", "pfloat")
         .arg("chunk", "count"),
+        Entry("zca.ZCA.fit_batches", ZCA.fit_batches,
+              {"batches": Lazy(lambda: list(resolve(tensor("randn", 6, 1, 4, 4)).split(4)), "<2 batches>")})
+        .arg("batches", bad=[None, 3, [], Lazy(lambda: [resolve(tensor("randn", 1, 1, 4, 4))], "<1 image>"),
+                             Lazy(lambda: [resolve(tensor("randn", 3, 1, 4, 4)), resolve(tensor("randn", 3, 1, 4, 5))],
+                                  "<2 shapes>"),
+                             Lazy(lambda: [resolve(tensor("nan", 6, 1, 4, 4))], "<NaN>"),
+                             Lazy(lambda: [resolve(tensor("randn", 2, 3, 65, 64))], "<too large>")])
+        .arg("strength", "pfloat"),
         Entry("zca.ZCA.whiten", whiten, {"x": tensor("randn", 2, 1, 4, 4)})
         .arg("x", bad=[tensor("int", 2, 1, 4, 4), tensor("randn", 2, 1, 4, 5), tensor("randn", 2, 16), None],
              good=[tensor("randn", 2, 1, 2, 8)]),

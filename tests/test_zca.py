@@ -93,3 +93,21 @@ def test_distill_run_with_zca_saves_unwhitened_images_and_the_transform(tmp_path
     # saved in the dataset's own space (direct distances: cdist's norm expansion is off by ~0.02 here)
     nearest = (images.flatten(1)[:, None] - train[None]).norm(dim=-1).min(1).values
     assert float(nearest.max()) < 1e-3
+
+
+def test_fit_batches_is_fit_streamed():
+    """The same accumulation over batches: equal to fit's with the same batches, close to one
+    batch; a shift far from zero (pixels around 3) loses nothing."""
+    x = _correlated(n=700, seed=2)
+    a, b = ZCA.fit(x, chunk=100), ZCA.fit_batches(x.split(100))
+    assert torch.equal(a.whiten_matrix, b.whiten_matrix) and torch.equal(a.mean, b.mean)
+    one = ZCA.fit(x, chunk=700)
+    torch.testing.assert_close(b.whiten_matrix, one.whiten_matrix, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(b.mean, x.reshape(700, -1).mean(0), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="batches: expected images of 12 values"):
+        ZCA.fit_batches([x[:3], torch.randn(3, 2, 2, 2, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="batches: expected at least 2 images"):
+        ZCA.fit_batches([x[:1]])
+    with pytest.raises(TypeError, match="batches: expected an iterable"):
+        ZCA.fit_batches(None)
+
