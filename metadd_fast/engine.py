@@ -62,6 +62,10 @@ checkpoint from another run, or a corrupt or crafted one, is refused with a mess
 the file. With ``zca``, the run distills in regularised-ZCA space fitted on every real image
 (:mod:`metadd_fast.zca`; CIFAR-sized sets: it needs the whole set in memory), saves the
 transform in ``zca.pt`` and the synthetic set un-whitened.
+
+Zoo networks without a weights file are trained on the source a batch at a time
+(:meth:`~metadd_fast.sources.Source.rows`: an image folder decodes only the batch's files,
+every image once an epoch), so their training holds no more than a batch either.
 """
 from __future__ import annotations
 
@@ -269,13 +273,13 @@ class Networks:
 def _load_networks(cfg: EngineConfig, source, out: str) -> Networks:
     """The teacher and MetaDD networks on ``cfg.device``: those with a weights file first (so a
     bad file is reported before any image is read), then zoo specs without weights, trained on
-    ``source.dataset()`` (small sources) and cached in ``<out>/models/``."""
+    ``source`` a batch at a time and cached in ``<out>/models/``."""
     specs = cfg.specs()
     nets = [None] * len(specs)
     for i in sorted(range(len(specs)), key=lambda i: specs[i][1].path is None):
         flag, spec = specs[i]
         nets[i] = load_model(spec, flag, channel=source.shape[0], num_classes=source.num_outputs,
-                             im_size=source.shape[1:], seed=cfg.seed + i, train=source.dataset,
+                             im_size=source.shape[1:], seed=cfg.seed + i, train=source,
                              cache=os.path.join(out, "models", f"{i:02d}_{flag}_{spec.arch}.pt"),
                              epochs=cfg.pretrain_epochs, data_key=source.key).to(cfg.device)
     teacher = nets.pop(0) if cfg.teacher is not None else None
@@ -473,8 +477,8 @@ def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bo
     """Distill ``source`` (a class-indexed :class:`metadd_fast.sources.Source`: ``num_classes``,
     ``counts``, ``shape`` (C, H, W), ``mean``/``std``, ``num_outputs`` (the classes of the
     teacher and MetaDD networks, of which the source's are the first), ``key`` (its identity),
-    ``class_images(c)`` or ``class_pixels(c)``, and ``dataset()`` (all of it, to train zoo
-    networks on)) in class chunks into ``out``. In a distributed run pass ``group`` (or rely on
+    ``class_images(c)`` or ``class_pixels(c)``, ``rows(idx)`` and ``labels()`` (to train zoo
+    networks on, a batch at a time)) in class chunks into ``out``. In a distributed run pass ``group`` (or rely on
     the default group); rank 0 returns {"images" (classes * ipc, C, H, W) float32 backed by
     ``synthetic.f32``, "labels" (classes * ipc,) int64, "seconds" (from the first chunk, the
     networks loaded), and with robust_alpha "group_sizes" (classes * ipc,) int64}, other

@@ -13,8 +13,13 @@ A source answers, without holding the whole data set in memory:
 - ``batches(batch_size, classes=None)``: (images, labels) over the given classes (default:
   all) in class order, at most ``batch_size`` images each and never two classes in one batch;
   labels are global class indices. At most one class is decoded at a time;
+- ``rows(idx)``: the images at global row indices ``idx`` (int64 (n,)), float32 (n, C, H, W),
+  normalized, reading only those (an image folder decodes only their files), and ``labels()``:
+  every row's class, int64 (N,). Global rows are ``dataset()``'s: every class's images in
+  class order (a :class:`TensorSource`: its Dataset's own order). Zoo networks are trained
+  on them a batch at a time (:func:`metadd_fast.training.train_model`);
 - ``dataset()``: all of it as one in-memory :class:`~metadd_fast.data.Dataset` (small sources
-  only: zoo networks are trained on it, and the in-memory pipeline reads it).
+  only: the in-memory pipeline reads it).
 
 For the engine (which already calls sources this way): ``source(c)`` is
 ``class_images(c)``, and ``num_outputs`` (the networks' output count) is ``num_classes``.
@@ -60,8 +65,9 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 class Source:
     """The interface (see the module's docstring). Subclasses set ``name``, ``num_classes``,
     ``counts``, ``shape``, ``mean``, ``std``, ``key`` and implement :meth:`class_images`;
-    :meth:`sample` and :meth:`batches` have generic versions built on it, which a source
-    that can read single images overrides (reading only what it returns)."""
+    :meth:`rows`, :meth:`sample` (through :meth:`rows`) and :meth:`batches` have generic
+    versions built on it, which a source that can read single images overrides (reading only
+    what it returns)."""
 
     name: str
     num_classes: int
@@ -79,8 +85,23 @@ class Source:
         return self.counts[self._check_class(c)]
 
     def sample(self, c: int, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        idx = self._draw(c, n, generator)
-        return self.class_images(c)[idx]
+        c = self._check_class(c)
+        return self.rows(sum(self.counts[:c]) + self._draw(c, n, generator))
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The images at global rows ``idx`` (int64 (n,), each in [0, len(self))), float32
+        (n, C, H, W) normalized, in the order of ``idx``. Generic version: each class among
+        them read once (:meth:`class_images`)."""
+        cls, within = self._locate(idx)
+        out = torch.empty((len(cls), *self.shape), dtype=torch.float32)
+        for c in cls.unique().tolist():
+            at = cls == c
+            out[at] = self.class_images(c)[within[at]]
+        return out
+
+    def labels(self) -> torch.Tensor:
+        """The class of every global row, int64 (N,): class c's ``count(c)`` rows, in class order."""
+        return torch.arange(self.num_classes).repeat_interleave(torch.tensor(self.counts, dtype=torch.int64))
 
     def batches(self, batch_size: int, classes: Optional[Sequence] = None) -> Iterator[tuple]:
         argcheck.positive_int("batch_size", batch_size)
@@ -136,6 +157,15 @@ class Source:
     def _classes(self, classes) -> list:
         return list(range(self.num_classes)) if classes is None else [self._check_class(c) for c in classes]
 
+    def _locate(self, idx) -> tuple:
+        """Global rows ``idx`` (checked: int (n,) in [0, len(self))) -> (class, index within the
+        class), int64 (n,) each."""
+        argcheck.labels("idx", idx, num_classes=len(self))
+        idx, counts = idx.to(torch.int64), torch.tensor(self.counts, dtype=torch.int64)
+        ends = counts.cumsum(0)
+        cls = torch.searchsorted(ends, idx, right=True)
+        return cls, idx - (ends - counts)[cls]
+
     def _draw(self, c: int, n: int, generator) -> torch.Tensor:
         """Indices (within class ``c``) of a draw of ``n`` images: randperm(n_c, generator)[:n]."""
         count = self.count(c)
@@ -173,6 +203,14 @@ class TensorSource(Source):
 
     def sample(self, c: int, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         return self.ds.images[self._index[self._check_class(c)][self._draw(c, n, generator)]]
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The Dataset's rows ``idx`` (its own order: global rows are the Dataset's)."""
+        argcheck.labels("idx", idx, num_classes=len(self))
+        return self.ds.images[idx]
+
+    def labels(self) -> torch.Tensor:
+        return self.ds.labels
 
     def dataset(self) -> Dataset:
         return self.ds
@@ -338,7 +376,8 @@ class ImageFolderSource(Source):
       decode a class's files in parallel (PIL releases the GIL while it decodes and resizes).
       Pixels are uint8 (n, 3, H, W) (:meth:`class_pixels`); images are normalized per batch.
       ``cache_bytes`` (default 0) keeps that many bytes of decoded classes (uint8, least
-      recently used dropped first), so :meth:`sample` on a kept class decodes nothing.
+      recently used dropped first), so :meth:`sample` and :meth:`rows` on a kept class decode
+      nothing; on other classes they decode only the files they return.
     - Statistics: ``mean``/``std`` if given; ImageNet's when every class is a wnid
       (``n`` + 8 digits: ImageNet, Tiny-ImageNet); else those of a fixed sample of at most
       1,000 images (seed 0), decoded at ``size``: never a pass over the whole folder.
@@ -549,12 +588,20 @@ class ImageFolderSource(Source):
     def class_images(self, c: int) -> torch.Tensor:
         return self._normalize(self.class_pixels(c))
 
-    def sample(self, c: int, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        c = self._check_class(c)
-        idx = self._draw(c, n, generator)
-        if c in self._cache:
-            return self._normalize(self._cache[c][idx])
-        return self._normalize(self._decode([self.files[c][i] for i in idx.tolist()]))
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows of kept classes from their pixels, the others' files decoded (only those, in
+        one parallel :meth:`_decode`); normalized."""
+        cls, within = self._locate(idx)
+        pixels = torch.empty((len(cls), *self.shape), dtype=torch.uint8)
+        todo = []
+        for k, (c, i) in enumerate(zip(cls.tolist(), within.tolist())):
+            if c in self._cache:
+                pixels[k] = self._cache[c][i]
+            else:
+                todo.append((k, self.files[c][i]))
+        if todo:
+            pixels[[k for k, _ in todo]] = self._decode([rel for _, rel in todo])
+        return self._normalize(pixels)
 
     def _batch_rows(self, c: int) -> torch.Tensor:  # uint8: normalized one batch at a time
         return self.class_pixels(c)

@@ -320,7 +320,7 @@ def test_networks_load_from_state_dict_files_and_other_files_are_refused(tmp_pat
     cache.write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match=re.escape(f"{cache}: corrupt cached network")):
         load_model(parse_spec("ConvNetD1", "--metadd-models"), "--metadd-models", channel=3, num_classes=6,
-                   im_size=(8, 8), train=_source().dataset, cache=str(cache))
+                   im_size=(8, 8), train=_source(), cache=str(cache))
     with pytest.raises(ValueError, match="does not fit"):  # the right network for 10 classes, not 6
         load_model(parse_spec(f"ConvNetBN={path}", "--teacher"), "--teacher", channel=3, num_classes=10,
                    im_size=(8, 8))

@@ -8,7 +8,8 @@ from metadd_fast.sources import RandomSource, TensorSource, open_source
 
 
 def _interface_holds(src):
-    """What every source promises: counts, shapes, sample = randperm draw, batches one class each."""
+    """What every source promises: counts, shapes, sample = randperm draw, batches one class each,
+    rows and labels = the dataset's."""
     assert len(src.counts) == src.num_classes and len(src) == sum(src.counts)
     full = [src.class_images(c) for c in range(src.num_classes)]
     for c, x in enumerate(full):
@@ -28,6 +29,12 @@ def _interface_holds(src):
     assert some == [1, 0]
     ds = src.dataset()
     assert ds.num_classes == src.num_classes and len(ds) == len(src) and tuple(ds.mean) == tuple(src.mean)
+    idx = torch.randperm(len(src), generator=torch.Generator().manual_seed(1))[:7]
+    assert torch.equal(src.rows(idx), ds.images[idx]) and torch.equal(src.labels(), ds.labels)
+    assert src.rows(idx[:0]).shape == (0, *src.shape)
+    for bad in (torch.tensor([len(src)]), torch.tensor([-1]), torch.tensor([0.5]), [0]):
+        with pytest.raises((TypeError, ValueError), match="idx"):
+            src.rows(bad)
     with pytest.raises(ValueError, match="class"):
         src.class_images(src.num_classes)
     with pytest.raises(ValueError, match="batch_size"):
