@@ -32,6 +32,8 @@ Sources here:
 - :class:`ImageFolderSource`: class sub-folders of images (ImageNet ``train/<wnid>/*.JPEG``,
   Tiny-ImageNet ``<wnid>/images/``, any class-per-folder layout), indexed once and decoded
   class by class on demand, in parallel, as uint8.
+- :class:`WhitenedSource`: another source's images ZCA-whitened on demand (``--zca``), the
+  ZCA fitted on every image of it in one streamed pass (:meth:`metadd_fast.zca.ZCA.fit_batches`).
 
 :func:`open_source` opens one by data set name, as :func:`metadd_fast.data.load` loads one.
 """
@@ -55,9 +57,10 @@ from . import argcheck
 from .data import _IMAGE_EXT, Dataset, load, normalize_pixels
 from .errors import InputError, first_line
 from .results import atomic_write
+from .zca import ZCA, check_features
 
-__all__ = ["Source", "TensorSource", "RandomSource", "ImageFolderSource", "open_source", "folder_split",
-           "decode_image", "IMAGENET_STATS"]
+__all__ = ["Source", "TensorSource", "RandomSource", "ImageFolderSource", "WhitenedSource", "open_source",
+           "folder_split", "decode_image", "IMAGENET_STATS"]
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -636,6 +639,61 @@ class ImageFolderSource(Source):
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+class WhitenedSource(Source):
+    """``source``'s images ZCA-whitened as they are read (a distill ``--zca`` run): every
+    method reads what ``source``'s reads (a chunk its own classes, :meth:`rows` only those
+    rows) and whitens it. The ZCA (:attr:`zca`) is fitted on every image of ``source`` when
+    first needed, in one pass over its batches of ``batch_size`` (at most one class decoded
+    at a time; :meth:`metadd_fast.zca.ZCA.fit_batches`). Images of more than
+    :data:`metadd_fast.zca.MAX_FEATURES` values are refused here, before any is read
+    (InputError naming ``source``). Global rows, labels, counts, mean and std are ``source``'s."""
+
+    def __init__(self, source: Source, strength: float = 0.1, batch_size: int = 256):
+        argcheck.instance("source", source, Source, "a metadd_fast.sources.Source")
+        check_features("source", source.shape)
+        argcheck.positive_float("strength", strength)
+        argcheck.positive_int("batch_size", batch_size)
+        self.source, self.strength, self.batch_size, self._zca = source, float(strength), batch_size, None
+        self.name, self.num_classes, self.counts = f"{source.name}+zca", source.num_classes, source.counts
+        self.shape, self.mean, self.std = tuple(source.shape), tuple(source.mean), tuple(source.std)
+        self.key = f"{source.key}+zca:{self.strength:g}"
+
+    @property
+    def zca(self) -> ZCA:
+        """The ZCA fitted on every image of ``source`` (fitted on first use)."""
+        if self._zca is None:
+            self._zca = ZCA.fit_batches((x for x, _ in self.source.batches(self.batch_size)), self.strength)
+        return self._zca
+
+    def _whiten(self, x: torch.Tensor) -> torch.Tensor:
+        return self.zca.whiten(x) if len(x) else x  # none read: nothing to whiten (nor to fit for)
+
+    @property
+    def num_outputs(self) -> int:
+        return self.source.num_outputs
+
+    def class_images(self, c: int) -> torch.Tensor:
+        return self._whiten(self.source.class_images(c))
+
+    def sample(self, c: int, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self._whiten(self.source.sample(c, n, generator))
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return self._whiten(self.source.rows(idx))
+
+    def labels(self) -> torch.Tensor:
+        return self.source.labels()
+
+    def _batch_rows(self, c: int) -> torch.Tensor:
+        return self.source._batch_rows(c)
+
+    def _batch_images(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._whiten(self.source._batch_images(rows))
+
+    def dataset(self) -> Dataset:
+        return self.zca.whiten_dataset(self.source.dataset())
 
 
 def folder_split(path: str, split: str) -> str:

@@ -1,8 +1,8 @@
 """The engine on class-indexed sources: a decoded image folder (uint8 chunks, normalized per
-batch) gives the same run as its images handed over in memory, for every method and with zoo
-networks trained on it; zoo networks are trained a batch at a time (never the whole folder
-decoded); SRe2L from a teacher file without robust DD opens no image; every flag and weights
-file is checked before the first image is decoded."""
+batch) gives the same run as its images handed over in memory, for every method, with zoo
+networks trained on it and with --zca; zoo networks are trained a batch at a time (never the
+whole folder decoded); SRe2L from a teacher file without robust DD opens no image; every flag
+and weights file is checked before the first image is decoded."""
 import os
 
 import pytest
@@ -50,11 +50,16 @@ def _configs(tmp):
         # networks without weights files: zoo networks trained on the source (a batch at a time)
         "sre2l+zoo-teacher": dict(BASE, method="sre2l", teacher="ConvNetBN", pretrain_epochs=2),
         "dm+metadd-zoo": dict(BASE, metadd_weight=1.0, metadd_models=("ConvNetD1", "ConvNetD2"), pretrain_epochs=2),
+        # ZCA fitted on the source's batches, each chunk's classes whitened as read
+        "dm+zca+metadd-zoo": dict(BASE, zca=True, metadd_weight=1.0, metadd_models=("ConvNetD1", "ConvNetD2"),
+                                  pretrain_epochs=1),
+        "dc+zca+robust": dict(BASE, method="dc", zca=True, robust_alpha=0.5),
     }
 
 
 @pytest.mark.parametrize("name", ["dm", "dm+robust", "dc+metadd", "dc+metadd+robust", "sre2l",
-                                  "sre2l+metadd+robust", "dm+one-chunk", "sre2l+zoo-teacher", "dm+metadd-zoo"])
+                                  "sre2l+metadd+robust", "dm+one-chunk", "sre2l+zoo-teacher", "dm+metadd-zoo",
+                                  "dm+zca+metadd-zoo", "dc+zca+robust"])
 def test_a_folder_source_gives_the_run_of_its_images_in_memory(tmp_path, folder, monkeypatch, name):
     cfg = EngineConfig(**_configs(tmp_path)[name])
     src = ImageFolderSource(folder, 16, index_dir=str(tmp_path))
@@ -78,11 +83,17 @@ def test_a_folder_source_gives_the_run_of_its_images_in_memory(tmp_path, folder,
     assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
     if cfg.robust_alpha is not None:
         assert torch.equal(a["group_sizes"], b["group_sizes"]) and int(a["group_sizes"].sum()) == 20
+    if cfg.zca:
+        assert torch.equal(torch.load(tmp_path / "folder" / "zca.pt")["whiten"],
+                           torch.load(tmp_path / "memory" / "zca.pt")["whiten"])
     # The folder's chunks held uint8 pixels of their own classes only, the in-memory ones float32
-    # SRe2L without robust DD held none.
+    # (with ZCA both whitened float32 images of their own classes); SRe2L without robust DD held none.
     per_chunk = 5 * (cfg.classes_per_chunk or CLASSES) if cfg.method != "sre2l" or cfg.robust_alpha else 0
-    assert set(stored) == {("ImageFolderSource", torch.uint8, per_chunk),
-                           ("TensorSource", torch.float32 if per_chunk else torch.uint8, per_chunk)}
+    if cfg.zca:
+        assert set(stored) == {("WhitenedSource", torch.float32, per_chunk)}
+    else:
+        assert set(stored) == {("ImageFolderSource", torch.uint8, per_chunk),
+                               ("TensorSource", torch.float32 if per_chunk else torch.uint8, per_chunk)}
 
 
 def _corrupt_folder(root, classes=CLASSES, per_class=3):
