@@ -68,7 +68,9 @@ un-whitened.
 
 Zoo networks without a weights file are trained on the source a batch at a time
 (:meth:`~metadd_fast.sources.Source.rows`: an image folder decodes only the batch's files,
-every image once an epoch), so their training holds no more than a batch either.
+every image once an epoch), so their training holds no more than a batch either. Nothing is
+written into ``out`` (run files, nor the source's index: ``save_index()``) before every
+network with a weights file is loaded and every check has passed.
 """
 from __future__ import annotations
 
@@ -474,7 +476,7 @@ def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bo
     ``counts``, ``shape`` (C, H, W), ``mean``/``std``, ``num_outputs`` (the classes of the
     teacher and MetaDD networks, of which the source's are the first), ``key`` (its identity),
     ``class_images(c)`` or ``class_pixels(c)``, ``rows(idx)`` and ``labels()`` (to train zoo
-    networks on, a batch at a time)) in class chunks into ``out``. In a
+    networks on, a batch at a time), ``save_index()``) in class chunks into ``out``. In a
     distributed run pass ``group`` (or rely on the default group); rank 0 returns {"images"
     (classes * ipc, C, H, W) float32 backed by ``synthetic.f32``, "labels" (classes * ipc,)
     int64, "seconds" (from the first chunk, the networks loaded), and with robust_alpha
@@ -505,6 +507,8 @@ def _run_chunked(cfg: EngineConfig, source, out: str, group, progress: bool) -> 
                      if distributed else None)
     zca = source.zca if cfg.zca else None
     os.makedirs(os.path.join(out, "chunks"), exist_ok=True)
+    if rank == 0:
+        source.save_index()
     if rank == 0 and not os.path.exists(run_file):
         atomic_write_json({"digest": digest, "config": cfg.identity(), "source": key}, run_file)
     if rank == 0 and zca is not None:

@@ -2,7 +2,8 @@
 batch) gives the same run as its images handed over in memory, for every method, with zoo
 networks trained on it and with --zca; zoo networks are trained a batch at a time (never the
 whole folder decoded); SRe2L from a teacher file without robust DD opens no image; every flag
-and weights file is checked before the first image is decoded."""
+and weights file is checked before the first image is decoded, and a refused run writes
+nothing into --out."""
 import os
 
 import pytest
@@ -132,7 +133,8 @@ def test_sre2l_from_a_teacher_file_opens_no_image_and_bad_flags_are_reported_fir
             code = exit_.code
         err = capsys.readouterr().err
         assert code == 2 and words in err and "Traceback" not in err, (extra, err)
-    assert opened == []
+    assert opened == [] and not os.path.exists(tmp_path / "bad")  # refused: nothing written, not even the index
+    assert "index_train.json" in os.listdir(tmp_path / "run")  # a run that starts writes it
     # With robust DD the real images are read: one line naming the corrupt file.
     monkeypatch.undo()
     code = main(argv + ["--teacher", f"ConvNetBN={teacher}", "--robust-alpha", "0.5", "--out",
@@ -176,6 +178,22 @@ def test_zoo_networks_train_on_a_folder_a_batch_at_a_time(tmp_path, folder, monk
     assert sorted(os.listdir(tmp_path / "run" / "models")) == ["00_teacher_ConvNetBN.pt",
                                                                  "01_metadd_models_ConvNetD1.pt",
                                                                  "02_metadd_models_ConvNetD2.pt"]
+
+
+def test_a_refused_run_writes_nothing_into_out(tmp_path, folder, capsys):
+    """A bad --ipc on a folder: one line, exit 2, and --out is not created (nor the index written
+    into an existing one); a run that starts writes the index there."""
+    argv = ["distill", "--dataset", "folder", "--data-path", folder, "--size", "16", "--iterations", "1",
+            "--arch", "ConvNetD1", "--batch-real", "4"]
+    for out in (tmp_path / "new", tmp_path / "existing"):
+        if out.name == "existing":
+            out.mkdir()
+        assert main(argv + ["--ipc", "6", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "argument --ipc: at most 5" in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists() if out.name == "new" else os.listdir(out) == []
+    assert main(argv + ["--ipc", "1", "--out", str(tmp_path / "existing")]) == 0
+    assert "index_train.json" in os.listdir(tmp_path / "existing")
 
 
 def test_cli_warns_once_when_zoo_networks_train_on_a_folder(tmp_path, folder, capsys):
