@@ -1,9 +1,11 @@
-"""Real data at ImageNet scale: how fast image folders decode (``--parts decode``), and what
-the chunked engine costs at 100 vs 1,000 classes (``--parts engine``).
+"""Real data at ImageNet scale: how fast image folders decode (``--parts decode``), what
+the chunked engine costs at 100 vs 1,000 classes (``--parts engine``), and that zoo-network
+training and ``--zca`` stream (``--parts stream``).
 
     python benchmarks/data_scale.py                          # 10 classes x 50 JPEGs of 500 x 375, 64 and 224 px
     python benchmarks/data_scale.py --per-class 100 --sizes 64,128,224 --workers 2
     python benchmarks/data_scale.py --parts engine           # 100 and 1,000 classes x 10 JPEGs, 32 px
+    python benchmarks/data_scale.py --parts stream           # 20 classes x 100, 200, 400 JPEGs, 32 px
 
 engine: ImageNet-layout folders of ``--scales`` (default 100 and 1,000 classes x 10 JPEGs of
 500 x 375; ``--unique`` distinct generated files, hard-linked into every class folder), and
@@ -14,6 +16,18 @@ ConvNetD2 with robust DD, alpha 0.5: every class is decoded, grouped and dropped
 is a fresh process (``--engine-reps`` of them): seconds to the imports, the index, the first
 image update and the end; peak RSS at the first update and at the end. Rows go to
 benchmarks/results/data_scale_engine.csv; the summary prints the 1,000-over-100 ratios.
+
+stream: folders of ``--stream-scales`` (default 20 classes x 100, 200 and 400 images, hard
+links to ``--unique`` generated JPEGs) and two chunked runs on each, each a fresh process
+(the engine part's child), decoded at ``--stream-size`` (32 px), 1 thread, IPC 1, one step
+per chunk of 2 classes: ``sre2l+zoo-teacher`` (the teacher ConvNetBN without a weights
+file, trained on the folder for ``--pretrain-epochs`` (1) before the recovery, which reads
+no image) and ``dm+zca`` (DM through ConvNet in ZCA space: the ZCA fitted on every image).
+Both read every image of the folder, so a run that held the data set would grow with it;
+peak RSS should stay flat (only the index grows). ``--baseline DIR``: the same runs with
+the ``metadd_fast`` package of DIR too (an export of an earlier commit), labelled by DIR's
+name. Rows go to benchmarks/results/data_scale_stream.csv (``dataset_f32_MB``: what the
+whole folder takes as one float32 tensor, for scale).
 
 decode: an ImageNet-layout folder of generated photo-like JPEGs (500 x 375, as ImageNet's
 typical image; :func:`metadd_fast.testing_data.make_imagenet_folder`) is decoded to
@@ -279,6 +293,72 @@ def engine_rows(args, tmp: str) -> list:
     return rows
 
 
+# ---- stream: zoo networks and --zca on 1x, 2x, 4x the images per class ---------------------------
+
+STREAM_OUT = os.path.join(HERE, "results", "data_scale_stream.csv")
+STREAM_FIELDS = ["cpu", "cpus", "commit", "code", "date", "run", "classes", "per_class", "images", "image", "size",
+                 "ipc", "iterations", "classes_per_chunk", "pretrain_epochs", "threads", "dataset_f32_MB",
+                 "total_s", "peak_rss_MB", "loadavg_before", "loadavg_after"]
+STREAM_RUNS = ("sre2l+zoo-teacher", "dm+zca")
+
+
+def stream_config(run: str, pretrain_epochs: int) -> dict:
+    """The EngineConfig fields of a stream run: networks without weights files, or --zca."""
+    common = dict(ipc=1, iterations=1, classes_per_chunk=2, batch_real=32)
+    if run == "sre2l+zoo-teacher":
+        return dict(common, method="sre2l", teacher="ConvNetBN", pretrain_epochs=pretrain_epochs)
+    return dict(common, method="dm", zca=True)
+
+
+def stream_rows(args, tmp: str) -> list:
+    """For each scale, run and code (this checkout, and ``--baseline``), one fresh process."""
+    import subprocess
+
+    unique = os.path.join(tmp, "unique")
+    make_imagenet_folder(unique, 1, args.unique, size=args.image, seed=0)
+    codes = [(measure.git_commit(), os.path.dirname(HERE))]
+    if args.baseline:
+        codes.append((os.path.basename(os.path.normpath(args.baseline)), args.baseline))
+    base = {"cpu": _cpu_model(), "cpus": _cpus(), "commit": measure.git_commit(), "date": time.strftime("%Y-%m-%d"),
+            "image": f"{args.image[0]}x{args.image[1]}", "size": args.stream_size, "ipc": 1, "iterations": 1,
+            "classes_per_chunk": 2, "threads": args.threads}
+    rows = []
+    for classes, per_class in args.stream_scales:
+        root = os.path.join(tmp, f"{classes}x{per_class}")
+        train = linked_folder(root, unique, classes, per_class)
+        for run in args.runs_stream.split(","):
+            cfg = stream_config(run, args.pretrain_epochs)
+            for code, path in codes:
+                out = os.path.join(root, f"{run}_{code}")
+                load_before = os.getloadavg()[0]
+                done = subprocess.run([sys.executable, "-c", ENGINE_CHILD, train, out, json.dumps(cfg),
+                                       str(args.stream_size), str(args.threads)], capture_output=True, text=True,
+                                      env=dict(os.environ, PYTHONPATH=path), cwd=path)
+                if done.returncode:
+                    raise SystemExit(f"data_scale.py: {run} ({code}) at {classes}x{per_class} failed:\n"
+                                     f"{done.stderr[-2000:]}")
+                m = json.loads(done.stdout.strip().splitlines()[-1])
+                images = classes * per_class
+                row = dict(base, code=code, run=run, classes=classes, per_class=per_class, images=images,
+                           pretrain_epochs=cfg.get("pretrain_epochs", ""),
+                           dataset_f32_MB=f"{images * 3 * args.stream_size ** 2 * 4 / 2 ** 20:.0f}",
+                           total_s=f"{m['total_s']:.1f}", peak_rss_MB=f"{m['peak_rss_MB']:.0f}",
+                           loadavg_before=f"{load_before:.2f}", loadavg_after=f"{os.getloadavg()[0]:.2f}")
+                rows.append(row)
+                append_rows(args.stream_out, STREAM_FIELDS, [row])
+                print(f"{run:18s} {code:14s} {classes} classes x {per_class:4d}: peak RSS {m['peak_rss_MB']:5.0f} MB "
+                      f"(the images as float32: {row['dataset_f32_MB']} MB), {m['total_s']:6.1f} s", flush=True)
+                shutil.rmtree(out)
+    return rows
+
+
+def stream_part(args, root) -> None:
+    """The stream part (``root`` unused: it makes its own folders at ``--stream-scales``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = stream_rows(args, tmp)
+    print(f"appended {len(rows)} rows to {args.stream_out}")
+
+
 def engine_summary(rows: list) -> None:
     """Peak RSS and time to the first step at the largest scale over the smallest, per run (medians)."""
     for run in ENGINE_RUNS:
@@ -311,7 +391,7 @@ def decode_part(args, root: str) -> None:
     print(f"appended {len(rows)} rows to {args.decode_out}")
 
 
-PARTS = {"decode": decode_part, "engine": engine_part}  # name -> part(args, root): each writes its own rows
+PARTS = {"decode": decode_part, "engine": engine_part, "stream": stream_part}  # name -> part(args, root): each writes its own rows
 
 
 def main(argv=None) -> int:
@@ -337,8 +417,17 @@ def main(argv=None) -> int:
     p.add_argument("--engine-reps", type=int, default=2, help="engine: processes per scale and run")
     p.add_argument("--runs", default=",".join(ENGINE_RUNS), help="engine: runs, comma-separated")
     p.add_argument("--engine-out", default=ENGINE_OUT)
+    p.add_argument("--stream-scales", default="20x100,20x200,20x400",
+                   help="stream: CLASSESxIMAGES_PER_CLASS folders, comma-separated")
+    p.add_argument("--stream-size", type=int, default=32, help="stream: decode size (px)")
+    p.add_argument("--pretrain-epochs", type=int, default=1, help="stream: epochs of the zoo teacher's training")
+    p.add_argument("--runs-stream", default=",".join(STREAM_RUNS), help="stream: runs, comma-separated")
+    p.add_argument("--baseline", default=None,
+                   help="stream: a folder holding an earlier metadd_fast package, run the same way for comparison")
+    p.add_argument("--stream-out", default=STREAM_OUT)
     args = p.parse_args(argv)
     args.scales = [tuple(int(v) for v in x.lower().split("x")) for x in args.scales.split(",")]
+    args.stream_scales = [tuple(int(v) for v in x.lower().split("x")) for x in args.stream_scales.split(",")]
     args.image = tuple(int(v) for v in args.image.lower().split("x"))
     args.sizes = [int(v) for v in args.sizes.split(",")]
     parts = args.parts.split(",")

@@ -23,6 +23,7 @@ from metadd_fast.cli import main as cli_main  # noqa: E402
 from metadd_fast.data import load_digits  # noqa: E402
 from metadd_fast.evaluate import evaluate_synthetic, load_teacher  # noqa: E402
 from metadd_fast.results import atomic_write_json, atomic_write_text, load_synthetic  # noqa: E402
+from metadd_fast.sources import TensorSource  # noqa: E402
 from metadd_fast.training import accuracy  # noqa: E402
 
 ITERATIONS = {"dm": 20, "dc": 5, "sre2l": 20}
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     train, test = load_digits("train", 16), load_digits("test", 16)
-    teacher = load_teacher("ConvNet", test, train=lambda: train, cache=os.path.join(args.runs, "teacher.pt"),
+    teacher = load_teacher("ConvNet", test, train=TensorSource(train), cache=os.path.join(args.runs, "teacher.pt"),
                            data_key="digits16")
     rows = {"cpu": cpu_model(), "threads": __import__("torch").get_num_threads(), "ipc": args.ipc,
             "seeds": args.seeds, "epochs": args.epochs, "temperature": args.temperature, "recipe": "default",

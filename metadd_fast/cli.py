@@ -274,6 +274,7 @@ def _distill(args) -> int:
                 _discard_run(args.out)
             source = open_source(args.dataset, "train", path=args.data_path, size=args.size, index_dir=args.out)
             ca.check_train_data(args, source)
+            _warn_zoo_training(cfg, source)
             run = run_chunked(cfg, source, args.out)
         except ValueError as err:  # the engine names its config fields: say them as flags
             raise _as_flag_error(err) from err
@@ -286,6 +287,18 @@ def _distill(args) -> int:
     if run is not None:
         print(f"wrote {os.path.join(args.out, 'synthetic.pt')} ({run['seconds']:.0f} s)")
     return 0
+
+
+def _warn_zoo_training(cfg, source) -> None:
+    """One line when zoo networks without a weights file are to be trained on an image folder
+    (each epoch decodes every image of it once)."""
+    from .sources import ImageFolderSource
+
+    untrained = [str(spec) for _, spec in cfg.specs() if spec.path is None]
+    if untrained and isinstance(source, ImageFolderSource):
+        warnings.warn(f"{', '.join(untrained)}: no weights file, so trained on {source.name} here unless cached in "
+                      f"--out's models/ ({cfg.pretrain_epochs} epochs, each decoding every image once); give "
+                      f"ARCH=PATH weights files to skip it")
 
 
 RUN_FILES = ("config.json", "state.pt", "synthetic.pt", "run.json", "synthetic.f32", "groups.pt", "zca.pt",
@@ -337,7 +350,7 @@ def _soft_label_teacher(args, train, test):
     arch = args.soft_labels.partition("=")[0].replace(":", "_")
     cache = os.path.join(os.path.dirname(os.path.abspath(args.synthetic)), "models", f"soft_labels_{arch}.pt")
     try:
-        return load_teacher(args.soft_labels, test, flag="--soft-labels", cache=cache, train=train.dataset,
+        return load_teacher(args.soft_labels, test, flag="--soft-labels", cache=cache, train=train,
                             data_key=train.key)
     except ValueError as err:  # names the flag: say it as argparse does
         raise ca.flag_error("--soft-labels", str(err).partition(": ")[2]) from None

@@ -221,8 +221,8 @@ def check_distill(args) -> None:
         raise flag_error("--robust-groups", "has no effect without --robust-alpha")
     if args.classes_per_chunk is None and args.cvar_chunks != 1:
         raise flag_error("--cvar-chunks", "applies to the large-IPC engine only; add --classes-per-chunk")
-    if args.classes_per_chunk is not None and args.zca:
-        raise flag_error("--zca", "not available with the large-IPC engine (--classes-per-chunk)")
+    if args.zca and args.dataset == "folder" and args.size is not None:  # before the folder is opened
+        _check_zca((3, args.size, args.size))
     if args.teacher is not None and args.method != "sre2l":
         raise flag_error("--teacher", f"only --method sre2l uses a teacher, got --method {args.method}")
     if args.cvar_chunks != 1 and args.robust_alpha is None:
@@ -285,9 +285,21 @@ def check_models(flag: str, names, shape, num_classes: int) -> None:
                                    f"({str(err).splitlines()[0]})") from None
 
 
+def _check_zca(shape) -> None:
+    """--zca on images of ``shape`` (C, H, W): their C*H*W x C*H*W covariance must fit
+    (:func:`metadd_fast.zca.check_features`)."""
+    from .zca import check_features
+
+    try:
+        check_features("--zca", shape)
+    except InputError as err:
+        raise flag_error("--zca", str(err).partition(": ")[2]) from None
+
+
 def check_train_data(args, source) -> None:
     """``distill``'s flags against its training split's index (a :class:`metadd_fast.sources.Source`;
-    no image is read): enough real images per class for --ipc, and networks that take its images."""
+    no image is read): enough real images per class for --ipc, networks that take its images,
+    and images small enough for --zca."""
     counts = list(source.counts)
     if min(counts) == 0:
         raise flag_error("--data-path", f"class {counts.index(0)} of {source.name} has no training images")
@@ -297,6 +309,8 @@ def check_train_data(args, source) -> None:
     check_models("--arch", [args.arch], source.shape, source.num_classes)
     if args.metadd_weight:
         check_models("--metadd-models", _zoo_names(args.metadd_models or ()), source.shape, source.num_classes)
+    if args.zca:
+        _check_zca(source.shape)
 
 
 def check_synthetic(args, images, labels, test) -> None:

@@ -63,9 +63,18 @@ that many steps (``state.pt``, rank r > 0 ``state.rank<r>.pt``), so a killed run
 with the same command skips finished rounds and resumes the one that was running from its
 last checkpoint (without it, redoes that round). ``run.json`` holds the run's identity. A
 checkpoint from another run, or a corrupt or crafted one, is refused with a message naming
-the file. With ``zca``, the run distills in regularised-ZCA space fitted on every real image
-(:mod:`metadd_fast.zca`; CIFAR-sized sets: it needs the whole set in memory), saves the
-transform in ``zca.pt`` and the synthetic set un-whitened.
+the file. With ``zca``, the run distills in regularised-ZCA space (:mod:`metadd_fast.zca`):
+the source is wrapped in a :class:`~metadd_fast.sources.WhitenedSource`, whose ZCA is fitted
+on every real image in one streamed pass (a batch at a time, after the networks with weights
+files are loaded) and which whitens what each chunk reads; images of at most 64x64x3 values
+(the D x D covariance). The run saves the transform in ``zca.pt`` and the synthetic set
+un-whitened.
+
+Zoo networks without a weights file are trained on the source a batch at a time
+(:meth:`~metadd_fast.sources.Source.rows`: an image folder decodes only the batch's files,
+every image once an epoch), so their training holds no more than a batch either. Nothing is
+written into ``out`` (run files, nor the source's index: ``save_index()``) before every
+network with a weights file is loaded and every check has passed.
 """
 from __future__ import annotations
 
@@ -94,7 +103,7 @@ from .model_sources import file_digest, load_model, parse_spec
 from .models import MODELS, get_model
 from .results import atomic_save, atomic_write_json, load_checkpoint, load_json_object, save_synthetic
 from .run_figures import save_cams, save_synthetic_grid
-from .sources import TensorSource
+from .sources import TensorSource, WhitenedSource
 from .zca import ZCA
 
 __all__ = ["EngineConfig", "SyntheticStore", "run_chunked"]
@@ -285,13 +294,13 @@ class Networks:
 def _load_networks(cfg: EngineConfig, source, out: str) -> Networks:
     """The teacher and MetaDD networks on ``cfg.device``: those with a weights file first (so a
     bad file is reported before any image is read), then zoo specs without weights, trained on
-    ``source.dataset()`` (small sources) and cached in ``<out>/models/``."""
+    ``source`` a batch at a time and cached in ``<out>/models/``."""
     specs = cfg.specs()
     nets = [None] * len(specs)
     for i in sorted(range(len(specs)), key=lambda i: specs[i][1].path is None):
         flag, spec = specs[i]
         nets[i] = load_model(spec, flag, channel=source.shape[0], num_classes=source.num_outputs,
-                             im_size=source.shape[1:], seed=cfg.seed + i, train=source.dataset,
+                             im_size=source.shape[1:], seed=cfg.seed + i, train=source,
                              cache=os.path.join(out, "models", f"{i:02d}_{flag}_{spec.arch}.pt"),
                              epochs=cfg.pretrain_epochs, data_key=source.key).to(cfg.device)
     teacher = nets.pop(0) if cfg.teacher is not None else None
@@ -485,24 +494,18 @@ def _check_run_file(run_file: str, cfg: EngineConfig, digest: str, source_key: s
                      f"use another --out or --restart")
 
 
-def _whitened(source):
-    """(ZCA fitted on every image of ``source``, the source whitened)."""
-    ds = source.dataset()
-    zca = ZCA.fit(ds.images)
-    return zca, TensorSource(zca.whiten_dataset(ds))
-
-
 def run_chunked(cfg: EngineConfig, source, out: str, *, group=None, progress: bool = True) -> Optional[dict]:
     """Distill ``source`` (a class-indexed :class:`metadd_fast.sources.Source`: ``num_classes``,
     ``counts``, ``shape`` (C, H, W), ``mean``/``std``, ``num_outputs`` (the classes of the
     teacher and MetaDD networks, of which the source's are the first), ``key`` (its identity),
-    ``class_images(c)`` or ``class_pixels(c)``, and ``dataset()`` (all of it, to train zoo
-    networks on)) in class chunks into ``out``. In a distributed run pass ``group`` (or rely on
-    the default group); rank 0 returns {"images" (classes * ipc, C, H, W) float32 backed by
-    ``synthetic.f32``, "labels" (classes * ipc,) int64, "seconds" (from the first chunk, the
-    networks loaded), and with robust_alpha "group_sizes" (classes * ipc,) int64}, other
-    ranks None. A rank whose peer dies or hangs raises :class:`~metadd_fast.ranks.RankFailure`
-    naming it; ``run.json`` records the settings the result depends on (:mod:`metadd_fast.runinfo`)."""
+    ``class_images(c)`` or ``class_pixels(c)``, ``rows(idx)`` and ``labels()`` (to train zoo
+    networks on, a batch at a time), ``save_index()``) in class chunks into ``out``. In a
+    distributed run pass ``group`` (or rely on the default group); rank 0 returns {"images"
+    (classes * ipc, C, H, W) float32 backed by ``synthetic.f32``, "labels" (classes * ipc,)
+    int64, "seconds" (from the first chunk, the networks loaded), and with robust_alpha
+    "group_sizes" (classes * ipc,) int64}, other ranks None. A rank whose peer dies or hangs
+    raises :class:`~metadd_fast.ranks.RankFailure` naming it; ``run.json`` records the settings
+    the result depends on (:mod:`metadd_fast.runinfo`)."""
     cfg.check(dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1)
     cfg.check_classes(source.num_classes)
     with ranks.watch(out, group):
@@ -513,20 +516,25 @@ def _run_chunked(cfg: EngineConfig, source, out: str, group, progress: bool) -> 
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank(group) if distributed else 0
     world = dist.get_world_size(group) if distributed else 1
-    digest = cfg.digest(source.key)
+    key = source.key
+    digest = cfg.digest(key)
     run_file = os.path.join(out, "run.json")
     state_path = os.path.join(out, "state.pt" if rank == 0 else f"state.rank{rank}.pt")
     if rank == 0 and os.path.exists(run_file):
-        _check_run_file(run_file, cfg, digest, source.key, out)
+        _check_run_file(run_file, cfg, digest, key, out)
     state = _read_state(state_path, digest)  # read and checked before anything is written
-    zca, source = _whitened(source) if cfg.zca else (None, source)
+    if cfg.zca:  # whitened as read; the ZCA is fitted when first needed (after the weights files)
+        source = WhitenedSource(source)
     # Every network before the run's files: a bad weights file is reported with nothing written
     # (zoo networks without a file, loaded last, are trained and cached in <out>/models/).
     nets = _networks(cfg, source, out, rank, (group if group is not None else dist.group.WORLD)
                      if distributed else None)
+    zca = source.zca if cfg.zca else None
     os.makedirs(os.path.join(out, "chunks"), exist_ok=True)
+    if rank == 0:
+        source.save_index()
     if rank == 0 and not os.path.exists(run_file):
-        atomic_write_json({"digest": digest, "config": cfg.identity(), "source": source.key}, run_file)
+        atomic_write_json({"digest": digest, "config": cfg.identity(), "source": key}, run_file)
     if rank == 0 and zca is not None:
         atomic_save(zca.state_dict(), os.path.join(out, "zca.pt"))
     env = runinfo.collect(cfg.seed, cfg.device, group)  # every rank: their thread counts

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ from .models import MODELS, get_model
 from .ops.nearest_centroid import nearest_centroid
 from .recipes import RECIPES, Recipe, resolve
 from .student import train_student
+
+if TYPE_CHECKING:
+    from .sources import Source
 
 __all__ = ["test_clusters", "test_batches", "test_info", "cluster_view", "load_teacher", "check_teacher",
            "evaluate_synthetic", "format_table"]
@@ -100,11 +103,12 @@ def test_clusters(test, k: int = 10, seed: int = 0, *, view_size: int = 32, fit_
                       for x, _ in test_batches(test, batch_size)])
 
 
-def load_teacher(spec: str, test, *, train: Optional[Callable] = None, cache: Optional[str] = None,
+def load_teacher(spec: str, test, *, train: Optional[Source] = None, cache: Optional[str] = None,
                  flag: str = "soft_labels", seed: int = 0, epochs: int = 15, data_key: str = "") -> nn.Module:
     """The teacher of a spec (``[torchvision:|timm:]ARCH=PATH``, or a zoo ARCH trained on
-    ``train()`` and cached in ``cache``: :func:`metadd_fast.model_sources.load_model`) for the
-    test split's images and classes, checked (:func:`check_teacher`)."""
+    ``train``, a class source read a batch at a time, and cached in ``cache``:
+    :func:`metadd_fast.model_sources.load_model`) for the test split's images and classes,
+    checked (:func:`check_teacher`)."""
     from .model_sources import load_model, parse_spec
 
     num_classes, shape, _ = test_info(test)
@@ -142,7 +146,7 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test, archs: 
                        clusters: Optional[torch.Tensor] = None, minority: Optional[torch.Tensor] = None,
                        progress: bool = True, recipe: Union[str, Recipe] = "default",
                        soft_labels: Union[nn.Module, str, None] = None, temperature: Optional[float] = None,
-                       cutmix_alpha: Optional[float] = None, train: Optional[Callable] = None,
+                       cutmix_alpha: Optional[float] = None, train: Optional[Source] = None,
                        teacher_cache: Optional[str] = None, test_batch_size: int = 1024) -> dict:
     """{arch: {"acc": [per seed], "mean", "std", "worst_group": [per seed], "worst_group_mean"}},
     plus "minority"/"majority" (per seed) and their means when ``minority`` (N,) bool is given.
@@ -152,7 +156,7 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test, archs: 
     recipe: a preset name (:data:`metadd_fast.recipes.RECIPES`) or a Recipe; ``epochs``, ``lr``,
     ``batch_size``, ``augment`` (a DSA strategy, "rrc_flip" or None), ``temperature`` and
     ``cutmix_alpha`` override it when given. soft_labels: a teacher nn.Module, or a spec for
-    :func:`load_teacher` (a zoo name is trained on ``train()`` and cached in ``teacher_cache``);
+    :func:`load_teacher` (a zoo name is trained on ``train``, a class source, and cached in ``teacher_cache``);
     None: hard labels."""
     rec = _recipe(recipe, epochs=epochs, lr=lr, batch_size=batch_size, temperature=temperature,
                   cutmix_alpha=cutmix_alpha)

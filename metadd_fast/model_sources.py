@@ -8,9 +8,10 @@ A spec is ``[SOURCE:]ARCH[=PATH]``:
   (nothing is ever downloaded), then the state_dict in PATH; refused with a clear
   message where the library does not import (torchvision does not import with the CPU
   torch here); a PATH is required;
-- ``ARCH`` alone: the zoo network trained on the real data (DC's protocol,
-  :func:`metadd_fast.training.train_model`) and cached in the run folder as a
-  state_dict, so a resumed run or another rank reads it instead of training again.
+- ``ARCH`` alone: the zoo network trained on the real data (a class-indexed source, read
+  one batch at a time: DC's protocol, :func:`metadd_fast.training.train_model`) and cached
+  in the run folder as a state_dict, so a resumed run or another rank reads it instead of
+  training again.
 
 PATH files are read with ``torch.load(weights_only=True)`` (never as code) and must hold
 a state_dict: a mapping of parameter names to tensors, or such a mapping under
@@ -23,7 +24,7 @@ import hashlib
 import importlib
 import json
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -32,6 +33,7 @@ from . import argcheck
 from .errors import InputError, InputTypeError, first_line, load_failure
 from .models import MODELS, get_model
 from .results import atomic_save
+from .sources import Source
 from .training import train_model
 
 __all__ = ["ModelSpec", "parse_spec", "parse_specs", "read_state_dict", "load_model", "file_digest"]
@@ -130,9 +132,8 @@ def _library_model(spec: ModelSpec, flag: str, num_classes: int) -> nn.Module:
         raise InputError(f"{flag}: {spec}: {spec.source} cannot build {spec.arch!r} ({err})") from err
 
 
-def _cached_zoo_model(net: nn.Module, train: Callable, cache: str, key: dict,
-                      epochs: int, seed: int) -> nn.Module:
-    """Train ``net`` on ``train()`` (a Dataset) unless ``cache`` holds it for ``key``."""
+def _cached_zoo_model(net: nn.Module, train: Source, cache: str, key: dict, epochs: int, seed: int) -> nn.Module:
+    """Train ``net`` on ``train`` (a Source, one batch at a time) unless ``cache`` holds it for ``key``."""
     blob = json.dumps(key, sort_keys=True)
     if os.path.exists(cache):
         try:
@@ -148,36 +149,37 @@ def _cached_zoo_model(net: nn.Module, train: Callable, cache: str, key: dict,
                 raise InputError(f"{cache}: the cached network does not fit ({first_line(err)}); "
                                  f"delete it to start over (the network is trained again)") from err
             return net
-    data = train()
-    train_model(net, data.images, data.labels, epochs=epochs, seed=seed)
+    train_model(net, train, train.labels(), epochs=epochs, seed=seed)
     atomic_save({"key": blob, "state_dict": net.state_dict()}, cache)
     return net
 
 
-def _train_data(train: Callable, channel: int, num_classes: int, im_size: tuple):
-    """``train()``, checked against the network it trains: InputError naming ``train`` otherwise."""
-    data = argcheck.dataset("train", train())
-    if data.channel != channel or tuple(data.im_size) != im_size or data.num_classes > num_classes:
-        raise InputError(f"train: real data of {data.channel}-channel {tuple(data.im_size)} images in "
-                                  f"{data.num_classes} classes do not fit a network for channel={channel}, "
-                                  f"im_size={im_size}, num_classes={num_classes}")
-    return data
+def _check_train(train: Source, channel: int, num_classes: int, im_size: tuple) -> None:
+    """``train`` (a Source) fits the network it trains (from its shape and classes, no image
+    read): InputError naming ``train`` otherwise."""
+    if train.shape[0] != channel or tuple(train.shape[1:]) != im_size or train.num_classes > num_classes:
+        raise InputError(f"train: real data of {train.shape[0]}-channel {tuple(train.shape[1:])} images in "
+                         f"{train.num_classes} classes do not fit a network for channel={channel}, "
+                         f"im_size={im_size}, num_classes={num_classes}")
 
 
 def load_model(spec: ModelSpec, flag: str, *, channel: int, num_classes: int, im_size, seed: int = 0,
-               train: Optional[Callable] = None, cache: Optional[str] = None, epochs: int = 15,
+               train: Optional[Source] = None, cache: Optional[str] = None, epochs: int = 15,
                data_key: str = "") -> nn.Module:
     """The network of ``spec`` for (channel, im_size) images and ``num_classes`` classes, in eval
-    mode on the CPU. A zoo spec without a path is trained on ``train()`` (a Dataset of
-    ``channel``-channel ``im_size`` images with labels below ``num_classes``) and cached in
-    ``cache`` (keyed by the spec, ``data_key``, ``epochs`` and ``seed``)."""
+    mode on the CPU. A zoo spec without a path is trained on ``train`` (a
+    :class:`~metadd_fast.sources.Source` of ``channel``-channel ``im_size`` images in at most
+    ``num_classes`` classes, checked first; :class:`~metadd_fast.sources.TensorSource` for a
+    Dataset), read one batch at a time (:meth:`~metadd_fast.sources.Source.rows`: an image
+    folder decodes each batch's files, every image once an epoch), and cached in ``cache``
+    (keyed by the spec, ``data_key``, ``epochs`` and ``seed``)."""
     argcheck.instance("spec", spec, ModelSpec, "a ModelSpec (see parse_spec)")
     argcheck.positive_int("channel", channel)
     argcheck.positive_int("num_classes", num_classes)
     im_size = argcheck.image_size("im_size", im_size)
     argcheck.seed("seed", seed)
     argcheck.positive_int("epochs", epochs)
-    argcheck.optional(argcheck.function, "train", train, "None or a callable () -> Dataset")
+    argcheck.optional(argcheck.instance, "train", train, Source, "None or a metadd_fast.sources.Source")
     argcheck.optional(argcheck.instance, "cache", cache, (str, os.PathLike), "None or a file path")
     argcheck.instance("data_key", data_key, str, "a str")
     if spec.source == "zoo":
@@ -188,10 +190,10 @@ def load_model(spec: ModelSpec, flag: str, *, channel: int, num_classes: int, im
     if spec.path is None:
         if train is None or cache is None:
             raise InputError(f"{flag}: {spec} has no weights file and there is no real data to train it on")
+        _check_train(train, channel, num_classes, im_size)
         key = {"spec": str(spec), "data": data_key, "epochs": epochs, "seed": seed,
                "shape": [channel, num_classes, *im_size]}
-        return _cached_zoo_model(net, lambda: _train_data(train, channel, num_classes, im_size), cache, key,
-                                 epochs, seed).eval()
+        return _cached_zoo_model(net, train, cache, key, epochs, seed).eval()
     try:
         net.load_state_dict(read_state_dict(spec.path, flag))
     except RuntimeError as err:  # missing, unexpected or mis-shaped parameters

@@ -13,8 +13,16 @@ A source answers, without holding the whole data set in memory:
 - ``batches(batch_size, classes=None)``: (images, labels) over the given classes (default:
   all) in class order, at most ``batch_size`` images each and never two classes in one batch;
   labels are global class indices. At most one class is decoded at a time;
+- ``rows(idx)``: the images at global row indices ``idx`` (int64 (n,)), float32 (n, C, H, W),
+  normalized, reading only those (an image folder decodes only their files), and ``labels()``:
+  every row's class, int64 (N,). Global rows are ``dataset()``'s: every class's images in
+  class order (a :class:`TensorSource`: its Dataset's own order). Zoo networks are trained
+  on them a batch at a time (:func:`metadd_fast.training.train_model`);
 - ``dataset()``: all of it as one in-memory :class:`~metadd_fast.data.Dataset` (small sources
-  only: zoo networks are trained on it, and the in-memory pipeline reads it).
+  only: the in-memory pipeline reads it);
+- ``save_index()``: write what the source keeps about the data set's files (an image
+  folder's index) into its index folder; nothing for other sources. The engine calls it
+  when it starts writing a run, so a refused run leaves nothing behind.
 
 For the engine (which already calls sources this way): ``source(c)`` is
 ``class_images(c)``, and ``num_outputs`` (the networks' output count) is ``num_classes``.
@@ -27,6 +35,8 @@ Sources here:
 - :class:`ImageFolderSource`: class sub-folders of images (ImageNet ``train/<wnid>/*.JPEG``,
   Tiny-ImageNet ``<wnid>/images/``, any class-per-folder layout), indexed once and decoded
   class by class on demand, in parallel, as uint8.
+- :class:`WhitenedSource`: another source's images ZCA-whitened on demand (``--zca``), the
+  ZCA fitted on every image of it in one streamed pass (:meth:`metadd_fast.zca.ZCA.fit_batches`).
 
 :func:`open_source` opens one by data set name, as :func:`metadd_fast.data.load` loads one.
 """
@@ -50,9 +60,10 @@ from . import argcheck
 from .data import _IMAGE_EXT, Dataset, load, normalize_pixels
 from .errors import InputError, first_line
 from .results import atomic_write
+from .zca import ZCA, check_features
 
-__all__ = ["Source", "TensorSource", "RandomSource", "ImageFolderSource", "open_source", "folder_split",
-           "decode_image", "IMAGENET_STATS"]
+__all__ = ["Source", "TensorSource", "RandomSource", "ImageFolderSource", "WhitenedSource", "open_source",
+           "folder_split", "decode_image", "IMAGENET_STATS"]
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -60,8 +71,9 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 class Source:
     """The interface (see the module's docstring). Subclasses set ``name``, ``num_classes``,
     ``counts``, ``shape``, ``mean``, ``std``, ``key`` and implement :meth:`class_images`;
-    :meth:`sample` and :meth:`batches` have generic versions built on it, which a source
-    that can read single images overrides (reading only what it returns)."""
+    :meth:`rows`, :meth:`sample` (through :meth:`rows`) and :meth:`batches` have generic
+    versions built on it, which a source that can read single images overrides (reading only
+    what it returns)."""
 
     name: str
     num_classes: int
@@ -79,8 +91,26 @@ class Source:
         return self.counts[self._check_class(c)]
 
     def sample(self, c: int, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        idx = self._draw(c, n, generator)
-        return self.class_images(c)[idx]
+        c = self._check_class(c)
+        return self.rows(sum(self.counts[:c]) + self._draw(c, n, generator))
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The images at global rows ``idx`` (int64 (n,), each in [0, len(self))), float32
+        (n, C, H, W) normalized, in the order of ``idx``. Generic version: each class among
+        them read once (:meth:`class_images`)."""
+        cls, within = self._locate(idx)
+        out = torch.empty((len(cls), *self.shape), dtype=torch.float32)
+        for c in cls.unique().tolist():
+            at = cls == c
+            out[at] = self.class_images(c)[within[at]]
+        return out
+
+    def labels(self) -> torch.Tensor:
+        """The class of every global row, int64 (N,): class c's ``count(c)`` rows, in class order."""
+        return torch.arange(self.num_classes).repeat_interleave(torch.tensor(self.counts, dtype=torch.int64))
+
+    def save_index(self) -> None:
+        """Write the source's index of the data set's files (nothing here: only an image folder has one)."""
 
     def batches(self, batch_size: int, classes: Optional[Sequence] = None) -> Iterator[tuple]:
         argcheck.positive_int("batch_size", batch_size)
@@ -136,6 +166,15 @@ class Source:
     def _classes(self, classes) -> list:
         return list(range(self.num_classes)) if classes is None else [self._check_class(c) for c in classes]
 
+    def _locate(self, idx) -> tuple:
+        """Global rows ``idx`` (checked: int (n,) in [0, len(self))) -> (class, index within the
+        class), int64 (n,) each."""
+        argcheck.labels("idx", idx, num_classes=len(self))
+        idx, counts = idx.to(torch.int64), torch.tensor(self.counts, dtype=torch.int64)
+        ends = counts.cumsum(0)
+        cls = torch.searchsorted(ends, idx, right=True)
+        return cls, idx - (ends - counts)[cls]
+
     def _draw(self, c: int, n: int, generator) -> torch.Tensor:
         """Indices (within class ``c``) of a draw of ``n`` images: randperm(n_c, generator)[:n]."""
         count = self.count(c)
@@ -173,6 +212,14 @@ class TensorSource(Source):
 
     def sample(self, c: int, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         return self.ds.images[self._index[self._check_class(c)][self._draw(c, n, generator)]]
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The Dataset's rows ``idx`` (its own order: global rows are the Dataset's)."""
+        argcheck.labels("idx", idx, num_classes=len(self))
+        return self.ds.images[idx]
+
+    def labels(self) -> torch.Tensor:
+        return self.ds.labels
 
     def dataset(self) -> Dataset:
         return self.ds
@@ -328,23 +375,25 @@ class ImageFolderSource(Source):
     - Classes: the sorted folder names (ImageNet's wnids sorted: the standard class index), or
       ``classes`` (a val folder takes the train source's, which must match its folders).
     - Index: per class, the image files with their sizes and mtimes, listed when the source
-      opens; with ``index_dir`` it is written there atomically as ``index_<split>.json`` and a
-      later open that lists the same folder identically (names, sizes, mtimes) reuses it
-      (``reindexed`` is None), else it is written anew (``reindexed`` says why). ``key``
-      holds a digest of the listing: a changed folder is other data.
+      opens. With ``index_dir`` the index kept there as ``index_<split>.json`` is read: if it
+      describes the same listing (names, sizes, mtimes) it is reused (``reindexed`` is None),
+      else ``reindexed`` says why, and :meth:`save_index` writes the new one (atomically).
+      Opening writes nothing. ``key`` holds a digest of the listing: a changed folder is
+      other data.
     - Decode (:func:`decode_image`): JPEG DCT-domain downscaling, then a bilinear resize to
       ``size`` (int or (H, W); default the first image's size), ``fit`` "resize" (both sides)
       or "crop" (centre crop). ``workers`` threads (default: the CPUs this process may use)
       decode a class's files in parallel (PIL releases the GIL while it decodes and resizes).
       Pixels are uint8 (n, 3, H, W) (:meth:`class_pixels`); images are normalized per batch.
       ``cache_bytes`` (default 0) keeps that many bytes of decoded classes (uint8, least
-      recently used dropped first), so :meth:`sample` on a kept class decodes nothing.
+      recently used dropped first), so :meth:`sample` and :meth:`rows` on a kept class decode
+      nothing; on other classes they decode only the files they return.
     - Statistics: ``mean``/``std`` if given; ImageNet's when every class is a wnid
       (``n`` + 8 digits: ImageNet, Tiny-ImageNet); else those of a fixed sample of at most
       1,000 images (seed 0), decoded at ``size``: never a pass over the whole folder.
     - Bad data: InputError naming the file or folder (an unreadable, truncated or corrupt
       image, when its class is decoded; a class folder without images, when the folder is
-      indexed), and no index is written for a folder that could not be listed.
+      indexed).
     """
 
     def __init__(self, root: str, size=None, *, split: str = "train", index_dir: Optional[str] = None,
@@ -430,22 +479,33 @@ class ImageFolderSource(Source):
         names, listed = self._folders(classes)
         if listed is None:
             listed = dict(zip(names, self._map(lambda c: _list_class(self.root, c), names)))
-        table = {"format": INDEX_FORMAT, "root": self.root, "split": self.split, "classes": names,
-                 "files": [[f for f, _, _ in listed[c]] for c in names],
-                 "sizes": [[s for _, s, _ in listed[c]] for c in names],
-                 "mtimes": [[m for _, _, m in listed[c]] for c in names], "annotations": self._annotations}
+        files = [[f for f, _, _ in listed[c]] for c in names]
+        # sizes and mtimes kept as int64 (n_c, 2) arrays until save_index: 16 bytes a file, not ~80 as ints
+        self._stamps = [np.array([(s, m) for _, s, m in listed[c]], dtype=np.int64).reshape(-1, 2) for c in names]
+        table = self._table(names, files)
         listing = [table[k] for k in ("classes", "files", "sizes", "mtimes", "annotations")]
         self.listing = hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()[:16]
-        reason = None
-        if index_dir is not None:
-            path = os.path.join(index_dir, f"index_{self.split}.json")
-            reason = self._stale(path, table)
-            if reason is not None:
-                atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(table, separators=(",", ":"))))
-            self.index_path = path
-        else:
+        if index_dir is None:
             self.index_path, reason = None, "no index folder"
-        return names, table["files"], reason
+        else:
+            self.index_path = os.path.join(index_dir, f"index_{self.split}.json")
+            reason = self._stale(self.index_path, table)
+        return names, files, reason
+
+    def _table(self, names: list, files: list) -> dict:
+        """The index as written: classes, per class its files, sizes and mtimes, the annotations."""
+        return {"format": INDEX_FORMAT, "root": self.root, "split": self.split, "classes": names, "files": files,
+                "sizes": [a[:, 0].tolist() for a in self._stamps], "mtimes": [a[:, 1].tolist() for a in self._stamps],
+                "annotations": self._annotations}
+
+    def save_index(self) -> None:
+        """Write the index into ``index_dir`` as ``index_<split>.json`` (atomically; the folder
+        made if need be), unless the one there describes this listing (``reindexed`` None) or
+        there is no ``index_dir``."""
+        if self.index_path is None or self.reindexed is None:
+            return
+        text = json.dumps(self._table(self.classes, self.files), separators=(",", ":"))
+        atomic_write(self.index_path, lambda tmp: pathlib.Path(tmp).write_text(text))
 
     @staticmethod
     def _stale(path: str, table: dict) -> Optional[str]:
@@ -549,12 +609,20 @@ class ImageFolderSource(Source):
     def class_images(self, c: int) -> torch.Tensor:
         return self._normalize(self.class_pixels(c))
 
-    def sample(self, c: int, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        c = self._check_class(c)
-        idx = self._draw(c, n, generator)
-        if c in self._cache:
-            return self._normalize(self._cache[c][idx])
-        return self._normalize(self._decode([self.files[c][i] for i in idx.tolist()]))
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows of kept classes from their pixels, the others' files decoded (only those, in
+        one parallel :meth:`_decode`); normalized."""
+        cls, within = self._locate(idx)
+        pixels = torch.empty((len(cls), *self.shape), dtype=torch.uint8)
+        todo = []
+        for k, (c, i) in enumerate(zip(cls.tolist(), within.tolist())):
+            if c in self._cache:
+                pixels[k] = self._cache[c][i]
+            else:
+                todo.append((k, self.files[c][i]))
+        if todo:
+            pixels[[k for k, _ in todo]] = self._decode([rel for _, rel in todo])
+        return self._normalize(pixels)
 
     def _batch_rows(self, c: int) -> torch.Tensor:  # uint8: normalized one batch at a time
         return self.class_pixels(c)
@@ -589,6 +657,64 @@ class ImageFolderSource(Source):
         pool = getattr(self, "_pool", None)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+class WhitenedSource(Source):
+    """``source``'s images ZCA-whitened as they are read (a distill ``--zca`` run): every
+    method reads what ``source``'s reads (a chunk its own classes, :meth:`rows` only those
+    rows) and whitens it. The ZCA (:attr:`zca`) is fitted on every image of ``source`` when
+    first needed, in one pass over its batches of ``batch_size`` (at most one class decoded
+    at a time; :meth:`metadd_fast.zca.ZCA.fit_batches`). Images of more than
+    :data:`metadd_fast.zca.MAX_FEATURES` values are refused here, before any is read
+    (InputError naming ``source``). Global rows, labels, counts, mean and std are ``source``'s."""
+
+    def __init__(self, source: Source, strength: float = 0.1, batch_size: int = 256):
+        argcheck.instance("source", source, Source, "a metadd_fast.sources.Source")
+        check_features("source", source.shape)
+        argcheck.positive_float("strength", strength)
+        argcheck.positive_int("batch_size", batch_size)
+        self.source, self.strength, self.batch_size, self._zca = source, float(strength), batch_size, None
+        self.name, self.num_classes, self.counts = f"{source.name}+zca", source.num_classes, source.counts
+        self.shape, self.mean, self.std = tuple(source.shape), tuple(source.mean), tuple(source.std)
+        self.key = f"{source.key}+zca:{self.strength:g}"
+
+    @property
+    def zca(self) -> ZCA:
+        """The ZCA fitted on every image of ``source`` (fitted on first use)."""
+        if self._zca is None:
+            self._zca = ZCA.fit_batches((x for x, _ in self.source.batches(self.batch_size)), self.strength)
+        return self._zca
+
+    def _whiten(self, x: torch.Tensor) -> torch.Tensor:
+        return self.zca.whiten(x) if len(x) else x  # none read: nothing to whiten (nor to fit for)
+
+    @property
+    def num_outputs(self) -> int:
+        return self.source.num_outputs
+
+    def class_images(self, c: int) -> torch.Tensor:
+        return self._whiten(self.source.class_images(c))
+
+    def sample(self, c: int, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self._whiten(self.source.sample(c, n, generator))
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return self._whiten(self.source.rows(idx))
+
+    def labels(self) -> torch.Tensor:
+        return self.source.labels()
+
+    def _batch_rows(self, c: int) -> torch.Tensor:
+        return self.source._batch_rows(c)
+
+    def _batch_images(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._whiten(self.source._batch_images(rows))
+
+    def dataset(self) -> Dataset:
+        return self.zca.whiten_dataset(self.source.dataset())
+
+    def save_index(self) -> None:
+        self.source.save_index()
 
 
 def folder_split(path: str, split: str) -> str:

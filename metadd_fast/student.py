@@ -23,21 +23,25 @@ from .soft_labels import SoftLabelAugment, kd_loss, mix_targets, teacher_logits
 __all__ = ["train_student"]
 
 
-def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, *,
+def train_student(model: nn.Module, images, labels: torch.Tensor, recipe: Recipe, *,
                   teacher: Optional[nn.Module] = None, seed: int = 0, progress: bool = False,
                   desc: str = "student") -> nn.Module:
-    """Train ``model`` in place on images (N, C, H, W) float and labels (N,) int64 (used when
-    ``teacher`` is None); returns it in eval mode. The teacher runs in eval mode under no_grad."""
+    """Train ``model`` in place on images and labels (N,) int64 (used when ``teacher`` is None);
+    returns it in eval mode. ``images``: (N, C, H, W) float, or a row reader: ``len()`` and
+    ``rows(idx)`` -> the float images at row indices ``idx`` (int64, on the CPU), such as a
+    :class:`metadd_fast.sources.Source`, which reads only each batch (an image folder decodes
+    only its files). The same batches either way. The teacher runs in eval mode under no_grad."""
     g = torch.Generator().manual_seed(seed)
     opt, sched = make_optimizer(recipe, model.parameters())
     dsa = recipe.augment if isinstance(recipe.augment, DiffAugment) else \
         DiffAugment(recipe.augment) if recipe.augment not in (None, RRC_FLIP) else None
     aug = SoftLabelAugment(crop=recipe.augment == RRC_FLIP, cutmix_alpha=recipe.cutmix_alpha)
-    images, labels = images.detach(), labels.detach()
+    read, n, device = _batch_reader(images)
+    labels = labels.detach()
     model.train()
     for _ in tqdm(range(recipe.epochs), desc=desc, disable=not progress, leave=False):
-        for idx in torch.randperm(images.shape[0], generator=g).to(images.device).split(recipe.batch_size):
-            x = images[idx]
+        for idx in torch.randperm(n, generator=g).to(device).split(recipe.batch_size):
+            x = read(idx)
             if dsa is not None:
                 x = dsa(x, int(torch.randint(1 << 30, (1,), generator=g)), siamese=False)
             x, perm, lam = aug(x, g)
@@ -53,3 +57,12 @@ def train_student(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
             opt.step()
         sched.step()
     return model.eval()
+
+
+def _batch_reader(images) -> tuple:
+    """(read(idx) -> the images at rows ``idx``, N, the device of the indices): a tensor's rows,
+    or a row reader's ``rows``."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach()
+        return images.__getitem__, images.shape[0], images.device
+    return images.rows, len(images), torch.device("cpu")

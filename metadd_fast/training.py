@@ -20,16 +20,21 @@ from .student import train_student
 __all__ = ["train_model", "predict", "accuracy"]
 
 
-def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, lr: float = 0.01,
+def train_model(model: nn.Module, images, labels: torch.Tensor, *, epochs: int, lr: float = 0.01,
                 batch_size: int = 256, augment: Optional[DiffAugment] = None, seed: int = 0,
                 progress: bool = False, desc: str = "train") -> nn.Module:
     """Train ``model`` in place on (images, labels); returns it in eval mode. images (N, C, H, W)
-    floating, finite; labels (N,) int (the model's classes); augment None or a DiffAugment. DC's
-    recipe (:data:`metadd_fast.recipes.RECIPES` ``["default"]``) with these settings, run by
-    :func:`metadd_fast.student.train_student`."""
+    floating, finite, or a row reader (a :class:`metadd_fast.sources.Source`: ``len()`` and
+    ``rows(idx)``, read one batch at a time, on the CPU); labels (N,) int (the model's classes);
+    augment None or a DiffAugment. DC's recipe (:data:`metadd_fast.recipes.RECIPES`
+    ``["default"]``) with these settings, run by :func:`metadd_fast.student.train_student`."""
     argcheck.module("model", model)
-    argcheck.images("images", images, finite=True)
-    argcheck.labels("labels", labels, n=images.shape[0])
+    if isinstance(images, torch.Tensor):
+        argcheck.images("images", images, finite=True)
+    elif not (callable(getattr(images, "rows", None)) and hasattr(images, "__len__")):
+        raise argcheck.type_error("images", "a floating (N, C, H, W) tensor or a row reader (len() and rows(idx), "
+                                            "e.g. a metadd_fast.sources.Source)", images)
+    argcheck.labels("labels", labels, n=len(images))
     argcheck.nonnegative_int("epochs", epochs)  # 0: the model untrained, in eval mode
     argcheck.positive_float("lr", lr)
     argcheck.positive_int("batch_size", batch_size)

@@ -1,15 +1,24 @@
 """Regularised ZCA whitening of images, as KIP and MTT use it for CIFAR-style runs.
 
 ``zca = ZCA.fit(train_images)`` fits on the training images (N, C, H, W), flattened to
-D = C*H*W features: mean mu (D,) and covariance S = U diag(s) U^T (float64, accumulated
-in chunks). With the regulariser lam = strength * trace(S) / D (KIP's form, free of the
-pixel scale; MTT uses kornia's ``ZCAWhitening(eps=0.1)``, an absolute eps on [0, 1]
-pixels), ``zca.whiten(x) = (x - mu) U diag((s + lam)^-1/2) U^T`` and ``zca.unwhiten`` is
-its exact inverse. The whitened covariance of the training images is
+D = C*H*W features; ``ZCA.fit_batches(batches)`` fits on the same images streamed as
+batches (a source's :meth:`~metadd_fast.sources.Source.batches`: one batch in memory at a
+time). Both accumulate the mean mu (D,) and the covariance S = U diag(s) U^T in float64 in
+one pass (:func:`_moments`): with c the first batch's mean, the sums of x - c and of
+(x - c)(x - c)^T, then mu = c + d and S = (sum (x - c)(x - c)^T - N d d^T) / (N - 1) with
+d = mean of x - c. The shift keeps d small, so the subtraction loses little precision (the
+unshifted one-pass formula cancels badly for pixels far from 0); the images are read once.
+With the regulariser lam = strength * trace(S) / D (KIP's form, free of the pixel scale;
+MTT uses kornia's ``ZCAWhitening(eps=0.1)``, an absolute eps on [0, 1] pixels),
+``zca.whiten(x) = (x - mu) U diag((s + lam)^-1/2) U^T`` and ``zca.unwhiten`` is its exact
+inverse. The whitened covariance of the training images is
 U diag(s / (s + lam)) U^T: the identity up to the regulariser. ``state_dict()`` holds
 tensors only (``torch.load(weights_only=True)`` reads it back with :meth:`ZCA.from_state_dict`).
+D is at most :data:`MAX_FEATURES` (:func:`check_features`).
 """
 from __future__ import annotations
+
+from typing import Iterable
 
 import torch
 from torch import Tensor
@@ -18,9 +27,18 @@ from . import argcheck
 from .errors import InputError
 from .data import Dataset
 
-__all__ = ["ZCA", "MAX_FEATURES"]
+__all__ = ["ZCA", "MAX_FEATURES", "check_features"]
 
 MAX_FEATURES = 64 * 64 * 3  # a D x D float64 matrix: 1.2 GB at this size; larger images are refused
+
+
+def check_features(name: str, shape) -> None:
+    """InputError naming ``name`` if images of ``shape`` (C, H, W) have more than
+    :data:`MAX_FEATURES` values: their D x D covariance is not fitted."""
+    D = int(torch.Size(shape).numel())
+    if D > MAX_FEATURES:
+        raise InputError(f"{name}: ZCA needs a {D} x {D} covariance ({'x'.join(map(str, shape))} images); images "
+                         f"of more than {MAX_FEATURES} values (64x64x3) are refused")
 
 
 def _check_images(name: str, x, features=None, finite: bool = False) -> None:
@@ -28,6 +46,26 @@ def _check_images(name: str, x, features=None, finite: bool = False) -> None:
     if features is not None and x[0].numel() != features:
         raise InputError(f"{name}: expected images of {features} values (the fitted C*H*W), got "
                          f"{tuple(x.shape[1:])}")
+
+
+def _moments(rows: Iterable[Tensor]) -> tuple:
+    """(N, mean (D,), covariance (D, D)) of the rows of ``rows`` (an iterable of (n, D) floating
+    tensors), float64, in one pass shifted by the first batch's mean (the module's docstring)."""
+    n, shift, total, outer = 0, None, None, None
+    for x in rows:
+        x = x.double()
+        if shift is None:
+            shift = x.mean(0)
+            total = torch.zeros_like(shift)
+            outer = torch.zeros(shift.numel(), shift.numel(), dtype=torch.float64, device=x.device)
+        x = x - shift
+        total += x.sum(0)
+        outer.addmm_(x.T, x)
+        n += x.shape[0]
+    if n < 2:
+        return n, None, None
+    d = total / n
+    return n, shift + d, (outer - n * torch.outer(d, d)) / (n - 1)
 
 
 class ZCA:
@@ -38,29 +76,49 @@ class ZCA:
 
     @classmethod
     def fit(cls, images: Tensor, strength: float = 0.1, chunk: int = 4096) -> "ZCA":
-        """Fit on ``images`` (N >= 2, C, H, W); strength > 0 scales the regulariser."""
+        """Fit on ``images`` (N >= 2, C, H, W), ``chunk`` rows at a time; strength > 0 scales
+        the regulariser."""
         _check_images("images", images, finite=True)
         argcheck.positive_float("strength", strength)
         argcheck.positive_int("chunk", chunk)
         if images.shape[0] < 2:
             raise InputError(f"images: expected at least 2 images to fit a covariance, got {images.shape[0]}")
-        D = images[0].numel()
-        if D > MAX_FEATURES:
-            raise InputError(f"images: ZCA needs a {D} x {D} covariance; images of more than {MAX_FEATURES} "
-                             f"values (64x64x3) are refused")
-        flat = images.reshape(images.shape[0], D)
-        N = flat.shape[0]
-        mean = sum(c.double().sum(0) for c in flat.split(chunk)) / N
-        cov = torch.zeros(D, D, dtype=torch.float64, device=images.device)
-        for c in flat.split(chunk):
-            c = c.double() - mean
-            cov.addmm_(c.T, c)
-        cov /= N - 1
+        check_features("images", images.shape[1:])
+        return cls._from_moments("images", _moments(images.reshape(images.shape[0], -1).split(chunk)), strength)
+
+    @classmethod
+    def fit_batches(cls, batches: Iterable[Tensor], strength: float = 0.1) -> "ZCA":
+        """Fit on the images of ``batches`` (an iterable of (n, C, H, W) floating, finite tensors
+        of one shape, at least 2 images in all), read once, one batch at a time."""
+        argcheck.positive_float("strength", strength)
+        try:
+            batches = iter(batches)
+        except TypeError:
+            raise argcheck.type_error("batches", "an iterable of (n, C, H, W) image batches", batches) from None
+
+        def rows():
+            features = None
+            for x in batches:
+                _check_images("batches", x, features, finite=True)
+                if features is None:
+                    check_features("batches", x.shape[1:])
+                    features = x[0].numel()
+                yield x.reshape(x.shape[0], -1)
+
+        return cls._from_moments("batches", _moments(rows()), strength)
+
+    @classmethod
+    def _from_moments(cls, name: str, moments: tuple, strength: float) -> "ZCA":
+        """The ZCA of (N, mean, covariance) (:func:`_moments`); InputError naming ``name`` if
+        fewer than 2 images or a zero covariance."""
+        n, mean, cov = moments
+        if n < 2:
+            raise InputError(f"{name}: expected at least 2 images to fit a covariance, got {n}")
         s, U = torch.linalg.eigh(cov)
         s = s.clamp(min=0)
-        lam = float(strength) * float(s.sum()) / D
+        lam = float(strength) * float(s.sum()) / mean.numel()
         if lam <= 0:
-            raise InputError("images: all images are equal (zero covariance); nothing to whiten")
+            raise InputError(f"{name}: all images are equal (zero covariance); nothing to whiten")
         whiten = (U * (s + lam).rsqrt()) @ U.T
         unwhiten = (U * (s + lam).sqrt()) @ U.T
         return cls(mean, whiten, unwhiten, float(strength))

@@ -77,6 +77,13 @@ def dataset(classes: int = 3, per_class: int = 6, channel: int = 1, size: int = 
     return _once(f"ds{classes},{per_class},{channel},{size},{seed}", make)
 
 
+def tensor_source(ds):
+    """``ds`` (a Dataset) behind the class-source interface."""
+    from metadd_fast.sources import TensorSource
+
+    return TensorSource(ds)
+
+
 def small_net(kind: str = "cam", classes: int = 3, channel: int = 1, size: int = 8):
     """A tiny zoo ConvNet (width 8, one block: a 4x4 map at 8x8): "cam" (group norm), "bn"
     (batch norm, eval mode: SRe2L's teacher), "max" (max pooling)."""
@@ -417,7 +424,8 @@ def _model_source_entries() -> list:
         .arg("path", bad=["/nonexistent.pt", Lazy(text_file, "<text file>"), 3, None], names=("--teacher",)),
         Entry("model_sources.load_model", ms.load_model,
               {"spec": Lazy(lambda: ms.ModelSpec("zoo", "ConvNet", None), "<ModelSpec ConvNet>"), "flag": "--teacher",
-               "channel": 1, "num_classes": 3, "im_size": (8, 8), "train": Lazy(lambda: (lambda: dataset()), "<train>"),
+               "channel": 1, "num_classes": 3, "im_size": (8, 8),
+               "train": Lazy(lambda: tensor_source(dataset()), "<train>"),
                "cache": Lazy(lambda: os.path.join(_tmp(), "cache.pt"), "<cache>"), "epochs": 1})
         .arg("spec", bad=["ConvNet", None, 3])
         .arg("channel", "count", good=[1], kind_good=False)
@@ -428,7 +436,7 @@ def _model_source_entries() -> list:
         .arg("im_size", bad=[(8, 12)], names=("im_size", "train"))  # the real data are 8x8
         .arg("seed", "seed")
         .arg("epochs", "count")
-        .arg("train", bad=[3, "x"])
+        .arg("train", bad=[3, "x", Lazy(lambda: (lambda: dataset()), "<callable>"), Lazy(dataset, "<Dataset>")])
         .arg("cache", bad=[3])
         .combo({"train": None}, False, ("--teacher",))
         .combo({"spec": spec, "train": None, "cache": None}, True)
@@ -457,6 +465,14 @@ def _zca_entries() -> list:
                             tensor("nan", 6, 1, 4, 4), [1.0], None, tensor("randn", 2, 3, 65, 64)])
         .arg("strength", "pfloat")
         .arg("chunk", "count"),
+        Entry("zca.ZCA.fit_batches", ZCA.fit_batches,
+              {"batches": Lazy(lambda: list(resolve(tensor("randn", 6, 1, 4, 4)).split(4)), "<2 batches>")})
+        .arg("batches", bad=[None, 3, [], Lazy(lambda: [resolve(tensor("randn", 1, 1, 4, 4))], "<1 image>"),
+                             Lazy(lambda: [resolve(tensor("randn", 3, 1, 4, 4)), resolve(tensor("randn", 3, 1, 4, 5))],
+                                  "<2 shapes>"),
+                             Lazy(lambda: [resolve(tensor("nan", 6, 1, 4, 4))], "<NaN>"),
+                             Lazy(lambda: [resolve(tensor("randn", 2, 3, 65, 64))], "<too large>")])
+        .arg("strength", "pfloat"),
         Entry("zca.ZCA.whiten", whiten, {"x": tensor("randn", 2, 1, 4, 4)})
         .arg("x", bad=[tensor("int", 2, 1, 4, 4), tensor("randn", 2, 1, 4, 5), tensor("randn", 2, 16), None],
              good=[tensor("randn", 2, 1, 2, 8)]),
@@ -695,7 +711,8 @@ def _training_entries() -> list:
     return [
         Entry("training.train_model", training.train_model, base)
         .arg("model", bad=[None, 3])
-        .arg("images", bad=[tensor("int", 6, 1, 8, 8), tensor("randn", 6, 8, 8), tensor("nan", 6, 1, 8, 8), None])
+        .arg("images", bad=[tensor("int", 6, 1, 8, 8), tensor("randn", 6, 8, 8), tensor("nan", 6, 1, 8, 8), None,
+                            "x"], good=[Lazy(lambda: tensor_source(dataset(2, 3)), "<TensorSource>")])
         .arg("labels", bad=[labels(0, 1), tensor("randn", 6), None])
         .arg("epochs", bad=[-1, True, 2.5, "3", None, 2 ** 70], good=[0])
         .arg("lr", "pfloat", good=[0.1], kind_good=False)

@@ -1,6 +1,7 @@
 """Every command-line argument is checked before any work starts: a bad one ends in one line
 naming the flag and what was expected, exit status 2, no traceback, nothing written to --out.
 Internal errors keep their traceback."""
+import os
 
 import pytest
 import torch
@@ -105,7 +106,9 @@ DISTILL_CASES = [  # every other flag of distill: (argv, the flag named, what th
     (["--method", "sre2l", "--teacher", f"ConvNetBN={__file__}"], "--teacher", "not a weights file"),
     (["--classes-per-chunk", "3", "--method", "dc", "--teacher", "ConvNetBN"], "--teacher",
      "only --method sre2l uses a teacher, got --method dc"),
-    (["--classes-per-chunk", "3", "--zca"], "--zca", "not available with the large-IPC engine"),
+    (["--zca", "--size", "128"], "--zca", "ZCA needs a 16384 x 16384 covariance (1x128x128 images)"),
+    (["--dataset", "folder", "--data-path", os.path.dirname(__file__), "--size", "65", "--zca"], "--zca",
+     "(3x65x65 images); images of more than 12288 values (64x64x3) are refused"),  # refused before it is opened
     (["--robust-weight", "2"], "--robust-weight", "has no effect without --robust-alpha"),
     (["--robust-groups", "all"], "--robust-groups", "has no effect without --robust-alpha"),
     (["--robust-alpha", "0.5", "--robust-groups", "any"], "--robust-groups", "invalid choice: 'any'"),

@@ -59,6 +59,12 @@ def _dc(folder):
     return dict(CFG, method="dc", robust_alpha=0.5, **_metadd(folder))
 
 
+def _dm_zca(folder):
+    """DM in ZCA space (the ZCA fitted again on resume) with zoo MetaDD networks trained on whitened batches."""
+    return dict(CFG, method="dm", zca=True, checkpoint_every=1, metadd_weight=1.0, pretrain_epochs=2,
+                metadd_models=("ConvNetD1", "ConvNetD2"))
+
+
 def _worker(rank, world, port, out, cfg=CFG):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -144,7 +150,8 @@ def _run(out, cfg, classes=6):
     return [sys.executable, "-c", SCRIPT, out, str(classes), json.dumps(cfg)]
 
 
-@pytest.mark.parametrize("make", [_sre2l, _dc], ids=["sre2l+metadd+robust", "dc+metadd+robust"])
+@pytest.mark.parametrize("make", [_sre2l, _dc, _dm_zca], ids=["sre2l+metadd+robust", "dc+metadd+robust",
+                                                               "dm+zca+metadd-zoo"])
 def test_kill_9_mid_run_then_resume_gives_the_same_result(tmp_path, make):
     cfg = make(tmp_path)
     full = tmp_path / "full"
@@ -402,7 +409,7 @@ def test_networks_load_from_state_dict_files_and_other_files_are_refused(tmp_pat
     cache.write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match=re.escape(f"{cache}: corrupt cached network")):
         load_model(parse_spec("ConvNetD1", "--metadd-models"), "--metadd-models", channel=3, num_classes=6,
-                   im_size=(8, 8), train=_source().dataset, cache=str(cache))
+                   im_size=(8, 8), train=_source(), cache=str(cache))
     with pytest.raises(ValueError, match="does not fit"):  # the right network for 10 classes, not 6
         load_model(parse_spec(f"ConvNetBN={path}", "--teacher"), "--teacher", channel=3, num_classes=10,
                    im_size=(8, 8))

@@ -84,6 +84,7 @@ def test_checkpoints_hold_only_data(tmp_path):
 
 def test_teacher_is_cached_as_a_state_dict(tmp_path):
     from metadd_fast.model_sources import load_model, parse_spec
+    from metadd_fast.sources import TensorSource
 
     full = data.load_digits("train", 8)
     small = data.Dataset("small", full.images[:40], full.labels[:40] % 2, 2, full.mean, full.std)
@@ -91,7 +92,7 @@ def test_teacher_is_cached_as_a_state_dict(tmp_path):
 
     def teacher():
         return load_model(parse_spec("ConvNetBN", "--teacher"), "--teacher", channel=1, num_classes=2,
-                          im_size=(8, 8), train=lambda: small, cache=path, epochs=1)
+                          im_size=(8, 8), train=TensorSource(small), cache=path, epochs=1)
 
     first = teacher()
     assert all(isinstance(v, torch.Tensor) for v in torch.load(path, weights_only=True)["state_dict"].values())

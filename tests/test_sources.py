@@ -8,7 +8,8 @@ from metadd_fast.sources import RandomSource, TensorSource, open_source
 
 
 def _interface_holds(src):
-    """What every source promises: counts, shapes, sample = randperm draw, batches one class each."""
+    """What every source promises: counts, shapes, sample = randperm draw, batches one class each,
+    rows and labels = the dataset's."""
     assert len(src.counts) == src.num_classes and len(src) == sum(src.counts)
     full = [src.class_images(c) for c in range(src.num_classes)]
     for c, x in enumerate(full):
@@ -28,6 +29,12 @@ def _interface_holds(src):
     assert some == [1, 0]
     ds = src.dataset()
     assert ds.num_classes == src.num_classes and len(ds) == len(src) and tuple(ds.mean) == tuple(src.mean)
+    idx = torch.randperm(len(src), generator=torch.Generator().manual_seed(1))[:7]
+    assert torch.equal(src.rows(idx), ds.images[idx]) and torch.equal(src.labels(), ds.labels)
+    assert src.rows(idx[:0]).shape == (0, *src.shape)
+    for bad in (torch.tensor([len(src)]), torch.tensor([-1]), torch.tensor([0.5]), [0]):
+        with pytest.raises((TypeError, ValueError), match="idx"):
+            src.rows(bad)
     with pytest.raises(ValueError, match="class"):
         src.class_images(src.num_classes)
     with pytest.raises(ValueError, match="batch_size"):
@@ -153,11 +160,15 @@ def test_folder_sample_decodes_the_drawn_files_or_uses_the_kept_class(imagenet):
 
 
 def _index_reason(root, run, **kw):
-    return ImageFolderSource(str(root), 8, index_dir=str(run), **kw)
+    src = ImageFolderSource(str(root), 8, index_dir=str(run), **kw)
+    src.save_index()
+    return src
 
 
 def test_folder_index_is_cached_and_checked_against_the_folder(imagenet, tmp_path):
     train, run = imagenet / "train", tmp_path / "run"
+    opened = ImageFolderSource(str(train), 8, index_dir=str(run))
+    assert opened.reindexed == "no index" and not run.exists()  # opening writes nothing; save_index() does
     first = _index_reason(train, run)
     index = run / "index_train.json"
     assert first.reindexed == "no index" and index.exists() and os.listdir(run) == ["index_train.json"]
@@ -263,6 +274,8 @@ def test_val_folders_take_the_train_classes(imagenet, tmp_path):
     val = open_source("folder", "test", path=str(imagenet), index_dir=str(tmp_path / "run"), like=train)
     assert val.root.endswith("val") and val.classes == train.classes and val.counts == [2, 2, 2]
     assert val.shape == train.shape and (val.mean, val.std) == (train.mean, train.std)
+    train.save_index()
+    val.save_index()
     assert sorted(os.listdir(tmp_path / "run")) == ["index_test.json", "index_train.json"]
     (imagenet / "val" / wnid(1)).rename(imagenet / "val" / "n77777777")
     with pytest.raises(InputError, match=rf"do not match .*missing: {wnid(1)}; not among them: n77777777"):

@@ -93,3 +93,49 @@ def test_distill_run_with_zca_saves_unwhitened_images_and_the_transform(tmp_path
     # saved in the dataset's own space (direct distances: cdist's norm expansion is off by ~0.02 here)
     nearest = (images.flatten(1)[:, None] - train[None]).norm(dim=-1).min(1).values
     assert float(nearest.max()) < 1e-3
+
+
+def test_fit_batches_is_fit_streamed():
+    """The same accumulation over batches: equal to fit's with the same batches, close to one
+    batch; a shift far from zero (pixels around 3) loses nothing."""
+    x = _correlated(n=700, seed=2)
+    a, b = ZCA.fit(x, chunk=100), ZCA.fit_batches(x.split(100))
+    assert torch.equal(a.whiten_matrix, b.whiten_matrix) and torch.equal(a.mean, b.mean)
+    one = ZCA.fit(x, chunk=700)
+    torch.testing.assert_close(b.whiten_matrix, one.whiten_matrix, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(b.mean, x.reshape(700, -1).mean(0), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="batches: expected images of 12 values"):
+        ZCA.fit_batches([x[:3], torch.randn(3, 2, 2, 2, dtype=torch.float64)])
+    with pytest.raises(ValueError, match="batches: expected at least 2 images"):
+        ZCA.fit_batches([x[:1]])
+    with pytest.raises(TypeError, match="batches: expected an iterable"):
+        ZCA.fit_batches(None)
+
+
+def test_whitened_source_whitens_what_its_source_reads(monkeypatch):
+    from metadd_fast.sources import RandomSource, TensorSource, WhitenedSource
+
+    src = TensorSource(data.load_digits("test", 8))
+    read = []
+    batches = src.batches
+    monkeypatch.setattr(src, "batches", lambda *a, **kw: read.append(a) or batches(*a, **kw))
+    w = WhitenedSource(src, batch_size=64)
+    assert read == [] and w.key == src.key + "+zca:0.1" and w.name == "digits+zca"  # fitted when first needed
+    zca = w.zca
+    assert read == [(64,)] and w.zca is zca  # one pass over the source's batches, once
+    ds = src.dataset()
+    torch.testing.assert_close(zca.whiten_matrix, ZCA.fit(ds.images).whiten_matrix, atol=1e-8, rtol=1e-6)
+    idx = torch.tensor([5, 0, 300, 7])
+    torch.testing.assert_close(w.rows(idx), zca.whiten(ds.images[idx]))
+    torch.testing.assert_close(w.class_images(3), zca.whiten(src.class_images(3)))
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    torch.testing.assert_close(w.sample(2, 4, g1), zca.whiten(src.sample(2, 4, g2)))
+    x, y = next(w.batches(10, classes=[4]))
+    torch.testing.assert_close(x, zca.whiten(src.class_images(4)[:10]))
+    assert torch.equal(y, torch.full((10,), 4)) and torch.equal(w.labels(), src.labels())
+    assert w.counts == src.counts and w.shape == src.shape and (w.mean, w.std) == (src.mean, src.std)
+    # images too large for the covariance: refused before any is read
+    big = RandomSource(2, 3, (3, 65, 64))
+    monkeypatch.setattr(big, "class_images", lambda c: pytest.fail("read"))
+    with pytest.raises(ValueError, match=r"source: ZCA needs a 12480 x 12480 covariance \(3x65x64 images\)"):
+        WhitenedSource(big)
