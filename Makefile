@@ -23,7 +23,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/metadd-fast demo --out demo_out
 
-# The study of record (about 75 CPU-minutes, estimated; resumable: run it again after an interruption).
+# The study of record (49 min on one core here, docs/study/; resumable: run it again after an interruption).
 study: $(STAMP)
 	$(VENV)/bin/metadd-fast study --out study_out
 
