@@ -143,7 +143,7 @@ def _add_bench(sub):
 
 def _add_comparison(sub, name: str):
     """``demo`` and ``study``: one runner (metadd_fast/study.py); every flag defaults to the preset's value."""
-    what = {"demo": "the demo: the study's comparison at small settings (about 10 minutes on 2 cores)",
+    what = {"demo": "the demo: the study's comparison at small settings (about 2 minutes on 2 cores)",
             "study": "the comparison with more seeds, iterations and evaluation epochs, DSA in evaluation; resumable"}
     p = sub.add_parser(name, help=f"MetaDD and Robust DD against baselines on digits 32x32 with an inverted "
                                   f"minority: {what[name]}",

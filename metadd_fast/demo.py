@@ -1,5 +1,5 @@
 """The demo (``metadd-fast demo``, ``make demo``): the study (:mod:`metadd_fast.study`) at small
-settings (:func:`~metadd_fast.study.demo_config`: about 10 minutes on 2 quiet cores), plus
+settings (:func:`~metadd_fast.study.demo_config`: about 2 minutes on 2 quiet cores), plus
 the pictures: a grid of each variant's synthetic set and the meta / heterogeneous CAM
 regions of the initial images, DM's and DM + MetaDD's (seed 0), drawn from the saved cells."""
 from __future__ import annotations

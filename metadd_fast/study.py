@@ -171,7 +171,7 @@ class StudyConfig:
 
 
 def demo_config(**overrides) -> StudyConfig:
-    """The demo's settings (``metadd-fast demo``, ``make demo``: about 10 minutes on 2 quiet
+    """The demo's settings (``metadd-fast demo``, ``make demo``: about 2 minutes on 2 quiet
     cores): 3 seeds, 30 iterations, 30 evaluation epochs without augmentation, and the
     variants initial, k-center, base, +MetaDD, +Robust DD. ``overrides``: any field."""
     kw = dict(iterations=30, pretrain_max_epochs=12, eval_epochs=30, eval_augment=None, seeds=3,
