@@ -390,7 +390,9 @@ class ImageFolderSource(Source):
       nothing; on other classes they decode only the files they return.
     - Statistics: ``mean``/``std`` if given; ImageNet's when every class is a wnid
       (``n`` + 8 digits: ImageNet, Tiny-ImageNet); else those of a fixed sample of at most
-      1,000 images (seed 0), decoded at ``size``: never a pass over the whole folder.
+      1,000 images (seed 0), decoded at ``size`` when ``mean``/``std`` are first read (opening
+      decodes nothing; ``key`` names the sample, a function of the listing): never a pass over
+      the whole folder.
     - Bad data: InputError naming the file or folder (an unreadable, truncated or corrupt
       image, when its class is decoded; a class folder without images, when the folder is
       indexed).
@@ -419,13 +421,29 @@ class ImageFolderSource(Source):
         self.size = size or self._first_size()
         self.shape = (3, *self.size)
         if stats is not None:
-            (self.mean, self.std), self.stats_from = stats, "given"
+            self._stats, self.stats_from = stats, "given"
         elif all(_WNID.fullmatch(c) for c in self.classes):
-            (self.mean, self.std), self.stats_from = IMAGENET_STATS, "imagenet"
-        else:
-            (self.mean, self.std), self.stats_from = self._sample_stats(), "sample"
-        self.key = (f"folder:{self.name}:{self.split}:{self.listing}:{self.size[0]}x{self.size[1]}:{fit}:"
-                    f"{','.join(f'{v:.6g}' for v in self.mean)}:{','.join(f'{v:.6g}' for v in self.std)}")
+            self._stats, self.stats_from = IMAGENET_STATS, "imagenet"
+        else:  # sampled when first read (nothing is decoded while the flags are checked)
+            self._stats, self.stats_from = None, "sample"
+        # the sampled statistics are a function of the listing and the size: the key names them
+        stats_key = "sample" if self._stats is None else \
+            f"{','.join(f'{v:.6g}' for v in self._stats[0])}:{','.join(f'{v:.6g}' for v in self._stats[1])}"
+        self.key = f"folder:{self.name}:{self.split}:{self.listing}:{self.size[0]}x{self.size[1]}:{fit}:{stats_key}"
+
+    @property
+    def mean(self) -> tuple:
+        return self._statistics()[0]
+
+    @property
+    def std(self) -> tuple:
+        return self._statistics()[1]
+
+    def _statistics(self) -> tuple:
+        """(mean, std): given, ImageNet's, or those of the fixed sample, decoded on first use."""
+        if self._stats is None:
+            self._stats = self._sample_stats()
+        return self._stats
 
     # -- the index -------------------------------------------------------------------------
     def _folders(self, classes) -> tuple:
@@ -549,13 +567,16 @@ class ImageFolderSource(Source):
             raise InputError(f"{path}: not a readable image ({type(err).__name__}: {first_line(err)})") from err
 
     def _sample_stats(self) -> tuple:
-        everything = [(c, i) for c in range(self.num_classes) for i in range(self.counts[c])]
-        if len(everything) > STATS_SAMPLE:
-            pick = np.sort(np.random.default_rng(0).choice(len(everything), STATS_SAMPLE, replace=False))
-            everything = [everything[k] for k in pick]
+        """Per-channel (mean, std) of at most STATS_SAMPLE images (seed 0; all when fewer)."""
+        total_n = len(self)
+        pick = np.arange(total_n) if total_n <= STATS_SAMPLE else \
+            np.sort(np.random.default_rng(0).choice(total_n, STATS_SAMPLE, replace=False))
+        starts = np.cumsum([0] + list(self.counts))
+        classes = np.searchsorted(starts, pick, side="right") - 1
+        chosen = [self.files[c][k - starts[c]] for c, k in zip(classes.tolist(), pick.tolist())]
         total, total_sq, n = np.zeros(3), np.zeros(3), 0
-        for start in range(0, len(everything), 256):
-            px = self._decode([self.files[c][i] for c, i in everything[start:start + 256]])
+        for start in range(0, len(chosen), 256):
+            px = self._decode(chosen[start:start + 256])
             x = px.to(torch.float64) / 255.0
             total += x.sum(dim=(0, 2, 3)).numpy()
             total_sq += (x * x).sum(dim=(0, 2, 3)).numpy()
@@ -675,8 +696,16 @@ class WhitenedSource(Source):
         argcheck.positive_int("batch_size", batch_size)
         self.source, self.strength, self.batch_size, self._zca = source, float(strength), batch_size, None
         self.name, self.num_classes, self.counts = f"{source.name}+zca", source.num_classes, source.counts
-        self.shape, self.mean, self.std = tuple(source.shape), tuple(source.mean), tuple(source.std)
+        self.shape = tuple(source.shape)
         self.key = f"{source.key}+zca:{self.strength:g}"
+
+    @property
+    def mean(self) -> tuple:
+        return tuple(self.source.mean)
+
+    @property
+    def std(self) -> tuple:
+        return tuple(self.source.std)
 
     @property
     def zca(self) -> ZCA:

@@ -255,8 +255,10 @@ def test_folder_bad_images_are_named_and_odd_modes_converted(tmp_path):
     good = (root / "gray" / "a.jpg").read_bytes()
     (root / "gray" / "cut.jpg").write_bytes(good[: len(good) // 2])
     (root / "pal" / "junk.png").write_bytes(b"\x89PNG not really")
+    lazy = ImageFolderSource(str(root), 16)  # opening decodes nothing: the flags are checked first
+    assert lazy.key.endswith(":sample")
     with pytest.raises(InputError, match=r"gray/cut.jpg: not a readable image \(OSError: "):
-        ImageFolderSource(str(root), 16)  # the statistics' sample decodes it
+        lazy.mean  # the statistics' sample decodes it, when first read
     src = ImageFolderSource(str(root), 16, mean=(0.5,) * 3, std=(0.25,) * 3)
     with pytest.raises(InputError, match=r"gray/cut.jpg: not a readable image \(OSError: "):
         src.class_pixels(2)
@@ -265,6 +267,24 @@ def test_folder_bad_images_are_named_and_odd_modes_converted(tmp_path):
     with pytest.raises(InputError, match=r"cut.jpg: not a readable image"):
         list(src.batches(4))
     assert torch.equal(src.class_pixels(0)[0], px["cmyk"])  # the other classes still decode
+
+
+def test_sampled_statistics_are_read_lazily(tmp_path, monkeypatch):
+    """A folder of other names than wnids: opening it decodes nothing (distill checks every flag
+    first); its statistics are sampled when first read, the same as a full pass under 1,000 images."""
+    import metadd_fast.sources as sources
+
+    make_imagenet_folder(str(tmp_path), 3, 4, size=(40, 30), names=["cat", "dog", "owl"])
+    decoded = []
+    real = sources.decode_image
+    monkeypatch.setattr(sources, "decode_image", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
+    src = ImageFolderSource(str(tmp_path / "train"), 16)
+    assert decoded == [] and src.stats_from == "sample" and src.key.endswith(":sample")
+    mean, std = src.mean, src.std
+    assert len(decoded) == 12
+    allpx = torch.cat([src.class_pixels(c) for c in range(3)]).double() / 255
+    assert np.allclose(mean, allpx.mean(dim=(0, 2, 3)).tolist()) and np.allclose(std, allpx.std(dim=(0, 2, 3)).tolist())
+    assert (src.mean, len(decoded)) == (mean, 24)  # read once; class_pixels decoded the 12 again
 
 
 def test_val_folders_take_the_train_classes(imagenet, tmp_path):
