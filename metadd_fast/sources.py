@@ -571,9 +571,8 @@ class ImageFolderSource(Source):
         total_n = len(self)
         pick = np.arange(total_n) if total_n <= STATS_SAMPLE else \
             np.sort(np.random.default_rng(0).choice(total_n, STATS_SAMPLE, replace=False))
-        starts = np.cumsum([0] + list(self.counts))
-        classes = np.searchsorted(starts, pick, side="right") - 1
-        chosen = [self.files[c][k - starts[c]] for c, k in zip(classes.tolist(), pick.tolist())]
+        cls, within = self._locate(torch.from_numpy(pick))
+        chosen = [self.files[c][i] for c, i in zip(cls.tolist(), within.tolist())]
         total, total_sq, n = np.zeros(3), np.zeros(3), 0
         for start in range(0, len(chosen), 256):
             px = self._decode(chosen[start:start + 256])
